@@ -1,0 +1,466 @@
+//! The journal: a SQLite database (WAL) that is the agent's durable queue and its only
+//! record of every discovered file and its state. All of the agent's SQL is here.
+//!
+//! A file version is identified by (root, path, size, mtime); enqueueing is idempotent on
+//! that identity, so the same file reported by any number of sources, any number of
+//! times, before or after it was shipped, is one row and one transfer. A file that
+//! changes is a new identity and a new row; the old row ends `superseded`.
+//!
+//! States: `pending` → `inflight` → `done` (acknowledged by the receiver), or
+//! `vanished` (deleted before it was shipped), `failed` (rejected for good, e.g. bad
+//! path), `superseded` (a newer version exists). `inflight` rows are returned to
+//! `pending` at startup: the receiver's resume makes re-sending them cheap.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use skyferry_common::protocol::Hash;
+
+/// Schema version in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "journal {path} is corrupt ({detail}); see docs/operations.md, \"rebuilding the journal\""
+    )]
+    Corrupt { path: String, detail: String },
+    #[error("journal {path} has schema version {found}, newer than this agent understands ({SCHEMA_VERSION})")]
+    TooNew { path: String, found: i64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Pending = 0,
+    Inflight = 1,
+    Done = 2,
+    Vanished = 3,
+    Failed = 4,
+    Superseded = 5,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Pending,
+        State::Inflight,
+        State::Done,
+        State::Vanished,
+        State::Failed,
+        State::Superseded,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Inflight => "inflight",
+            State::Done => "done",
+            State::Vanished => "vanished",
+            State::Failed => "failed",
+            State::Superseded => "superseded",
+        }
+    }
+}
+
+/// A file found by a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    pub root: String,
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// A file claimed for sending.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    pub root: String,
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub hash: Option<Hash>,
+    pub attempts: u32,
+}
+
+/// How a transfer attempt ended.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    Done,
+    Vanished,
+    Superseded,
+    Failed(String),
+    /// Try again after a backoff; `forget_hash` when the recorded hash is suspect.
+    Retry {
+        reason: String,
+        forget_hash: bool,
+    },
+    /// Interrupted (connection lost, shutdown): back to pending, no backoff.
+    Requeue,
+}
+
+/// Counts per state plus pending volume.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub by_state: [u64; 6],
+    pub pending_bytes: u64,
+    pub oldest_pending_ns: Option<i64>,
+}
+
+impl Counts {
+    pub fn get(&self, s: State) -> u64 {
+        self.by_state[s as usize]
+    }
+}
+
+pub struct Journal {
+    db: Connection,
+    path: String,
+}
+
+/// Maps an SQLite error to a journal error naming the file.
+fn sql(path: &str) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
+    move |source| JournalError::Sqlite {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Journal {
+    /// Opens (creating if needed) and checks the journal. A corrupt database is refused.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let name = path.display().to_string();
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let err = |source| JournalError::Sqlite {
+            path: name.clone(),
+            source,
+        };
+        let corrupt = |detail: String| JournalError::Corrupt {
+            path: name.clone(),
+            detail,
+        };
+        let db = Connection::open(path).map_err(err)?;
+        let check: Result<String, _> = db.query_row("PRAGMA quick_check", [], |r| r.get(0));
+        match check {
+            Ok(s) if s == "ok" => {}
+            Ok(s) => return Err(corrupt(s)),
+            Err(e) => return Err(corrupt(e.to_string())),
+        }
+        db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        // FULL: an acknowledged file is never forgotten, even on power loss.
+        db.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        db.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+        let version: i64 = db
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if version > SCHEMA_VERSION {
+            return Err(JournalError::TooNew {
+                path: name,
+                found: version,
+            });
+        }
+        if version == 0 {
+            db.execute_batch(
+                "CREATE TABLE IF NOT EXISTS files (
+                    id            INTEGER PRIMARY KEY,
+                    root          TEXT NOT NULL,
+                    path          TEXT NOT NULL,
+                    size          INTEGER NOT NULL,
+                    mtime_ns      INTEGER NOT NULL,
+                    hash          BLOB,
+                    state         INTEGER NOT NULL DEFAULT 0,
+                    attempts      INTEGER NOT NULL DEFAULT 0,
+                    not_before    INTEGER NOT NULL DEFAULT 0,
+                    last_error    TEXT,
+                    discovered_ns INTEGER NOT NULL,
+                    finished_ns   INTEGER,
+                    UNIQUE (root, path, size, mtime_ns)
+                 );
+                 CREATE INDEX IF NOT EXISTS files_pending ON files (state, id)
+                    WHERE state IN (0, 1);
+                 CREATE INDEX IF NOT EXISTS files_by_path ON files (root, path);",
+            )
+            .map_err(err)?;
+            db.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(err)?;
+        }
+        Ok(Journal { db, path: name })
+    }
+
+    /// Opens for reading only (the `status` command), without creating anything.
+    pub fn open_read_only(path: &Path) -> Result<Journal, JournalError> {
+        let name = path.display().to_string();
+        let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
+            |source| JournalError::Sqlite {
+                path: name.clone(),
+                source,
+            },
+        )?;
+        Ok(Journal { db, path: name })
+    }
+
+    /// Records discovered files in one transaction; returns how many were new.
+    pub fn enqueue(&mut self, files: &[Discovered]) -> Result<usize, JournalError> {
+        let now = now_ns();
+        let tx = self.db.transaction().map_err(sql(&self.path))?;
+        let mut inserted = 0;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO files (root, path, size, mtime_ns, discovered_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (root, path, size, mtime_ns) DO NOTHING",
+                )
+                .map_err(sql(&self.path))?;
+            // A newer version of a path makes older unsent versions pointless.
+            let mut supersede = tx
+                .prepare_cached(
+                    "UPDATE files SET state = 5, finished_ns = ?3
+                     WHERE root = ?1 AND path = ?2 AND state = 0 AND id < ?4",
+                )
+                .map_err(sql(&self.path))?;
+            for f in files {
+                let n = insert
+                    .execute(params![f.root, f.path, f.size as i64, f.mtime_ns, now])
+                    .map_err(sql(&self.path))?;
+                if n > 0 {
+                    inserted += 1;
+                    let id = tx.last_insert_rowid();
+                    supersede
+                        .execute(params![f.root, f.path, now, id])
+                        .map_err(sql(&self.path))?;
+                }
+            }
+        }
+        tx.commit().map_err(sql(&self.path))?;
+        Ok(inserted)
+    }
+
+    /// Whether this exact file version is already journaled (in any state).
+    pub fn contains(&self, f: &Discovered) -> Result<bool, JournalError> {
+        self.db
+            .prepare_cached(
+                "SELECT 1 FROM files WHERE root = ?1 AND path = ?2 AND size = ?3 AND mtime_ns = ?4",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![f.root, f.path, f.size as i64, f.mtime_ns], |_| {
+                    Ok(())
+                })
+                .optional()
+            })
+            .map(|r| r.is_some())
+            .map_err(sql(&self.path))
+    }
+
+    /// Returns interrupted transfers to pending (called at startup and after shutdown).
+    pub fn requeue_inflight(&mut self) -> Result<usize, JournalError> {
+        self.db
+            .execute("UPDATE files SET state = 0 WHERE state = 1", [])
+            .map_err(sql(&self.path))
+    }
+
+    /// Claims up to `limit` pending files, oldest first, and marks them in flight.
+    pub fn claim(&mut self, limit: usize) -> Result<Vec<Job>, JournalError> {
+        let now = now_ns();
+        let tx = self.db.transaction().map_err(sql(&self.path))?;
+        let jobs: Vec<Job> = {
+            let mut select = tx
+                .prepare_cached(
+                    "SELECT id, root, path, size, mtime_ns, hash, attempts FROM files
+                     WHERE state = 0 AND not_before <= ?1 ORDER BY id LIMIT ?2",
+                )
+                .map_err(sql(&self.path))?;
+            let rows = select
+                .query_map(params![now, limit as i64], |r| {
+                    let hash: Option<Vec<u8>> = r.get(5)?;
+                    Ok(Job {
+                        id: r.get(0)?,
+                        root: r.get(1)?,
+                        path: r.get(2)?,
+                        size: r.get::<_, i64>(3)? as u64,
+                        mtime_ns: r.get(4)?,
+                        hash: hash.and_then(|h| h.try_into().ok()),
+                        attempts: r.get::<_, i64>(6)? as u32,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<_, _>>())
+                .map_err(sql(&self.path))?;
+            let mut mark = tx
+                .prepare_cached("UPDATE files SET state = 1 WHERE id = ?1")
+                .map_err(sql(&self.path))?;
+            for j in &rows {
+                let j: &Job = j;
+                mark.execute([j.id]).map_err(sql(&self.path))?;
+            }
+            rows
+        };
+        tx.commit().map_err(sql(&self.path))?;
+        Ok(jobs)
+    }
+
+    pub fn set_hash(&mut self, id: i64, hash: &Hash) -> Result<(), JournalError> {
+        self.db
+            .execute(
+                "UPDATE files SET hash = ?2 WHERE id = ?1",
+                params![id, &hash[..]],
+            )
+            .map(drop)
+            .map_err(sql(&self.path))
+    }
+
+    /// Records how an attempt ended.
+    pub fn finish(&mut self, id: i64, how: &Finish) -> Result<(), JournalError> {
+        let now = now_ns();
+        let r = match how {
+            Finish::Done => self.db.execute(
+                "UPDATE files SET state = 2, finished_ns = ?2, last_error = NULL WHERE id = ?1",
+                params![id, now],
+            ),
+            Finish::Vanished => self.db.execute(
+                "UPDATE files SET state = 3, finished_ns = ?2 WHERE id = ?1",
+                params![id, now],
+            ),
+            Finish::Superseded => self.db.execute(
+                "UPDATE files SET state = 5, finished_ns = ?2 WHERE id = ?1",
+                params![id, now],
+            ),
+            Finish::Failed(reason) => self.db.execute(
+                "UPDATE files SET state = 4, finished_ns = ?2, last_error = ?3,
+                 attempts = attempts + 1 WHERE id = ?1",
+                params![id, now, reason],
+            ),
+            Finish::Retry {
+                reason,
+                forget_hash,
+            } => self.db.execute(
+                // Backoff 2^attempts seconds, capped at 5 minutes.
+                "UPDATE files SET state = 0, attempts = attempts + 1, last_error = ?2,
+                 not_before = ?3 + (MIN(300, 1 << MIN(attempts, 9)) * 1000000000),
+                 hash = CASE WHEN ?4 THEN NULL ELSE hash END
+                 WHERE id = ?1",
+                params![id, reason, now, forget_hash],
+            ),
+            Finish::Requeue => self
+                .db
+                .execute("UPDATE files SET state = 0 WHERE id = ?1", params![id]),
+        };
+        r.map(drop).map_err(sql(&self.path))
+    }
+
+    pub fn counts(&self) -> Result<Counts, JournalError> {
+        let mut c = Counts::default();
+        let mut stmt = self
+            .db
+            .prepare_cached("SELECT state, COUNT(*) FROM files GROUP BY state")
+            .map_err(sql(&self.path))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(sql(&self.path))?;
+        for row in rows {
+            let (state, n) = row.map_err(sql(&self.path))?;
+            if let Some(slot) = c.by_state.get_mut(state as usize) {
+                *slot = n as u64;
+            }
+        }
+        let (bytes, oldest): (Option<i64>, Option<i64>) = self
+            .db
+            .query_row(
+                "SELECT SUM(size), MIN(discovered_ns) FROM files WHERE state IN (0, 1)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(sql(&self.path))?;
+        c.pending_bytes = bytes.unwrap_or(0) as u64;
+        c.oldest_pending_ns = oldest;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, size: u64, mtime: i64) -> Discovered {
+        Discovered {
+            root: "/data".into(),
+            path: path.into(),
+            size,
+            mtime_ns: mtime,
+        }
+    }
+
+    #[test]
+    fn enqueue_is_idempotent_and_new_versions_supersede() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        assert_eq!(j.enqueue(&[file("a", 1, 1), file("a", 1, 1)]).unwrap(), 1);
+        assert_eq!(j.enqueue(&[file("a", 1, 1)]).unwrap(), 0);
+        let jobs = j.claim(10).unwrap();
+        assert_eq!(jobs.len(), 1);
+        j.finish(jobs[0].id, &Finish::Done).unwrap();
+        // The same version again after shipping: still nothing to do.
+        assert_eq!(j.enqueue(&[file("a", 1, 1)]).unwrap(), 0);
+        assert!(j.claim(10).unwrap().is_empty());
+        // Two new versions: the older unsent one is superseded.
+        j.enqueue(&[file("a", 2, 2)]).unwrap();
+        j.enqueue(&[file("a", 3, 3)]).unwrap();
+        let jobs = j.claim(10).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].size, 3);
+        let c = j.counts().unwrap();
+        assert_eq!(c.get(State::Superseded), 1);
+        assert_eq!(c.get(State::Done), 1);
+        assert_eq!(c.get(State::Inflight), 1);
+    }
+
+    #[test]
+    fn interrupted_work_is_requeued_and_retries_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.sqlite");
+        let mut j = Journal::open(&path).unwrap();
+        j.enqueue(&[file("a", 1, 1), file("b", 1, 1)]).unwrap();
+        let jobs = j.claim(10).unwrap();
+        drop(j);
+        let mut j = Journal::open(&path).unwrap();
+        assert_eq!(j.requeue_inflight().unwrap(), 2);
+        j.finish(
+            jobs[0].id,
+            &Finish::Retry {
+                reason: "storage full".into(),
+                forget_hash: false,
+            },
+        )
+        .unwrap();
+        // The retried file waits for its backoff; the other is available now.
+        let again = j.claim(10).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].path, "b");
+    }
+
+    #[test]
+    fn corrupt_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.sqlite");
+        std::fs::write(
+            &path,
+            b"this is not a database, just text that looks nothing like one",
+        )
+        .unwrap();
+        let err = Journal::open(&path).err().expect("must refuse");
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+    }
+}

@@ -1,0 +1,79 @@
+//! The agent's metrics, defined in one place (`skyferry_agent_*`, base units, bounded
+//! labels).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub files_sent: Counter,
+    pub chunks_sent: Counter,
+    pub bytes_sent: Counter,
+    pub files_rejected: Family<ReasonLabels, Counter>,
+    pub connects: Counter,
+    pub disconnects: Counter,
+    pub connected: Gauge,
+    pub files_in_flight: Gauge,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("skyferry_agent");
+        r.register(
+            "files_sent",
+            "Files acknowledged as stored by the receiver",
+            self.files_sent.clone(),
+        );
+        r.register(
+            "chunks_sent",
+            "Chunks sent (re-sends after a resume included)",
+            self.chunks_sent.clone(),
+        );
+        r.register(
+            "sent_bytes",
+            "Raw chunk bytes sent (before compression)",
+            self.bytes_sent.clone(),
+        );
+        r.register(
+            "files_rejected",
+            "Files the receiver rejected, by reason",
+            self.files_rejected.clone(),
+        );
+        r.register(
+            "connects",
+            "Successful connections to the receiver",
+            self.connects.clone(),
+        );
+        r.register(
+            "disconnects",
+            "Connections to the receiver lost",
+            self.disconnects.clone(),
+        );
+        r.register(
+            "connected",
+            "1 while connected to the receiver",
+            self.connected.clone(),
+        );
+        r.register(
+            "files_in_flight",
+            "Files being sent",
+            self.files_in_flight.clone(),
+        );
+    }
+
+    pub fn rejected(&self, code: skyferry_common::protocol::ErrorCode) {
+        self.files_rejected
+            .get_or_create(&ReasonLabels {
+                reason: code.as_str(),
+            })
+            .inc();
+    }
+}

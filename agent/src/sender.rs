@@ -1,0 +1,348 @@
+//! The sender: one QUIC connection to the receiver (reconnected with capped exponential
+//! backoff), the control stream with heartbeats both ways, and the dispatch of pending
+//! files from the journal onto parallel streams.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use skyferry_common::config::AgentConfig;
+use skyferry_common::protocol::{
+    AgentHeartbeat, Hello, Message, StorageState, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+};
+use skyferry_common::wire::{FrameReader, FrameWriter};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
+
+use crate::journal::Journal;
+use crate::metrics::Metrics;
+use crate::upload::{record, upload, UploadContext};
+
+pub struct Sender {
+    pub config: AgentConfig,
+    pub journal: Arc<Mutex<Journal>>,
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    pub grace: Duration,
+}
+
+impl Sender {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let t = &self.config.transfer;
+        let client = skyferry_common::tls::client_config(
+            &self.config.receiver.ca,
+            &self.config.receiver.cert,
+            &self.config.receiver.key,
+            t.heartbeat_interval,
+        )
+        .context("loading TLS identity")?;
+        let bind: SocketAddr = "[::]:0"
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
+            .context("opening a UDP socket")?;
+        endpoint.set_default_client_config(client);
+
+        let mut backoff = t.reconnect_min;
+        while !shutdown.is_cancelled() {
+            match self.connect(&endpoint).await {
+                Ok((conn, control)) => {
+                    backoff = t.reconnect_min;
+                    self.metrics.connects.inc();
+                    self.metrics.connected.set(1);
+                    let span = tracing::info_span!("conn", remote = %conn.remote_address());
+                    let why = self
+                        .connected(&conn, control, &shutdown)
+                        .instrument(span)
+                        .await;
+                    self.metrics.connected.set(0);
+                    if shutdown.is_cancelled() {
+                        conn.close(0u32.into(), b"agent shutting down");
+                        break;
+                    }
+                    self.metrics.disconnects.inc();
+                    warn!(reason = %why, "disconnected from the receiver; reconnecting");
+                }
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), retry_in = ?backoff, "cannot connect to the receiver");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(t.reconnect_max);
+                }
+            }
+        }
+        endpoint.wait_idle().await;
+        Ok(())
+    }
+
+    /// Connects, authenticates and exchanges hello/welcome.
+    async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+    ) -> anyhow::Result<(quinn::Connection, (FrameReader, FrameWriter))> {
+        let r = &self.config.receiver;
+        let addr = tokio::net::lookup_host(&r.address)
+            .await
+            .with_context(|| format!("resolving {}", r.address))?
+            .next()
+            .ok_or_else(|| anyhow!("{} resolves to no address", r.address))?;
+        let conn = endpoint
+            .connect(addr, &r.server_name)
+            .context("starting the connection")?
+            .await
+            .map_err(|e| explain_connect_error(&e, &r.address))?;
+        let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+        let mut writer = FrameWriter::new(send);
+        let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
+        writer
+            .send(&Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                agent_id: self.config.id.clone(),
+                capabilities: 0,
+            }))
+            .await
+            .context("sending hello")?;
+        let reply = tokio::time::timeout(Duration::from_secs(10), reader.read())
+            .await
+            .context("no welcome from the receiver within 10s")?
+            .map_err(|e| explain_wire_error(e, &conn))?;
+        match reply {
+            Some(Message::Welcome(w)) => {
+                info!(receiver = %w.receiver_id, addr = %addr, "connected");
+                Ok((conn, (reader, writer)))
+            }
+            Some(Message::Refuse(r)) => {
+                error!(code = %r.code, reason = %r.reason, "the receiver refused this agent");
+                bail!("receiver refused this agent: {} ({})", r.reason, r.code)
+            }
+            Some(other) => bail!("receiver answered hello with a {} frame", other.kind()),
+            None => bail!("receiver closed the control stream during hello"),
+        }
+    }
+
+    /// Runs one connection until it is lost or shutdown; returns why it ended.
+    async fn connected(
+        &self,
+        conn: &quinn::Connection,
+        (reader, writer): (FrameReader, FrameWriter),
+        shutdown: &CancellationToken,
+    ) -> String {
+        let lost = CancellationToken::new();
+        let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let heartbeat = tokio::spawn(
+            heartbeat(
+                reader,
+                writer,
+                self.journal.clone(),
+                self.config.transfer.heartbeat_interval,
+                lost.clone(),
+                paused.clone(),
+                self.metrics.clone(),
+            )
+            .in_current_span(),
+        );
+        let ctx = Arc::new(UploadContext {
+            journal: self.journal.clone(),
+            chunk_size: self.config.transfer.chunk_size,
+            compression_level: self.config.transfer.compression_level,
+            metrics: self.metrics.clone(),
+        });
+        let parallel = self.config.transfer.parallel_files;
+        let mut uploads = JoinSet::new();
+        let why = loop {
+            // Fill the free slots from the journal.
+            if !paused.load(std::sync::atomic::Ordering::Relaxed) && uploads.len() < parallel {
+                let journal = self.journal.clone();
+                let want = parallel - uploads.len();
+                let jobs = tokio::task::spawn_blocking(move || {
+                    journal
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .claim(want)
+                })
+                .await;
+                match jobs {
+                    Ok(Ok(jobs)) => {
+                        for job in jobs {
+                            let (conn, ctx, metrics) =
+                                (conn.clone(), ctx.clone(), self.metrics.clone());
+                            let span = tracing::info_span!("file", path = %job.path);
+                            uploads.spawn(
+                                async move {
+                                    metrics.files_in_flight.inc();
+                                    let how = upload(&conn, &ctx, &job).await;
+                                    metrics.files_in_flight.dec();
+                                    let journal = ctx.journal.clone();
+                                    let _ = tokio::task::spawn_blocking(move || {
+                                        record(&journal, &job, &how)
+                                    })
+                                    .await;
+                                }
+                                .instrument(span),
+                            );
+                        }
+                    }
+                    Ok(Err(e)) => error!(error = %e, "cannot read pending files from the journal"),
+                    Err(e) => error!(error = %e, "journal task failed"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break "shutdown".to_string(),
+                _ = lost.cancelled() => break "no heartbeat from the receiver for three intervals".to_string(),
+                e = conn.closed() => break e.to_string(),
+                Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
+                _ = self.wake.notified() => {}
+                // Retries become due with time even when nothing new arrives.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        };
+        if shutdown.is_cancelled() && !uploads.is_empty() {
+            info!(files = uploads.len(), grace = ?self.grace, "draining files in flight");
+            let drained = tokio::time::timeout(self.grace, async {
+                while uploads.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                warn!("grace period over; unfinished files stay pending and resume next time");
+            }
+        }
+        if lost.is_cancelled() {
+            conn.close(2u32.into(), b"heartbeat lost");
+        }
+        uploads.shutdown().await;
+        heartbeat.abort();
+        // Interrupted uploads (aborted above) are still marked in flight: return them.
+        let journal = self.journal.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            journal
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .requeue_inflight()
+        })
+        .await;
+        why
+    }
+}
+
+/// Sends the agent's heartbeat every interval and watches the receiver's: three missed
+/// ones cancel `lost`. The receiver's storage state pauses or resumes dispatch.
+async fn heartbeat(
+    reader: FrameReader,
+    mut writer: FrameWriter,
+    journal: Arc<Mutex<Journal>>,
+    interval: Duration,
+    lost: CancellationToken,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<Metrics>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let read_task = tokio::spawn(async move {
+        let mut reader = reader;
+        while let Ok(Some(m)) = reader.read().await {
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(interval);
+    let mut last_heard = Instant::now();
+    let mut seq = 0;
+    let mut sent_before = metrics.bytes_sent.get();
+    let mut last_tick = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if last_heard.elapsed() > interval * 3 {
+                    warn!(silent_for = ?last_heard.elapsed(), "no heartbeat from the receiver for three intervals");
+                    lost.cancel();
+                    break;
+                }
+                seq += 1;
+                let j = journal.clone();
+                let counts = tokio::task::spawn_blocking(move || {
+                    j.lock().unwrap_or_else(std::sync::PoisonError::into_inner).counts()
+                })
+                .await;
+                let (pending_files, pending_bytes, oldest) = match counts {
+                    Ok(Ok(c)) => (
+                        c.get(crate::journal::State::Pending) + c.get(crate::journal::State::Inflight),
+                        c.pending_bytes,
+                        c.oldest_pending_ns,
+                    ),
+                    _ => (0, 0, None),
+                };
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i64)
+                    .unwrap_or(0);
+                let hb = AgentHeartbeat {
+                    seq,
+                    pending_files,
+                    pending_bytes,
+                    oldest_pending_age_s: oldest.map(|o| ((now_ns - o).max(0) / 1_000_000_000) as u64).unwrap_or(0),
+                    send_rate_bps: {
+                        let sent = metrics.bytes_sent.get();
+                        let secs = last_tick.elapsed().as_secs_f64().max(0.001);
+                        let rate = ((sent - sent_before) as f64 * 8.0 / secs) as u64;
+                        sent_before = sent;
+                        last_tick = Instant::now();
+                        rate
+                    },
+                };
+                if writer.send(&Message::AgentHeartbeat(hb)).await.is_err() {
+                    break;
+                }
+            }
+            msg = rx.recv() => match msg {
+                Some(Message::ReceiverHeartbeat(hb)) => {
+                    last_heard = Instant::now();
+                    let full = hb.storage != StorageState::Ok;
+                    let was = paused.swap(full, std::sync::atomic::Ordering::Relaxed);
+                    if full && !was {
+                        warn!(storage = ?hb.storage, free_bytes = hb.free_bytes, "receiver storage is not accepting writes; pausing sends");
+                    } else if !full && was {
+                        info!(free_bytes = hb.free_bytes, "receiver storage is back; resuming sends");
+                    }
+                }
+                Some(other) => {
+                    last_heard = Instant::now();
+                    warn!(kind = other.kind(), "unexpected frame on the control stream; ignored");
+                }
+                None => break,
+            }
+        }
+    }
+    read_task.abort();
+}
+
+/// Turns a failed handshake into a message an operator can act on.
+fn explain_connect_error(e: &quinn::ConnectionError, address: &str) -> anyhow::Error {
+    let text = e.to_string();
+    let hint = if text.contains("UnknownIssuer")
+        || text.contains("certificate")
+        || text.contains("Certificate")
+    {
+        "; the TLS handshake failed: the receiver's certificate is not signed by the configured CA, or the receiver does not accept this agent's certificate (is it issued by the receiver's CA?)"
+    } else if matches!(e, quinn::ConnectionError::TimedOut) {
+        "; no answer: is the receiver running and reachable over UDP?"
+    } else {
+        ""
+    };
+    anyhow!("connecting to {address}: {text}{hint}")
+}
+
+fn explain_wire_error(
+    e: skyferry_common::wire::WireError,
+    conn: &quinn::Connection,
+) -> anyhow::Error {
+    match conn.close_reason() {
+        Some(reason) => anyhow!("receiver closed the connection: {reason}"),
+        None => anyhow!("reading the welcome: {e}"),
+    }
+}

@@ -1,0 +1,315 @@
+//! Ships one file over one QUIC stream, driving the pure `SendSession`.
+//!
+//! Reading, hashing and compressing run on the blocking pool, a bounded two chunks ahead
+//! of the network; memory per file is a few chunks, whatever the file size.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use skyferry_common::chunk::hash_bytes;
+use skyferry_common::compress::Compressor;
+use skyferry_common::protocol::{Chunk, ErrorCode, Hash, Message, Offer, MAX_CONTROL_FRAME};
+use skyferry_common::session::{ChunkRead, Outcome, SendSession};
+use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::journal::{Finish, Job, Journal};
+use crate::metrics::Metrics;
+
+/// What uploads share.
+pub struct UploadContext {
+    pub journal: Arc<Mutex<Journal>>,
+    pub chunk_size: u32,
+    pub compression_level: i32,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The source file, opened and identified.
+struct Source {
+    file: Arc<File>,
+    hash: Hash,
+}
+
+enum Prepared {
+    Ready(Source),
+    Finished(Finish),
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Opens the file, checks it is still the version that was journaled, and computes its
+/// BLAKE3 unless the journal already has it. The hash is computed before the offer so
+/// that the receiver can recognise a file it already stores (and answer without any
+/// data), and so that a resumed partial is matched to exactly this content.
+fn prepare(job: &Job, path: &PathBuf, journal: &Mutex<Journal>) -> Prepared {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Prepared::Finished(Finish::Vanished)
+        }
+        Err(e) => {
+            return Prepared::Finished(Finish::Retry {
+                reason: format!("cannot open {}: {e}", path.display()),
+                forget_hash: false,
+            })
+        }
+    };
+    let same = |f: &File| {
+        f.metadata()
+            .map(|m| m.len() == job.size && mtime_ns(&m) == job.mtime_ns)
+            .unwrap_or(false)
+    };
+    if !same(&file) {
+        return Prepared::Finished(Finish::Superseded);
+    }
+    let hash = match job.hash {
+        Some(h) => h,
+        None => {
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0u64;
+            loop {
+                match file.read_at(&mut buf, offset) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        hasher.update(&buf[..n]);
+                        offset += n as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        return Prepared::Finished(Finish::Retry {
+                            reason: format!("reading {}: {e}", path.display()),
+                            forget_hash: true,
+                        })
+                    }
+                }
+            }
+            // Changed while hashing: wait for the writer to finish (a new version will
+            // be discovered when it settles).
+            if offset != job.size || !same(&file) {
+                return Prepared::Finished(Finish::Superseded);
+            }
+            let hash = *hasher.finalize().as_bytes();
+            let mut j = journal
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = j.set_hash(job.id, &hash) {
+                warn!(error = %e, "cannot record the file hash; it will be computed again");
+            }
+            hash
+        }
+    };
+    Prepared::Ready(Source {
+        file: Arc::new(file),
+        hash,
+    })
+}
+
+/// Ships `job` and returns how it ended (the caller records it in the journal).
+pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) -> Finish {
+    let path = PathBuf::from(&job.root).join(&job.path);
+    let (j, p, journal) = (job.clone(), path.clone(), ctx.journal.clone());
+    let source = match tokio::task::spawn_blocking(move || prepare(&j, &p, &journal)).await {
+        Ok(Prepared::Ready(s)) => s,
+        Ok(Prepared::Finished(f)) => return f,
+        Err(e) => {
+            return Finish::Retry {
+                reason: format!("hashing task failed: {e}"),
+                forget_hash: true,
+            }
+        }
+    };
+    let (send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(_) => return Finish::Requeue,
+    };
+    let offer = Offer {
+        path: job.path.clone(),
+        size: job.size,
+        mtime_ns: job.mtime_ns,
+        file_hash: source.hash,
+        chunk_size: ctx.chunk_size,
+    };
+    let mut session = SendSession::new(offer);
+    let mut writer = FrameWriter::new(send);
+    let replies = spawn_reader(FrameReader::new(recv, MAX_CONTROL_FRAME));
+    match exchange(ctx, &mut session, &mut writer, replies, source).await {
+        Ok(()) => {}
+        Err(e) => {
+            writer.reset(0);
+            if e.is_peer_fault() {
+                warn!(path = %job.path, error = %e, "receiver broke the protocol; retrying later");
+                return Finish::Retry {
+                    reason: e.to_string(),
+                    forget_hash: false,
+                };
+            }
+            debug!(path = %job.path, error = %e, "transfer interrupted");
+            return Finish::Requeue;
+        }
+    }
+    writer.finish();
+    match session.outcome() {
+        Some(Outcome::Stored {
+            stored_path,
+            already_stored,
+            chunks_sent,
+        }) => {
+            ctx.metrics.files_sent.inc();
+            info!(path = %job.path, size = job.size, chunks_sent, already_stored, stored = %stored_path, "stored");
+            Finish::Done
+        }
+        Some(Outcome::Rejected(r)) if r.code.is_retryable() => {
+            ctx.metrics.rejected(r.code);
+            warn!(path = %job.path, code = %r.code, reason = %r.reason, "receiver rejected the file; will retry");
+            Finish::Retry {
+                reason: format!("{}: {}", r.code, r.reason),
+                forget_hash: r.code == ErrorCode::HashMismatch,
+            }
+        }
+        Some(Outcome::Rejected(r)) => {
+            ctx.metrics.rejected(r.code);
+            tracing::error!(path = %job.path, code = %r.code, reason = %r.reason, "receiver refused the file for good; not retrying");
+            Finish::Failed(format!("{}: {}", r.code, r.reason))
+        }
+        None => Finish::Requeue,
+    }
+}
+
+/// Forwards replies from the receiver; a task of its own because reading a frame is not
+/// cancel-safe and must not sit in a `select!`.
+fn spawn_reader(mut reader: FrameReader) -> mpsc::Receiver<Result<Message, WireError>> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let msg = reader.read().await;
+            let end = !matches!(msg, Ok(Some(_)));
+            let item = match msg {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(WireError::Truncated),
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn reply(
+    replies: &mut mpsc::Receiver<Result<Message, WireError>>,
+) -> Result<Message, WireError> {
+    replies
+        .recv()
+        .await
+        .unwrap_or(Err(WireError::Connection("reply stream closed".into())))
+}
+
+fn session_error(e: skyferry_common::session::SessionError) -> WireError {
+    WireError::Connection(format!("protocol: {e}"))
+}
+
+async fn exchange(
+    ctx: &UploadContext,
+    session: &mut SendSession,
+    writer: &mut FrameWriter,
+    mut replies: mpsc::Receiver<Result<Message, WireError>>,
+    source: Source,
+) -> Result<(), WireError> {
+    while let Some(m) = session.poll_transmit() {
+        writer.send(&m).await?;
+    }
+    session
+        .handle(reply(&mut replies).await?)
+        .map_err(session_error)?;
+
+    let plan = session.plan();
+    if !plan.is_empty() {
+        let mut chunks = spawn_chunk_reader(plan, source.file.clone(), ctx.compression_level);
+        loop {
+            tokio::select! {
+                // A rejection can arrive while chunks are still going out.
+                msg = replies.recv() => {
+                    let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
+                    session.handle(msg).map_err(session_error)?;
+                    if session.outcome().is_some() {
+                        return Ok(());
+                    }
+                }
+                chunk = chunks.recv() => {
+                    let Some(chunk) = chunk else { break };
+                    let (msg, raw_len) = chunk.map_err(|e| WireError::Connection(format!("reading source: {e}")))?;
+                    writer.send(&msg).await?;
+                    ctx.metrics.chunks_sent.inc();
+                    ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
+                    session.handle_chunk_sent();
+                }
+            }
+        }
+    }
+    while let Some(m) = session.poll_transmit() {
+        writer.send(&m).await?;
+    }
+    if session.outcome().is_none() {
+        session
+            .handle(reply(&mut replies).await?)
+            .map_err(session_error)?;
+    }
+    Ok(())
+}
+
+/// Reads, hashes and compresses the planned chunks on the blocking pool, at most two
+/// ahead of the sender.
+fn spawn_chunk_reader(
+    plan: Vec<ChunkRead>,
+    file: Arc<File>,
+    level: i32,
+) -> mpsc::Receiver<std::io::Result<(Message, u32)>> {
+    let (tx, rx) = mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        let mut compressor = Compressor::new(level);
+        let mut raw = Vec::new();
+        let mut scratch = Vec::new();
+        for c in plan {
+            raw.resize(c.len as usize, 0);
+            let item = file.read_exact_at(&mut raw, c.offset).map(|()| {
+                let chunk_hash = hash_bytes(&raw);
+                let (codec, payload) = compressor.encode(&raw, &mut scratch);
+                let msg = Message::Chunk(Chunk {
+                    index: c.index,
+                    codec,
+                    raw_len: c.len,
+                    chunk_hash,
+                    payload: Bytes::copy_from_slice(payload),
+                });
+                (msg, c.len)
+            });
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Records the end of an attempt in the journal (blocking).
+pub fn record(journal: &Mutex<Journal>, job: &Job, how: &Finish) {
+    let mut j = journal
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(e) = j.finish(job.id, how) {
+        tracing::error!(path = %job.path, error = %e, "cannot record the transfer result in the journal");
+    }
+}

@@ -1,0 +1,68 @@
+//! Configuration: TOML files read into validated, typed configs.
+//!
+//! Validation reports every problem in one go (unknown keys, missing keys, values of the
+//! wrong type or out of range, unparsable addresses, missing files) so that an operator
+//! fixes a config in one edit, not one error per restart. The reader walks the TOML table
+//! itself rather than going through serde, because serde stops at the first error.
+
+mod agent;
+mod reader;
+mod receiver;
+
+pub use agent::{AgentConfig, Endpoint, TransferConfig, WatchConfig};
+pub use reader::{parse_duration, parse_size};
+pub use receiver::ReceiverConfig;
+
+use std::path::{Path, PathBuf};
+
+/// A config that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "config {}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+fn read_table(file: &Path) -> Result<toml::Table, ConfigError> {
+    let fail = |p: String| ConfigError {
+        file: file.to_owned(),
+        problems: vec![p],
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read: {e}")))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| fail(format!("not valid TOML: {}", e.to_string().trim_end())))
+}
+
+/// Agent ids become directory names on the receiver and DNS names in certificates:
+/// one DNS label, lowercase.
+pub fn validate_agent_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent id {id:?} is not valid: use 1-63 lowercase letters, digits and '-' (a DNS label), e.g. \"kiso-01\""
+        ))
+    }
+}

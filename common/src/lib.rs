@@ -1,0 +1,13 @@
+//! Shared core of skyferry: the wire protocol and file-session state machines (pure: no
+//! sockets, no clocks), chunking and checksums, compression, configuration, TLS
+//! identities, and the async framing adapter used by both daemons.
+
+pub mod chunk;
+pub mod compress;
+pub mod config;
+pub mod daemon;
+pub mod protocol;
+pub mod relpath;
+pub mod session;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,415 @@
+//! The messages of the skyferry protocol, as plain data.
+//!
+//! Nothing here knows about bytes on the wire: [`super::codec`] maps these
+//! types to frames. Field meanings are documented here; encodings there.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+/// A BLAKE3 digest (of a whole file or of one raw chunk).
+pub type Hash = [u8; 32];
+
+/// Lowercase hex of a hash, all 64 characters.
+pub fn hex(h: &Hash) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(h.len() * 2);
+    for b in h {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+/// The first 12 hex characters of a hash followed by "…", for logs and error messages.
+pub fn short_hex(h: &Hash) -> String {
+    let mut s = hex(h);
+    s.truncate(12);
+    s.push('…');
+    s
+}
+
+/// One protocol message. The first five travel on the control stream, the
+/// rest on a file stream (one bidirectional stream per file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    // Control stream.
+    Hello(Hello),
+    Welcome(Welcome),
+    Refuse(Refuse),
+    AgentHeartbeat(AgentHeartbeat),
+    ReceiverHeartbeat(ReceiverHeartbeat),
+    // File stream.
+    Offer(Offer),
+    Resume(Resume),
+    Chunk(Chunk),
+    Commit(Commit),
+    Ack(Ack),
+    Reject(Reject),
+}
+
+impl Message {
+    /// A stable lowercase name for the variant, for error messages and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::Refuse(_) => "refuse",
+            Message::AgentHeartbeat(_) => "agent_heartbeat",
+            Message::ReceiverHeartbeat(_) => "receiver_heartbeat",
+            Message::Offer(_) => "offer",
+            Message::Resume(_) => "resume",
+            Message::Chunk(_) => "chunk",
+            Message::Commit(_) => "commit",
+            Message::Ack(_) => "ack",
+            Message::Reject(_) => "reject",
+        }
+    }
+}
+
+/// Agent → receiver, first frame on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub agent_id: String,
+    /// Feature bits; a receiver ignores bits it does not know.
+    pub capabilities: u64,
+}
+
+/// Receiver → agent, accepts a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub version: u16,
+    pub receiver_id: String,
+    /// How often the agent should send [`AgentHeartbeat`]s.
+    pub heartbeat_interval_ms: u32,
+}
+
+/// Receiver → agent, declines a [`Hello`]; the receiver then closes the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refuse {
+    pub code: ErrorCode,
+    /// Human-readable diagnostic; never parsed.
+    pub reason: String,
+}
+
+/// Agent → receiver, periodic backlog report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentHeartbeat {
+    pub seq: u64,
+    pub pending_files: u64,
+    pub pending_bytes: u64,
+    pub oldest_pending_age_s: u64,
+    pub send_rate_bps: u64,
+}
+
+/// Receiver → agent, periodic storage report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiverHeartbeat {
+    pub seq: u64,
+    pub storage: StorageState,
+    pub free_bytes: u64,
+}
+
+/// Agent → receiver, first frame on a file stream: the file it wants to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// Relative path, '/'-separated; the receiver validates it.
+    pub path: String,
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch (negative before it).
+    pub mtime_ns: i64,
+    pub file_hash: Hash,
+    pub chunk_size: u32,
+}
+
+/// Receiver → agent, answers an [`Offer`] with the chunks it still needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Chunk index ranges still missing. Each range is non-empty.
+    pub missing: Vec<ChunkRange>,
+}
+
+/// Agent → receiver, one chunk of the offered file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub index: u32,
+    pub codec: Codec,
+    /// Length of the chunk before compression.
+    pub raw_len: u32,
+    /// BLAKE3 of the raw (uncompressed) chunk.
+    pub chunk_hash: Hash,
+    /// The chunk as encoded by `codec`.
+    pub payload: Bytes,
+}
+
+/// Agent → receiver, all requested chunks have been sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub chunks_sent: u32,
+}
+
+/// Receiver → agent, the file is durably stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub stored_path: String,
+    /// The receiver already had an identical file and stored nothing new.
+    pub already_stored: bool,
+}
+
+/// Receiver → agent, the file was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub code: ErrorCode,
+    /// Human-readable diagnostic; never parsed.
+    pub reason: String,
+}
+
+/// A half-open range `[start, end)` of chunk indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl ChunkRange {
+    /// Number of chunks in the range (0 if `end <= start`).
+    pub fn len(&self) -> u32 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a chunk payload is encoded. One byte on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+impl Codec {
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Codec::Raw),
+            1 => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The receiver's view of its storage. One byte on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum StorageState {
+    Ok = 0,
+    /// Writes are not making progress (e.g. a hung mount).
+    Stalled = 1,
+    Full = 2,
+}
+
+impl StorageState {
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(StorageState::Ok),
+            1 => Some(StorageState::Stalled),
+            2 => Some(StorageState::Full),
+            _ => None,
+        }
+    }
+}
+
+/// Why a session or a file was refused. A `u16` on the wire.
+///
+/// Unknown numbers decode to `Other` so that newer peers can add codes.
+/// `Other(n)` with a known `n` (e.g. `Other(1)`) is not canonical: it encodes
+/// as `n` and decodes as the named variant; use [`ErrorCode::from_u16`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadPath,
+    TooLarge,
+    StorageFull,
+    StorageError,
+    HashMismatch,
+    ChunkMismatch,
+    Protocol,
+    VersionMismatch,
+    Unauthorized,
+    Busy,
+    ShuttingDown,
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub fn as_u16(self) -> u16 {
+        match self {
+            ErrorCode::BadPath => 1,
+            ErrorCode::TooLarge => 2,
+            ErrorCode::StorageFull => 3,
+            ErrorCode::StorageError => 4,
+            ErrorCode::HashMismatch => 5,
+            ErrorCode::ChunkMismatch => 6,
+            ErrorCode::Protocol => 7,
+            ErrorCode::VersionMismatch => 8,
+            ErrorCode::Unauthorized => 9,
+            ErrorCode::Busy => 10,
+            ErrorCode::ShuttingDown => 11,
+            ErrorCode::Other(n) => n,
+        }
+    }
+
+    pub fn from_u16(v: u16) -> Self {
+        match v {
+            1 => ErrorCode::BadPath,
+            2 => ErrorCode::TooLarge,
+            3 => ErrorCode::StorageFull,
+            4 => ErrorCode::StorageError,
+            5 => ErrorCode::HashMismatch,
+            6 => ErrorCode::ChunkMismatch,
+            7 => ErrorCode::Protocol,
+            8 => ErrorCode::VersionMismatch,
+            9 => ErrorCode::Unauthorized,
+            10 => ErrorCode::Busy,
+            11 => ErrorCode::ShuttingDown,
+            n => ErrorCode::Other(n),
+        }
+    }
+
+    /// Whether sending the same file (or reconnecting) later may succeed.
+    ///
+    /// False when the request itself is wrong and will be refused again;
+    /// unknown codes count as retryable so a newer peer cannot make an agent
+    /// drop data.
+    pub fn is_retryable(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::BadPath
+                | ErrorCode::TooLarge
+                | ErrorCode::Protocol
+                | ErrorCode::VersionMismatch
+                | ErrorCode::Unauthorized
+        )
+    }
+
+    /// A stable snake_case label, safe as a metric label value (bounded set).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadPath => "bad_path",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::StorageFull => "storage_full",
+            ErrorCode::StorageError => "storage_error",
+            ErrorCode::HashMismatch => "hash_mismatch",
+            ErrorCode::ChunkMismatch => "chunk_mismatch",
+            ErrorCode::Protocol => "protocol",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Busy => "busy",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Other(_) => "other",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    /// The label, plus the number for codes this build does not know.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorCode::Other(n) => write!(f, "other({n})"),
+            code => f.write_str(code.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_forms() {
+        let mut h = [0u8; 32];
+        h[0] = 0x3a;
+        h[1] = 0x9f;
+        h[31] = 0x01;
+        let full = hex(&h);
+        assert_eq!(full.len(), 64);
+        assert!(full.starts_with("3a9f0000"));
+        assert!(full.ends_with("01"));
+        assert_eq!(short_hex(&h), "3a9f00000000…");
+    }
+
+    #[test]
+    fn error_code_numbers_round_trip_and_unknown_is_other() {
+        for n in 0..=u16::MAX {
+            let code = ErrorCode::from_u16(n);
+            assert_eq!(code.as_u16(), n);
+            assert_eq!(matches!(code, ErrorCode::Other(_)), !(1..=11).contains(&n));
+        }
+        assert_eq!(ErrorCode::from_u16(3), ErrorCode::StorageFull);
+    }
+
+    #[test]
+    fn error_code_labels_are_distinct_and_retryability_matches_spec() {
+        let known: Vec<ErrorCode> = (1..=11).map(ErrorCode::from_u16).collect();
+        let mut labels: Vec<&str> = known.iter().map(|c| c.as_str()).collect();
+        labels.push(ErrorCode::Other(500).as_str());
+        let mut dedup = labels.clone();
+        dedup.sort_unstable();
+        dedup.dedup();
+        assert_eq!(
+            dedup.len(),
+            labels.len(),
+            "labels must be distinct: {labels:?}"
+        );
+
+        let permanent: Vec<&str> = known
+            .iter()
+            .filter(|c| !c.is_retryable())
+            .map(|c| c.as_str())
+            .collect();
+        assert_eq!(
+            permanent,
+            [
+                "bad_path",
+                "too_large",
+                "protocol",
+                "version_mismatch",
+                "unauthorized"
+            ]
+        );
+        assert!(ErrorCode::Other(500).is_retryable());
+        assert_eq!(ErrorCode::Busy.to_string(), "busy");
+        assert_eq!(ErrorCode::Other(500).to_string(), "other(500)");
+    }
+
+    #[test]
+    fn codec_and_storage_state_bytes() {
+        for v in 0..=u8::MAX {
+            if let Some(c) = Codec::from_u8(v) {
+                assert_eq!(c.as_u8(), v);
+            }
+            if let Some(s) = StorageState::from_u8(v) {
+                assert_eq!(s.as_u8(), v);
+            }
+        }
+        assert_eq!(Codec::from_u8(2), None);
+        assert_eq!(StorageState::from_u8(3), None);
+    }
+
+    #[test]
+    fn chunk_range_len() {
+        assert_eq!(ChunkRange { start: 3, end: 7 }.len(), 4);
+        assert!(ChunkRange { start: 7, end: 7 }.is_empty());
+        assert!(ChunkRange { start: 8, end: 7 }.is_empty());
+    }
+}

@@ -1,0 +1,352 @@
+//! The receiver's side of a file session.
+
+use crate::chunk::{ChunkLayout, ChunkSet};
+use crate::compress;
+use crate::protocol::{
+    short_hex, Ack, Chunk, ChunkRange, Commit, ErrorCode, Hash, Message, Offer, Reject, Resume,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
+use crate::relpath::RelPath;
+
+use super::reject;
+
+/// What the receiver durably knows about a partially received file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialState {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub file_hash: Hash,
+    pub chunk_size: u32,
+    pub have: ChunkSet,
+}
+
+impl PartialState {
+    /// Whether this partial belongs to exactly the version being offered. A different
+    /// size, mtime, hash or chunk size means the source changed: the partial is useless.
+    pub fn matches(&self, offer: &Offer) -> bool {
+        self.size == offer.size
+            && self.mtime_ns == offer.mtime_ns
+            && self.file_hash == offer.file_hash
+            && self.chunk_size == offer.chunk_size
+            && self.have.count() == ChunkLayout::new(offer.size, offer.chunk_size).count()
+    }
+}
+
+/// What storage found for the offered path, looked up by the I/O layer.
+#[derive(Debug, Default)]
+pub struct Lookup {
+    /// Hash of the file currently published at the path, if any.
+    pub stored: Option<Hash>,
+    /// The partial file for the path, if any.
+    pub partial: Option<PartialState>,
+}
+
+/// What the I/O layer must do after an offer was looked up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OfferDecision {
+    /// The same content is already published: acknowledged without rewriting.
+    AlreadyStored,
+    /// Receive into the partial; `discard_partial` when an existing partial belongs to
+    /// another version and must be deleted first.
+    Receive { discard_partial: bool },
+}
+
+/// A chunk that passed verification: its bytes are in the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedChunk {
+    pub index: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitOffer,
+    AwaitLookup,
+    Receiving,
+    Publishing,
+    Done,
+}
+
+/// The receiving end of one file stream.
+#[derive(Debug)]
+pub struct ReceiveSession {
+    state: State,
+    max_file_size: u64,
+    offer: Option<(Offer, RelPath)>,
+    layout: ChunkLayout,
+    have: ChunkSet,
+    /// Chunks received on this stream (for the resume accounting in logs/metrics).
+    received: u32,
+    decoder: compress::Decoder,
+    out: Option<Message>,
+}
+
+impl ReceiveSession {
+    pub fn new(max_file_size: u64) -> Self {
+        ReceiveSession {
+            state: State::AwaitOffer,
+            max_file_size,
+            offer: None,
+            layout: ChunkLayout::new(0, MIN_CHUNK_SIZE),
+            have: ChunkSet::new(0),
+            received: 0,
+            decoder: compress::Decoder::default(),
+            out: None,
+        }
+    }
+
+    pub fn offer(&self) -> Option<&Offer> {
+        self.offer.as_ref().map(|(o, _)| o)
+    }
+
+    pub fn path(&self) -> Option<&RelPath> {
+        self.offer.as_ref().map(|(_, p)| p)
+    }
+
+    pub fn have(&self) -> &ChunkSet {
+        &self.have
+    }
+
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    pub fn chunks_received(&self) -> u32 {
+        self.received
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// The next message to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.out.take()
+    }
+
+    /// Ends the session with a rejection (also used by the I/O layer for storage errors).
+    pub fn fail(&mut self, r: Reject) {
+        self.state = State::Done;
+        self.out = Some(Message::Reject(r));
+    }
+
+    fn protocol_error(&mut self, what: String) -> Reject {
+        let r = reject(ErrorCode::Protocol, what);
+        self.fail(r.clone());
+        r
+    }
+
+    /// Any message arriving on the file stream. Returns the validated path after an
+    /// offer (the caller then looks it up and calls [`handle_lookup`]), and the verified
+    /// chunk after a chunk (its bytes are in `buf`; the caller writes them and calls
+    /// [`handle_chunk_stored`]).
+    ///
+    /// [`handle_lookup`]: ReceiveSession::handle_lookup
+    /// [`handle_chunk_stored`]: ReceiveSession::handle_chunk_stored
+    pub fn handle(&mut self, msg: Message, buf: &mut Vec<u8>) -> Result<Event, Reject> {
+        match msg {
+            Message::Offer(o) if self.state == State::AwaitOffer => {
+                self.handle_offer(o).map(|()| Event::Offered)
+            }
+            Message::Chunk(c) if self.state == State::Receiving => {
+                self.handle_chunk(c, buf).map(Event::Chunk)
+            }
+            Message::Commit(c) if self.state == State::Receiving => {
+                self.handle_commit(c).map(|()| Event::Commit)
+            }
+            other => Err(self.protocol_error(format!(
+                "unexpected {} frame on a file stream",
+                other.kind()
+            ))),
+        }
+    }
+
+    fn handle_offer(&mut self, offer: Offer) -> Result<(), Reject> {
+        let path = match RelPath::parse(&offer.path) {
+            Ok(p) => p,
+            Err(e) => {
+                let r = reject(ErrorCode::BadPath, e.to_string());
+                self.fail(r.clone());
+                return Err(r);
+            }
+        };
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&offer.chunk_size) {
+            return Err(self.protocol_error(format!(
+                "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                offer.chunk_size
+            )));
+        }
+        if offer.size > self.max_file_size {
+            let r = reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "{path}: {} bytes exceeds the receiver's limit of {} bytes",
+                    offer.size, self.max_file_size
+                ),
+            );
+            self.fail(r.clone());
+            return Err(r);
+        }
+        let layout = ChunkLayout::new(offer.size, offer.chunk_size);
+        if !layout.fits_u32() {
+            return Err(self.protocol_error(format!("{path}: too many chunks")));
+        }
+        self.layout = layout;
+        self.have = ChunkSet::new(layout.count());
+        self.offer = Some((offer, path));
+        self.state = State::AwaitLookup;
+        Ok(())
+    }
+
+    /// Decides what to do with the offer given what storage holds.
+    pub fn handle_lookup(&mut self, lookup: Lookup) -> OfferDecision {
+        let Some((offer, path)) = &self.offer else {
+            // Only reachable through a caller bug; answer instead of panicking.
+            self.fail(reject(ErrorCode::Protocol, "lookup before offer"));
+            return OfferDecision::Receive {
+                discard_partial: false,
+            };
+        };
+        if lookup.stored == Some(offer.file_hash) {
+            self.out = Some(Message::Ack(Ack {
+                stored_path: path.to_string(),
+                already_stored: true,
+            }));
+            self.state = State::Done;
+            return OfferDecision::AlreadyStored;
+        }
+        let discard_partial = match lookup.partial {
+            Some(p) if p.matches(offer) => {
+                self.have = p.have;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        self.out = Some(Message::Resume(Resume {
+            missing: coalesce(self.have.missing(), MAX_RESUME_RANGES),
+        }));
+        self.state = State::Receiving;
+        OfferDecision::Receive { discard_partial }
+    }
+
+    /// Decompresses and verifies one chunk into `buf`. Checks, in order: index in range,
+    /// raw length equal to the layout's, decompression bounded by that
+    /// length, BLAKE3 equal to the chunk hash.
+    fn handle_chunk(&mut self, c: Chunk, buf: &mut Vec<u8>) -> Result<VerifiedChunk, Reject> {
+        let path = self.path().map(ToString::to_string).unwrap_or_default();
+        let count = self.layout.count();
+        let Some(expected_len) = self.layout.len(c.index) else {
+            return Err(self.protocol_error(format!(
+                "{path}: chunk {} is out of range (file has {count} chunks)",
+                c.index
+            )));
+        };
+        if c.raw_len != expected_len {
+            return Err(self.protocol_error(format!(
+                "{path}: chunk {} claims {} bytes, the layout says {expected_len}",
+                c.index, c.raw_len
+            )));
+        }
+        if let Err(e) = self.decoder.decode(c.codec, &c.payload, c.raw_len, buf) {
+            let r = reject(
+                ErrorCode::ChunkMismatch,
+                format!("{path}: chunk {}: {e}", c.index),
+            );
+            self.fail(r.clone());
+            return Err(r);
+        }
+        let actual = crate::chunk::hash_bytes(buf);
+        if actual != c.chunk_hash {
+            let r = reject(
+                ErrorCode::ChunkMismatch,
+                format!(
+                    "{path}: chunk {}: checksum mismatch (expected {}, got {})",
+                    c.index,
+                    short_hex(&c.chunk_hash),
+                    short_hex(&actual)
+                ),
+            );
+            self.fail(r.clone());
+            return Err(r);
+        }
+        self.received += 1;
+        Ok(VerifiedChunk {
+            index: c.index,
+            offset: self.layout.offset(c.index),
+        })
+    }
+
+    /// The chunk's bytes are written to the partial file and recorded.
+    pub fn handle_chunk_stored(&mut self, index: u32) {
+        self.have.insert(index);
+    }
+
+    fn handle_commit(&mut self, c: Commit) -> Result<(), Reject> {
+        let missing = self.layout.count() - self.have.present();
+        if missing > 0 {
+            let path = self.path().map(ToString::to_string).unwrap_or_default();
+            return Err(self.protocol_error(format!(
+                "{path}: commit with {missing} chunk(s) still missing (agent sent {})",
+                c.chunks_sent
+            )));
+        }
+        self.state = State::Publishing;
+        Ok(())
+    }
+
+    /// The outcome of verifying the stored bytes and publishing them.
+    pub fn handle_published(&mut self, result: Result<String, Reject>) {
+        match result {
+            Ok(stored_path) => {
+                self.state = State::Done;
+                self.out = Some(Message::Ack(Ack {
+                    stored_path,
+                    already_stored: false,
+                }));
+            }
+            Err(r) => self.fail(r),
+        }
+    }
+
+    /// Missing ranges, for logs.
+    pub fn missing(&self) -> Vec<ChunkRange> {
+        self.have.missing()
+    }
+}
+
+/// Most ranges sent in one resume, so that it fits in a control-sized frame (9 bytes
+/// per range in 64 KiB, with room to spare).
+pub const MAX_RESUME_RANGES: usize = 4096;
+
+/// Merges the closest neighbouring ranges until at most `max` remain. The merged gaps are
+/// chunks the receiver already has; receiving them again is harmless (they are verified
+/// and rewritten with the same bytes).
+fn coalesce(mut ranges: Vec<ChunkRange>, max: usize) -> Vec<ChunkRange> {
+    while ranges.len() > max.max(1) {
+        let mut merged = Vec::with_capacity(ranges.len() / 2 + 1);
+        for pair in ranges.chunks(2) {
+            match pair {
+                [a, b] => merged.push(ChunkRange {
+                    start: a.start,
+                    end: b.end,
+                }),
+                [a] => merged.push(*a),
+                _ => {}
+            }
+        }
+        ranges = merged;
+    }
+    ranges
+}
+
+/// What an incoming message meant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// An offer passed validation: look up storage and call `handle_lookup`.
+    Offered,
+    /// A chunk passed verification: write it and call `handle_chunk_stored`.
+    Chunk(VerifiedChunk),
+    /// All chunks are held: verify the whole file, publish, call `handle_published`.
+    Commit,
+}

@@ -1,0 +1,202 @@
+//! The agent's side of a file session.
+
+use std::collections::VecDeque;
+
+use crate::chunk::ChunkLayout;
+use crate::protocol::{ChunkRange, Commit, Message, Offer, Reject};
+
+/// How the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver has the file durably stored and catalogued.
+    Stored {
+        stored_path: String,
+        already_stored: bool,
+        chunks_sent: u32,
+    },
+    /// The receiver refused the file; `code.is_retryable()` tells whether to try again.
+    Rejected(Reject),
+}
+
+/// The peer broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("receiver sent an unexpected {got} frame while the agent was {state}")]
+    Unexpected {
+        got: &'static str,
+        state: &'static str,
+    },
+    #[error("receiver asked for chunks {start}..{end}, but the file has {count} chunks")]
+    BadRange { start: u32, end: u32, count: u32 },
+    #[error("receiver's missing ranges are not ascending and disjoint")]
+    UnorderedRanges,
+}
+
+/// A chunk the I/O layer must read from the source, encode and send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRead {
+    pub index: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitResume,
+    Sending,
+    AwaitAck,
+    Done,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::AwaitResume => "waiting for resume",
+            State::Sending => "sending chunks",
+            State::AwaitAck => "waiting for the acknowledgement",
+            State::Done => "done",
+        }
+    }
+}
+
+/// The sending end of one file stream.
+#[derive(Debug)]
+pub struct SendSession {
+    state: State,
+    layout: ChunkLayout,
+    todo: VecDeque<ChunkRange>,
+    chunks_sent: u32,
+    out: VecDeque<Message>,
+    outcome: Option<Outcome>,
+}
+
+impl SendSession {
+    /// Starts a session; the offer is the first message to transmit.
+    pub fn new(offer: Offer) -> Self {
+        let layout = ChunkLayout::new(offer.size, offer.chunk_size);
+        SendSession {
+            state: State::AwaitResume,
+            layout,
+            todo: VecDeque::new(),
+            chunks_sent: 0,
+            out: VecDeque::from([Message::Offer(offer)]),
+            outcome: None,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.out.pop_front()
+    }
+
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    pub fn chunks_sent(&self) -> u32 {
+        self.chunks_sent
+    }
+
+    /// Chunks the receiver asked for and that were not sent yet.
+    pub fn chunks_to_send(&self) -> u32 {
+        self.todo.iter().map(ChunkRange::len).sum()
+    }
+
+    /// A message from the receiver.
+    pub fn handle(&mut self, msg: Message) -> Result<(), SessionError> {
+        match (self.state, msg) {
+            (State::AwaitResume, Message::Resume(r)) => {
+                let count = self.layout.count();
+                let mut prev_end = 0;
+                for (i, range) in r.missing.iter().enumerate() {
+                    if range.start >= range.end || range.end > count {
+                        return Err(SessionError::BadRange {
+                            start: range.start,
+                            end: range.end,
+                            count,
+                        });
+                    }
+                    if i > 0 && range.start < prev_end {
+                        return Err(SessionError::UnorderedRanges);
+                    }
+                    prev_end = range.end;
+                }
+                self.todo = r.missing.into();
+                self.state = State::Sending;
+                self.maybe_commit();
+                Ok(())
+            }
+            (State::AwaitResume | State::AwaitAck, Message::Ack(a)) => {
+                self.state = State::Done;
+                self.outcome = Some(Outcome::Stored {
+                    stored_path: a.stored_path,
+                    already_stored: a.already_stored,
+                    chunks_sent: self.chunks_sent,
+                });
+                Ok(())
+            }
+            // A rejection may come at any point, e.g. a bad chunk mid-file.
+            (State::AwaitResume | State::Sending | State::AwaitAck, Message::Reject(r)) => {
+                self.state = State::Done;
+                self.todo.clear();
+                self.outcome = Some(Outcome::Rejected(r));
+                Ok(())
+            }
+            (state, other) => Err(SessionError::Unexpected {
+                got: other.kind(),
+                state: state.name(),
+            }),
+        }
+    }
+
+    /// The next chunk to read and send, in ascending order.
+    pub fn next_chunk(&self) -> Option<ChunkRead> {
+        if self.state != State::Sending {
+            return None;
+        }
+        let index = self.todo.front()?.start;
+        Some(ChunkRead {
+            index,
+            offset: self.layout.offset(index),
+            // `todo` ranges were checked against the layout in `handle`.
+            len: self.layout.len(index).unwrap_or(0),
+        })
+    }
+
+    /// All chunks still to send, in the order [`next_chunk`](SendSession::next_chunk)
+    /// returns them: lets the I/O layer read ahead.
+    pub fn plan(&self) -> Vec<ChunkRead> {
+        if self.state != State::Sending {
+            return Vec::new();
+        }
+        self.todo
+            .iter()
+            .flat_map(|r| r.start..r.end)
+            .map(|index| ChunkRead {
+                index,
+                offset: self.layout.offset(index),
+                len: self.layout.len(index).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// The chunk returned by [`next_chunk`](SendSession::next_chunk) was sent.
+    pub fn handle_chunk_sent(&mut self) {
+        if let Some(front) = self.todo.front_mut() {
+            front.start += 1;
+            if front.start == front.end {
+                self.todo.pop_front();
+            }
+            self.chunks_sent += 1;
+        }
+        self.maybe_commit();
+    }
+
+    fn maybe_commit(&mut self) {
+        if self.state == State::Sending && self.todo.is_empty() {
+            self.out.push_back(Message::Commit(Commit {
+                chunks_sent: self.chunks_sent,
+            }));
+            self.state = State::AwaitAck;
+        }
+    }
+}

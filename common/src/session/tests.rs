@@ -1,0 +1,307 @@
+//! Both ends of a file session driven in memory, every message going through the codec.
+
+use std::collections::BTreeMap;
+
+use bytes::BytesMut;
+use proptest::prelude::*;
+
+use super::*;
+use crate::chunk::{hash_bytes, ChunkSet};
+use crate::compress::Compressor;
+use crate::protocol::{
+    decode, max_data_frame, Chunk, ErrorCode, Hash, Message, Offer, MIN_CHUNK_SIZE,
+};
+
+const CS: u32 = MIN_CHUNK_SIZE;
+
+/// The receiver's storage, in memory.
+#[derive(Default)]
+struct Disk {
+    partials: BTreeMap<String, (Vec<u8>, PartialState)>,
+    published: BTreeMap<String, (Vec<u8>, Hash)>,
+}
+
+fn wire(msg: Message, max: usize) -> Message {
+    let mut buf = BytesMut::new();
+    msg.encode(&mut buf).expect("encodable");
+    let out = decode(&mut buf, max)
+        .expect("valid frame")
+        .expect("whole frame");
+    assert!(buf.is_empty());
+    out
+}
+
+fn offer(path: &str, data: &[u8]) -> Offer {
+    Offer {
+        path: path.into(),
+        size: data.len() as u64,
+        mtime_ns: 1_700_000_000_000_000_000,
+        file_hash: hash_bytes(data),
+        chunk_size: CS,
+    }
+}
+
+/// Runs one session. `tamper` may alter each chunk frame after the agent built it (a
+/// corrupting network or a lying agent); `stop_after` cuts the stream after that many
+/// chunks (a crash). Returns the agent's outcome (None when cut) and chunks sent.
+fn run(
+    disk: &mut Disk,
+    offer: Offer,
+    data: &[u8],
+    tamper: &mut dyn FnMut(&mut Chunk),
+    stop_after: Option<u32>,
+) -> (Option<Outcome>, u32) {
+    let mut send = SendSession::new(offer);
+    let mut recv = ReceiveSession::new(1 << 40);
+    let mut compressor = Compressor::new(1);
+    let mut scratch = Vec::new();
+    let mut buf = Vec::new();
+
+    let mut deliver = |msg: Message, recv: &mut ReceiveSession, disk: &mut Disk| {
+        let max = max_data_frame(CS);
+        let event = recv.handle(wire(msg, max), &mut buf);
+        let Ok(event) = event else { return };
+        let path = recv.path().expect("offered").to_string();
+        match event {
+            Event::Offered => {
+                let lookup = Lookup {
+                    stored: disk.published.get(&path).map(|(_, h)| *h),
+                    partial: disk.partials.get(&path).map(|(_, s)| s.clone()),
+                };
+                let o = recv.offer().expect("offered").clone();
+                if let OfferDecision::Receive { discard_partial } = recv.handle_lookup(lookup) {
+                    if discard_partial || !disk.partials.contains_key(&path) {
+                        let state = PartialState {
+                            size: o.size,
+                            mtime_ns: o.mtime_ns,
+                            file_hash: o.file_hash,
+                            chunk_size: o.chunk_size,
+                            have: ChunkSet::new(recv.layout().count()),
+                        };
+                        disk.partials
+                            .insert(path, (vec![0; o.size as usize], state));
+                    }
+                }
+            }
+            Event::Chunk(v) => {
+                let (bytes, state) = disk.partials.get_mut(&path).expect("partial exists");
+                let at = v.offset as usize;
+                bytes[at..at + buf.len()].copy_from_slice(&buf);
+                state.have.insert(v.index);
+                recv.handle_chunk_stored(v.index);
+            }
+            Event::Commit => {
+                let (bytes, state) = disk.partials.remove(&path).expect("partial exists");
+                if hash_bytes(&bytes) == state.file_hash {
+                    disk.published
+                        .insert(path.clone(), (bytes, state.file_hash));
+                    recv.handle_published(Ok(path));
+                } else {
+                    recv.handle_published(Err(reject(ErrorCode::HashMismatch, "whole file")));
+                }
+            }
+        }
+    };
+
+    loop {
+        while let Some(m) = send.poll_transmit() {
+            deliver(m, &mut recv, disk);
+        }
+        while let Some(c) = send.next_chunk() {
+            if stop_after == Some(send.chunks_sent()) {
+                return (None, send.chunks_sent());
+            }
+            let raw = &data[c.offset as usize..(c.offset + u64::from(c.len)) as usize];
+            let (codec, payload) = compressor.encode(raw, &mut scratch);
+            let mut chunk = Chunk {
+                index: c.index,
+                codec,
+                raw_len: c.len,
+                chunk_hash: hash_bytes(raw),
+                payload: bytes::Bytes::copy_from_slice(payload),
+            };
+            tamper(&mut chunk);
+            deliver(Message::Chunk(chunk), &mut recv, disk);
+            send.handle_chunk_sent();
+            // A rejection may arrive while chunks are still being sent.
+            if let Some(reply) = recv.poll_transmit() {
+                send.handle(wire(reply, usize::MAX)).expect("valid reply");
+            }
+            while let Some(m) = send.poll_transmit() {
+                deliver(m, &mut recv, disk);
+            }
+        }
+        match recv.poll_transmit() {
+            Some(reply) => send.handle(wire(reply, usize::MAX)).expect("valid reply"),
+            None => break,
+        }
+        if send.outcome().is_some() {
+            break;
+        }
+    }
+    (send.outcome().cloned(), send.chunks_sent())
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    // Half compressible, half noisy, like a FITS frame with a header.
+    (0..len)
+        .map(|i| {
+            if i % 2 == 0 {
+                (i / 512) as u8
+            } else {
+                (i as u8).wrapping_mul(31) ^ seed
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn boundary_sizes_arrive_identical() {
+    let cs = CS as usize;
+    for len in [0, 1, cs - 1, cs, cs + 1, 3 * cs + 7] {
+        let mut disk = Disk::default();
+        let src = data(len, 1);
+        let (outcome, sent) = run(&mut disk, offer("n/f.fits", &src), &src, &mut |_| {}, None);
+        assert!(
+            matches!(
+                outcome,
+                Some(Outcome::Stored {
+                    already_stored: false,
+                    ..
+                })
+            ),
+            "len {len}: {outcome:?}"
+        );
+        assert_eq!(sent as usize, len.div_ceil(cs), "len {len}");
+        assert_eq!(disk.published["n/f.fits"].0, src, "len {len}");
+        assert!(disk.partials.is_empty());
+    }
+}
+
+#[test]
+fn reoffer_of_stored_file_is_acknowledged_without_data() {
+    let mut disk = Disk::default();
+    let src = data(200_000, 2);
+    run(&mut disk, offer("a.fits", &src), &src, &mut |_| {}, None);
+    let (outcome, sent) = run(&mut disk, offer("a.fits", &src), &src, &mut |_| {}, None);
+    assert_eq!(sent, 0);
+    assert!(matches!(
+        outcome,
+        Some(Outcome::Stored {
+            already_stored: true,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn corrupted_chunk_is_rejected_and_never_published() {
+    let mut disk = Disk::default();
+    let src = data(5 * CS as usize, 3);
+    let mut flip = |c: &mut Chunk| {
+        if c.index == 2 {
+            let mut p = c.payload.to_vec();
+            p[10] ^= 0xff;
+            c.payload = p.into();
+        }
+    };
+    let (outcome, _) = run(&mut disk, offer("bad.fits", &src), &src, &mut flip, None);
+    let Some(Outcome::Rejected(r)) = outcome else {
+        panic!("expected a rejection, got {outcome:?}")
+    };
+    assert_eq!(r.code, ErrorCode::ChunkMismatch);
+    assert!(r.reason.contains("chunk 2"), "{}", r.reason);
+    assert!(disk.published.is_empty());
+    // Chunks 0 and 1 were verified and kept: a retry sends only 2, 3 and 4.
+    let (outcome, sent) = run(&mut disk, offer("bad.fits", &src), &src, &mut |_| {}, None);
+    assert!(matches!(outcome, Some(Outcome::Stored { .. })));
+    assert_eq!(sent, 3);
+    assert_eq!(disk.published["bad.fits"].0, src);
+}
+
+#[test]
+fn a_chunk_hash_that_lies_is_caught() {
+    let mut disk = Disk::default();
+    let src = data(2 * CS as usize, 4);
+    let mut lie = |c: &mut Chunk| c.chunk_hash = [7; 32];
+    let (outcome, _) = run(&mut disk, offer("x", &src), &src, &mut lie, None);
+    assert!(
+        matches!(&outcome, Some(Outcome::Rejected(r)) if r.reason.contains("checksum mismatch")),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn wrong_whole_file_hash_is_never_published() {
+    let mut disk = Disk::default();
+    let src = data(2 * CS as usize + 5, 5);
+    let mut o = offer("x", &src);
+    o.file_hash = [1; 32];
+    let (outcome, _) = run(&mut disk, o, &src, &mut |_| {}, None);
+    assert!(matches!(&outcome, Some(Outcome::Rejected(r)) if r.code == ErrorCode::HashMismatch));
+    assert!(disk.published.is_empty());
+}
+
+#[test]
+fn changed_source_discards_the_old_partial() {
+    let mut disk = Disk::default();
+    let old = data(4 * CS as usize, 6);
+    run(&mut disk, offer("v.fits", &old), &old, &mut |_| {}, Some(2));
+    let new = data(4 * CS as usize, 7);
+    let (outcome, sent) = run(&mut disk, offer("v.fits", &new), &new, &mut |_| {}, None);
+    assert!(matches!(outcome, Some(Outcome::Stored { .. })));
+    assert_eq!(sent, 4, "the whole new version is sent");
+    assert_eq!(disk.published["v.fits"].0, new);
+}
+
+#[test]
+fn bad_path_is_rejected() {
+    let mut disk = Disk::default();
+    let src = data(10, 0);
+    for bad in ["../etc/passwd", "/abs", "a/../../b"] {
+        let (outcome, _) = run(&mut disk, offer(bad, &src), &src, &mut |_| {}, None);
+        assert!(
+            matches!(&outcome, Some(Outcome::Rejected(r)) if r.code == ErrorCode::BadPath),
+            "{bad}: {outcome:?}"
+        );
+    }
+    assert!(disk.published.is_empty() && disk.partials.is_empty());
+}
+
+#[test]
+fn agent_rejects_nonsense_ranges() {
+    let src = data(3 * CS as usize, 0);
+    let mut s = SendSession::new(offer("a", &src));
+    s.poll_transmit();
+    let bad = crate::protocol::Resume {
+        missing: vec![crate::protocol::ChunkRange { start: 2, end: 9 }],
+    };
+    assert!(matches!(
+        s.handle(Message::Resume(bad)),
+        Err(SessionError::BadRange { count: 3, .. })
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// For any size and crash point, the resumed transfer sends exactly the chunks that
+    /// were not verified before the crash, and the result is byte-identical.
+    #[test]
+    fn resume_after_any_crash_point(len in 0usize..(6 * CS as usize), crash in 0u32..8) {
+        let mut disk = Disk::default();
+        let src = data(len, 9);
+        let count = len.div_ceil(CS as usize) as u32;
+        let (first, sent1) = run(&mut disk, offer("r", &src), &src, &mut |_| {}, Some(crash));
+        let (outcome, sent2) = run(&mut disk, offer("r", &src), &src, &mut |_| {}, None);
+        if first.is_none() {
+            prop_assert_eq!(sent1 + sent2, count, "no chunk sent twice");
+        } else {
+            prop_assert_eq!(sent2, 0);
+        }
+        prop_assert!(
+            matches!(outcome, Some(Outcome::Stored { .. })),
+            "outcome {:?}", outcome
+        );
+        prop_assert_eq!(&disk.published["r"].0, &src);
+    }
+}

@@ -1,0 +1,97 @@
+//! The receiver's metrics, defined in one place (`skyferry_receiver_*`, base units,
+//! bounded labels: never a path or an agent-chosen string except the validated agent id).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// `ErrorCode::as_str()`: a fixed set.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    pub agent: String,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub files_stored: Counter,
+    pub files_already_stored: Counter,
+    pub bytes_stored: Counter,
+    pub chunks_received: Counter,
+    pub bytes_received: Counter,
+    pub files_rejected: Family<RejectLabels, Counter>,
+    pub handshakes_failed: Counter,
+    pub protocol_errors: Counter,
+    pub connections: Gauge,
+    pub files_in_progress: Gauge,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("skyferry_receiver");
+        r.register(
+            "files_stored",
+            "Files verified and published",
+            self.files_stored.clone(),
+        );
+        r.register(
+            "files_already_stored",
+            "Offers acknowledged without transfer because the same content was stored",
+            self.files_already_stored.clone(),
+        );
+        r.register(
+            "stored_bytes",
+            "Bytes of files published",
+            self.bytes_stored.clone(),
+        );
+        r.register(
+            "chunks_received",
+            "Chunks verified and written",
+            self.chunks_received.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Chunk bytes verified and written (after decompression)",
+            self.bytes_received.clone(),
+        );
+        r.register(
+            "files_rejected",
+            "File offers or transfers rejected, by reason",
+            self.files_rejected.clone(),
+        );
+        r.register(
+            "handshakes_failed",
+            "Connections that failed the TLS handshake or the hello (e.g. unknown agent certificate)",
+            self.handshakes_failed.clone(),
+        );
+        r.register(
+            "protocol_errors",
+            "Streams closed because the peer sent malformed frames",
+            self.protocol_errors.clone(),
+        );
+        r.register(
+            "connections",
+            "Agent connections open",
+            self.connections.clone(),
+        );
+        r.register(
+            "files_in_progress",
+            "File sessions being received",
+            self.files_in_progress.clone(),
+        );
+    }
+
+    pub fn rejected(&self, code: skyferry_common::protocol::ErrorCode) {
+        self.files_rejected
+            .get_or_create(&RejectLabels {
+                reason: code.as_str(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,279 @@
+//! The QUIC server: accepts agents (mutual TLS, then hello), keeps the control stream
+//! with heartbeats, and hands each file stream to a session.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skyferry_common::config::{validate_agent_id, ReceiverConfig};
+use skyferry_common::protocol::{
+    ErrorCode, Message, ReceiverHeartbeat, Refuse, StorageState, Welcome, MAX_CONTROL_FRAME,
+    PROTOCOL_VERSION,
+};
+use skyferry_common::tls;
+use skyferry_common::wire::{FrameReader, FrameWriter};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+
+/// Application close codes on the connection.
+pub const CLOSE_SHUTDOWN: u32 = 0;
+pub const CLOSE_REFUSED: u32 = 1;
+pub const CLOSE_HEARTBEAT_LOST: u32 = 2;
+
+/// State shared by all connections.
+pub struct Shared {
+    pub config: ReceiverConfig,
+    pub storage: Arc<Storage>,
+    pub metrics: Metrics,
+    pub file_slots: Semaphore,
+    busy: Mutex<HashSet<(Arc<str>, String)>>,
+}
+
+/// Marks (agent, path) as being received; released on drop.
+pub struct BusyGuard<'a> {
+    shared: &'a Shared,
+    key: (Arc<str>, String),
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.busy_set().remove(&self.key);
+    }
+}
+
+impl Shared {
+    pub fn new(config: ReceiverConfig, storage: Storage) -> Shared {
+        Shared {
+            file_slots: Semaphore::new(config.max_concurrent_files),
+            config,
+            storage: Arc::new(storage),
+            metrics: Metrics::default(),
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn busy_set(&self) -> std::sync::MutexGuard<'_, HashSet<(Arc<str>, String)>> {
+        // The set holds plain keys; a panic elsewhere cannot leave it inconsistent.
+        self.busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Claims a path so that two streams never write the same partial at once.
+    pub fn claim(&self, agent: &Arc<str>, path: &str) -> Option<BusyGuard<'_>> {
+        let key = (agent.clone(), path.to_owned());
+        self.busy_set()
+            .insert(key.clone())
+            .then_some(BusyGuard { shared: self, key })
+    }
+}
+
+/// Accepts connections until `shutdown`, then drains open sessions for up to `grace`.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                let span = tracing::info_span!("conn", %remote);
+                tracker.spawn(connection(incoming, shared.clone(), shutdown.clone()).instrument(span));
+            }
+        }
+    }
+    info!("shutting down: no new connections; draining file sessions");
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(grace = ?grace, "grace period over; closing remaining connections");
+    }
+    endpoint.close(CLOSE_SHUTDOWN.into(), b"receiver shutting down");
+    endpoint.wait_idle().await;
+}
+
+async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.metrics.handshakes_failed.inc();
+            warn!(error = %e, "handshake failed: the agent's certificate is missing, invalid or not signed by this receiver's CA");
+            return;
+        }
+    };
+    let (agent, reader, writer) = match hello(&conn, &shared).await {
+        Ok(a) => a,
+        Err(reason) => {
+            shared.metrics.handshakes_failed.inc();
+            warn!(reason = %reason, "agent refused");
+            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            return;
+        }
+    };
+    shared.metrics.connections.inc();
+    let streams = TaskTracker::new();
+    let lost = CancellationToken::new();
+    let control = tokio::spawn(
+        control_loop(shared.clone(), agent.clone(), reader, writer, lost.clone()).in_current_span(),
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = lost.cancelled() => break,
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    streams.spawn(crate::session::serve(shared.clone(), agent.clone(), send, recv).in_current_span());
+                }
+                Err(e) => {
+                    info!(agent = %agent, reason = %e, "agent disconnected");
+                    break;
+                }
+            }
+        }
+    }
+    streams.close();
+    streams.wait().await;
+    control.abort();
+    if lost.is_cancelled() {
+        conn.close(CLOSE_HEARTBEAT_LOST.into(), b"heartbeat lost");
+    }
+    shared.metrics.connections.dec();
+}
+
+/// The first stream carries the hello; the agent id it claims must be a name in its
+/// (already CA-verified) certificate. Returns the agent id and the control stream.
+async fn hello(
+    conn: &quinn::Connection,
+    shared: &Shared,
+) -> Result<(Arc<str>, FrameReader, FrameWriter), String> {
+    let (send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .map_err(|_| "no hello within 10s".to_string())?
+        .map_err(|e| format!("connection lost before hello: {e}"))?;
+    let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
+    let mut writer = FrameWriter::new(send);
+    let msg = tokio::time::timeout(Duration::from_secs(10), reader.read())
+        .await
+        .map_err(|_| "no hello within 10s".to_string())?
+        .map_err(|e| format!("bad hello: {e}"))?;
+    let Some(Message::Hello(h)) = msg else {
+        return Err("the first frame was not a hello".into());
+    };
+    if h.version != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version {} is not supported (this receiver speaks {PROTOCOL_VERSION})",
+            h.version
+        );
+        return Err(refuse(&mut writer, ErrorCode::VersionMismatch, reason).await);
+    }
+    let cert = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().cloned());
+    let named = cert.is_some_and(|c| tls::certificate_names(&c, &h.agent_id));
+    if validate_agent_id(&h.agent_id).is_err() || !named {
+        let reason = format!(
+            "agent id {:?} is not the name in the agent's certificate",
+            h.agent_id
+        );
+        return Err(refuse(&mut writer, ErrorCode::Unauthorized, reason).await);
+    }
+    writer
+        .send(&Message::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            receiver_id: shared.config.id.clone(),
+            heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u32,
+        }))
+        .await
+        .map_err(|e| format!("connection lost during hello: {e}"))?;
+    info!(agent = %h.agent_id, "agent connected");
+    Ok((Arc::from(h.agent_id), reader, writer))
+}
+
+async fn refuse(writer: &mut FrameWriter, code: ErrorCode, reason: String) -> String {
+    let msg = Message::Refuse(Refuse {
+        code,
+        reason: reason.clone(),
+    });
+    let _ = writer.send(&msg).await;
+    writer.finish();
+    reason
+}
+
+/// Heartbeats on the control stream: ours every interval, with the storage state; the
+/// agent's are expected at its interval, and three missed ones mean it is gone.
+async fn control_loop(
+    shared: Arc<Shared>,
+    agent: Arc<str>,
+    mut reader: FrameReader,
+    mut writer: FrameWriter,
+    lost: CancellationToken,
+) {
+    let interval = shared.config.heartbeat_interval;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    let deadline = interval * 3;
+    let mut last_heard = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if last_heard.elapsed() > deadline {
+                    warn!(agent = %agent, silent_for = ?last_heard.elapsed(), "no heartbeat from agent for three intervals; closing the connection");
+                    lost.cancel();
+                    return;
+                }
+                seq += 1;
+                let (storage, free_bytes) = storage_state(&shared);
+                let hb = Message::ReceiverHeartbeat(ReceiverHeartbeat { seq, storage, free_bytes });
+                if writer.send(&hb).await.is_err() {
+                    return;
+                }
+            }
+            msg = reader.read() => match msg {
+                Ok(Some(Message::AgentHeartbeat(hb))) => {
+                    last_heard = tokio::time::Instant::now();
+                    tracing::debug!(agent = %agent, pending_files = hb.pending_files, pending_bytes = hb.pending_bytes, "agent heartbeat");
+                }
+                Ok(Some(other)) => {
+                    warn!(agent = %agent, kind = other.kind(), "unexpected frame on the control stream; ignored");
+                    last_heard = tokio::time::Instant::now();
+                }
+                Ok(None) | Err(_) => {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Free space of the storage filesystem; "full" below a small reserve.
+fn storage_state(shared: &Shared) -> (StorageState, u64) {
+    match rustix::fs::statvfs(shared.storage.root()) {
+        Ok(st) => {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let state = if free < FULL_BELOW {
+                StorageState::Full
+            } else {
+                StorageState::Ok
+            };
+            (state, free)
+        }
+        Err(_) => (StorageState::Ok, 0),
+    }
+}
+
+/// Below this much free space the receiver reports its storage as full.
+const FULL_BELOW: u64 = 16 << 20;

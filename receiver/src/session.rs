@@ -1,0 +1,212 @@
+//! Drives one file session (the pure `ReceiveSession`) over a QUIC stream, with the
+//! blocking work (decompression, hashing, writes, fsync) off the async runtime.
+
+use std::sync::Arc;
+
+use skyferry_common::protocol::{max_data_frame, ErrorCode, Message, MAX_CONTROL_FRAME};
+use skyferry_common::session::{reject, Event, OfferDecision, ReceiveSession};
+use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
+use tracing::{debug, info, warn};
+
+use crate::server::Shared;
+use crate::storage::{Partial, StorageError};
+
+/// Serves one file stream from `agent` to completion.
+pub async fn serve(
+    shared: Arc<Shared>,
+    agent: Arc<str>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
+    let mut writer = FrameWriter::new(send);
+    let _slot = shared.file_slots.acquire().await;
+    shared.metrics.files_in_progress.inc();
+    let session = ReceiveSession::new(shared.config.max_file_size);
+    let (mut session, result) = drive(&shared, &agent, &mut reader, &mut writer, session).await;
+    shared.metrics.files_in_progress.dec();
+    let path = session.path().map(ToString::to_string).unwrap_or_default();
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_peer_fault() => {
+            shared.metrics.protocol_errors.inc();
+            warn!(agent = %agent, path, error = %e, "closing file stream: bad frame from agent");
+            session.fail(reject(ErrorCode::Protocol, e.to_string()));
+        }
+        Err(e) => debug!(agent = %agent, path, error = %e, "file stream ended early"),
+    }
+    if let Some(reply) = session.poll_transmit() {
+        if let Message::Reject(r) = &reply {
+            shared.metrics.rejected(r.code);
+            warn!(agent = %agent, path, code = %r.code, reason = %r.reason, "file rejected");
+        }
+        let _ = writer.send(&reply).await;
+    }
+    writer.finish();
+}
+
+/// The state a file session carries to the blocking pool and back for each frame, so
+/// that no locks are needed.
+struct Work {
+    session: ReceiveSession,
+    partial: Partial,
+    buf: Vec<u8>,
+}
+
+enum Step {
+    Chunk(u64),
+    Commit,
+    Stop,
+}
+
+impl Work {
+    /// Verifies and writes one frame.
+    fn step(&mut self, msg: Message) -> Step {
+        match self.session.handle(msg, &mut self.buf) {
+            Ok(Event::Chunk(v)) => match self.partial.write_chunk(v.index, v.offset, &self.buf) {
+                Ok(()) => {
+                    self.session.handle_chunk_stored(v.index);
+                    Step::Chunk(self.buf.len() as u64)
+                }
+                Err(e) => {
+                    self.session.fail(e.to_reject());
+                    Step::Stop
+                }
+            },
+            Ok(Event::Commit) => Step::Commit,
+            Ok(Event::Offered) | Err(_) => Step::Stop,
+        }
+    }
+}
+
+async fn drive(
+    shared: &Arc<Shared>,
+    agent: &Arc<str>,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    mut session: ReceiveSession,
+) -> (ReceiveSession, Result<(), WireError>) {
+    let mut buf = Vec::new();
+    let first = match reader.read().await {
+        Ok(Some(m)) => m,
+        Ok(None) => return (session, Ok(())),
+        Err(e) => return (session, Err(e)),
+    };
+    if session.handle(first, &mut buf) != Ok(Event::Offered) {
+        return (session, Ok(())); // the session queued a rejection
+    }
+    let (Some(path), Some(offer)) = (session.path().cloned(), session.offer().cloned()) else {
+        return (session, Ok(()));
+    };
+    let Some(_busy) = shared.claim(agent, path.as_str()) else {
+        session.fail(reject(
+            ErrorCode::Busy,
+            format!("{path}: another stream is already receiving this file"),
+        ));
+        return (session, Ok(()));
+    };
+
+    let storage = shared.storage.clone();
+    let (a, p) = (agent.clone(), path.clone());
+    let lookup = match blocking(move || storage.lookup(&a, &p)).await {
+        Ok(l) => l,
+        Err(e) => {
+            session.fail(e.to_reject());
+            return (session, Ok(()));
+        }
+    };
+    let discard = match session.handle_lookup(lookup) {
+        OfferDecision::AlreadyStored => {
+            shared.metrics.files_already_stored.inc();
+            info!(agent = %agent, path = %path, "already stored; acknowledged without transfer");
+            return (session, Ok(()));
+        }
+        OfferDecision::Receive { discard_partial } => discard_partial,
+    };
+    let storage = shared.storage.clone();
+    let (a, p, o) = (agent.clone(), path.clone(), offer.clone());
+    let partial = match blocking(move || storage.open_partial(&a, &p, &o, discard)).await {
+        Ok(partial) => partial,
+        Err(e) => {
+            session.fail(e.to_reject());
+            return (session, Ok(()));
+        }
+    };
+    let resumed_from = session.have().present();
+    if let Some(resume) = session.poll_transmit() {
+        if let Err(e) = writer.send(&resume).await {
+            return (session, Err(e));
+        }
+    }
+    debug!(agent = %agent, path = %path, size = offer.size, have = resumed_from, "receiving");
+    reader.set_max(max_data_frame(offer.chunk_size));
+
+    let mut work = Work {
+        session,
+        partial,
+        buf,
+    };
+    loop {
+        let msg = match reader.read().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return (work.session, Err(WireError::Truncated)),
+            Err(e) => return (work.session, Err(e)),
+        };
+        let (w, step) = on_blocking_pool(move || {
+            let step = work.step(msg);
+            (work, step)
+        })
+        .await;
+        work = w;
+        match step {
+            Step::Chunk(n) => {
+                shared.metrics.chunks_received.inc();
+                shared.metrics.bytes_received.inc_by(n);
+            }
+            Step::Stop => return (work.session, Ok(())),
+            Step::Commit => break,
+        }
+    }
+
+    let Work {
+        mut session,
+        partial,
+        ..
+    } = work;
+    let storage = shared.storage.clone();
+    let a = agent.clone();
+    match blocking(move || storage.publish(&a, partial)).await {
+        Ok(stored) => {
+            shared.metrics.files_stored.inc();
+            shared.metrics.bytes_stored.inc_by(offer.size);
+            info!(agent = %agent, path = %path, size = offer.size,
+                  chunks = session.chunks_received(), resumed_from, "stored");
+            session.handle_published(Ok(stored));
+        }
+        Err(e) => session.handle_published(Err(e.to_reject())),
+    }
+    (session, Ok(()))
+}
+
+/// Runs blocking storage work off the runtime.
+async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<StorageError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(E::from(StorageError::Io {
+            doing: "storage task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })),
+    }
+}
+
+async fn on_blocking_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        // Input errors are values, never panics; a panic here is a bug and is re-raised.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}

@@ -1,0 +1,511 @@
+//! Durable storage of received files: partial files with their verified-chunk logs, and
+//! atomic publication into the tree.
+//!
+//! Layout under the storage root:
+//! ```text
+//! <root>/<agent id>/<relative path>            published files (the tree users see)
+//! <root>/.skyferry/partial/<agent>/<key>.part   bytes received so far (sparse)
+//! <root>/.skyferry/partial/<agent>/<key>.log    which chunks are verified, with hashes
+//! <root>/.skyferry/versions/<agent>/<path>.<h>  earlier versions replaced by a new one
+//! <root>/.skyferry/inventory.sqlite             what is published, with its BLAKE3
+//! ```
+//! Everything is on one filesystem so that publishing is a rename.
+//!
+//! Publication: fsync the partial, hash the bytes on disk and compare with the offered
+//! hash, move an older version aside, rename into place, fsync the directory, record in
+//! the inventory. Only then is the file acknowledged. A chunk record is appended to the
+//! log after its bytes were written (not fsynced): a process crash loses nothing, and a
+//! machine crash that loses written bytes is caught by the whole-file check, which then
+//! re-checks each chunk and asks the agent again for the bad ones.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use skyferry_common::chunk::{hash_bytes, hash_file, ChunkLayout, ChunkSet};
+use skyferry_common::protocol::{short_hex, ErrorCode, Hash, Offer, Reject};
+use skyferry_common::relpath::RelPath;
+use skyferry_common::session::{reject, Lookup, PartialState};
+
+use crate::inventory::{Inventory, StoredFile};
+
+/// Version byte of the partial log format.
+const LOG_VERSION: u8 = 1;
+const LOG_MAGIC: &[u8; 4] = b"SKYP";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage full while {doing}: {source}")]
+    Full {
+        doing: String,
+        source: std::io::Error,
+    },
+    #[error("{doing}: {source}")]
+    Io {
+        doing: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsafe(String),
+    #[error("inventory: {0}")]
+    Inventory(#[from] rusqlite::Error),
+}
+
+impl StorageError {
+    fn io(doing: impl Into<String>, source: std::io::Error) -> StorageError {
+        let doing = doing.into();
+        if source.kind() == std::io::ErrorKind::StorageFull
+            || source.kind() == std::io::ErrorKind::QuotaExceeded
+        {
+            StorageError::Full { doing, source }
+        } else {
+            StorageError::Io { doing, source }
+        }
+    }
+
+    /// The rejection the agent receives.
+    pub fn to_reject(&self) -> Reject {
+        let code = match self {
+            StorageError::Full { .. } => ErrorCode::StorageFull,
+            StorageError::Unsafe(_) => ErrorCode::BadPath,
+            StorageError::Io { .. } | StorageError::Inventory(_) => ErrorCode::StorageError,
+        };
+        reject(code, self.to_string())
+    }
+}
+
+pub struct Storage {
+    root: PathBuf,
+    state: PathBuf,
+    inventory: Mutex<Inventory>,
+}
+
+impl Storage {
+    pub fn open(root: &Path) -> Result<Storage, StorageError> {
+        let state = root.join(".skyferry");
+        for dir in [state.join("partial"), state.join("versions")] {
+            fs::create_dir_all(&dir)
+                .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let inventory = Inventory::open(&state.join("inventory.sqlite"))?;
+        Ok(Storage {
+            root: root.to_owned(),
+            state,
+            inventory: Mutex::new(inventory),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn inventory(&self) -> std::sync::MutexGuard<'_, Inventory> {
+        // A poisoned lock only means another session panicked mid-query; SQLite itself
+        // stays consistent, so carry on with the connection.
+        self.inventory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn partial_paths(&self, agent: &str, rel: &RelPath) -> (PathBuf, PathBuf) {
+        let key = &blake3::hash(rel.as_str().as_bytes()).to_hex()[..32];
+        let dir = self.state.join("partial").join(agent);
+        (
+            dir.join(format!("{key}.part")),
+            dir.join(format!("{key}.log")),
+        )
+    }
+
+    fn published_path(&self, agent: &str, rel: &RelPath) -> PathBuf {
+        self.root.join(agent).join(rel.as_str())
+    }
+
+    /// What is stored for `rel`: the published file's hash and any partial.
+    pub fn lookup(&self, agent: &str, rel: &RelPath) -> Result<Lookup, StorageError> {
+        let published = self.published_path(agent, rel);
+        let stored = match self.inventory().stored(agent, rel.as_str())? {
+            Some(f) if published.is_file() => Some(f.hash),
+            _ if published.is_file() => {
+                // Published but not in the inventory (a crash between rename and record,
+                // or a restored backup): hash it once and remember.
+                let (hash, size) = hash_file(&published)
+                    .map_err(|e| StorageError::io(format!("hashing {}", published.display()), e))?;
+                self.inventory().record(&StoredFile {
+                    agent: agent.into(),
+                    path: rel.to_string(),
+                    hash,
+                    size,
+                    mtime_ns: 0,
+                })?;
+                Some(hash)
+            }
+            _ => None,
+        };
+        let (_, log) = self.partial_paths(agent, rel);
+        let partial = read_log(&log).ok().map(|(state, _)| state);
+        Ok(Lookup { stored, partial })
+    }
+
+    /// Opens the partial for `offer`, creating it (and discarding an old one) as needed.
+    pub fn open_partial(
+        &self,
+        agent: &str,
+        rel: &RelPath,
+        offer: &Offer,
+        discard: bool,
+    ) -> Result<Partial, StorageError> {
+        let (part, log) = self.partial_paths(agent, rel);
+        if discard {
+            remove_if_exists(&part)?;
+            remove_if_exists(&log)?;
+        }
+        if let Some(dir) = part.parent() {
+            fs::create_dir_all(dir)
+                .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let layout = ChunkLayout::new(offer.size, offer.chunk_size);
+        let existing = read_log(&log).ok().filter(|(s, _)| {
+            s.size == offer.size
+                && s.file_hash == offer.file_hash
+                && s.chunk_size == offer.chunk_size
+        });
+        let (state, hashes) = match existing {
+            Some(found) if part.is_file() => found,
+            _ => {
+                let state = PartialState {
+                    size: offer.size,
+                    mtime_ns: offer.mtime_ns,
+                    file_hash: offer.file_hash,
+                    chunk_size: offer.chunk_size,
+                    have: ChunkSet::new(layout.count()),
+                };
+                write_log(&log, &state, rel, &[])?;
+                (state, vec![None; layout.count() as usize])
+            }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part)
+            .map_err(|e| StorageError::io(format!("opening {}", part.display()), e))?;
+        file.set_len(offer.size)
+            .map_err(|e| StorageError::io(format!("sizing {}", part.display()), e))?;
+        let log_file = OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .map_err(|e| StorageError::io(format!("opening {}", log.display()), e))?;
+        Ok(Partial {
+            file,
+            log: log_file,
+            part_path: part,
+            log_path: log,
+            rel: rel.clone(),
+            state,
+            hashes,
+        })
+    }
+
+    /// Verifies the partial's bytes on disk and publishes it. On a hash mismatch, chunks
+    /// whose bytes no longer match their recorded hash are forgotten so that a retry asks
+    /// for exactly those; if every chunk matches, the offer's file hash itself was wrong
+    /// (the source changed while being read) and the partial is discarded.
+    pub fn publish(&self, agent: &str, mut partial: Partial) -> Result<String, PublishError> {
+        let io = |doing: String| move |e| StorageError::io(doing, e);
+        partial
+            .file
+            .sync_all()
+            .map_err(io(format!("fsync {}", partial.part_path.display())))?;
+        let (hash, _) = hash_file(&partial.part_path)
+            .map_err(io(format!("reading back {}", partial.part_path.display())))?;
+        if hash != partial.state.file_hash {
+            let bad = partial.recheck_chunks()?;
+            let reason = if bad.is_empty() {
+                partial.discard();
+                format!(
+                    "{}: whole-file checksum mismatch (offered {}, stored bytes hash to {}); the source changed while it was read",
+                    partial.rel,
+                    short_hex(&partial.state.file_hash),
+                    short_hex(&hash)
+                )
+            } else {
+                format!(
+                    "{}: whole-file checksum mismatch; chunks {:?} are corrupt on disk and will be fetched again",
+                    partial.rel, bad
+                )
+            };
+            return Err(PublishError::Mismatch(reason));
+        }
+
+        let rel = partial.rel.clone();
+        let target = self.published_path(agent, &rel);
+        let parent = self.safe_parent(agent, &rel)?;
+        self.move_old_version(agent, &rel, &target)?;
+        fs::rename(&partial.part_path, &target)
+            .map_err(io(format!("renaming into {}", target.display())))?;
+        fsync_dir(&parent)?;
+        let _ = fs::remove_file(&partial.log_path);
+        self.inventory()
+            .record(&StoredFile {
+                agent: agent.into(),
+                path: rel.to_string(),
+                hash,
+                size: partial.state.size,
+                mtime_ns: partial.state.mtime_ns,
+            })
+            .map_err(StorageError::from)?;
+        Ok(format!("{agent}/{rel}"))
+    }
+
+    /// Creates the directories leading to `rel` under `<root>/<agent>`, refusing to follow
+    /// symlinks or to pass through non-directories. Returns the parent directory.
+    fn safe_parent(&self, agent: &str, rel: &RelPath) -> Result<PathBuf, StorageError> {
+        let mut dir = self.root.clone();
+        let comps: Vec<&str> = std::iter::once(agent).chain(rel.components()).collect();
+        let (file_name, dirs) = comps.split_last().unwrap_or((&"", &[]));
+        for comp in dirs {
+            let next = dir.join(comp);
+            match fs::symlink_metadata(&next) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(StorageError::Unsafe(format!(
+                        "{rel}: {} exists and is not a directory (symlinks are not followed)",
+                        next.display()
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match fs::create_dir(&next) {
+                    Ok(()) => fsync_dir(&dir)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(StorageError::io(format!("creating {}", next.display()), e))
+                    }
+                },
+                Err(e) => return Err(StorageError::io(format!("checking {}", next.display()), e)),
+            }
+            dir = next;
+        }
+        if let Ok(m) = fs::symlink_metadata(dir.join(file_name)) {
+            if !m.is_file() {
+                return Err(StorageError::Unsafe(format!(
+                    "{rel}: the target exists and is not a regular file (symlinks are not followed)"
+                )));
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Keeps a previously published, different version of the file.
+    fn move_old_version(
+        &self,
+        agent: &str,
+        rel: &RelPath,
+        target: &Path,
+    ) -> Result<(), StorageError> {
+        if !target.is_file() {
+            return Ok(());
+        }
+        let old_hash = match self.inventory().stored(agent, rel.as_str())? {
+            Some(f) => f.hash,
+            None => {
+                hash_file(target)
+                    .map_err(|e| StorageError::io(format!("hashing {}", target.display()), e))?
+                    .0
+            }
+        };
+        let keep = self.state.join("versions").join(agent).join(format!(
+            "{rel}.{}",
+            &skyferry_common::protocol::hex(&old_hash)[..16]
+        ));
+        if let Some(dir) = keep.parent() {
+            fs::create_dir_all(dir)
+                .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
+        }
+        fs::rename(target, &keep).map_err(|e| {
+            StorageError::io(format!("keeping old version at {}", keep.display()), e)
+        })?;
+        tracing::info!(path = %rel, kept = %keep.display(), "new version replaces a stored file; old version kept");
+        Ok(())
+    }
+}
+
+/// Why publication failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl PublishError {
+    pub fn to_reject(&self) -> Reject {
+        match self {
+            PublishError::Storage(e) => e.to_reject(),
+            PublishError::Mismatch(reason) => reject(ErrorCode::HashMismatch, reason.clone()),
+        }
+    }
+}
+
+/// A file being received.
+pub struct Partial {
+    file: File,
+    log: File,
+    part_path: PathBuf,
+    log_path: PathBuf,
+    rel: RelPath,
+    state: PartialState,
+    hashes: Vec<Option<Hash>>,
+}
+
+impl Partial {
+    /// Writes a verified chunk and records it.
+    pub fn write_chunk(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| StorageError::io(format!("writing {}", self.part_path.display()), e))?;
+        let hash = hash_bytes(data);
+        let mut rec = [0u8; 36];
+        rec[..4].copy_from_slice(&index.to_be_bytes());
+        rec[4..].copy_from_slice(&hash);
+        self.log
+            .write_all(&rec)
+            .map_err(|e| StorageError::io(format!("writing {}", self.log_path.display()), e))?;
+        if let Some(slot) = self.hashes.get_mut(index as usize) {
+            *slot = Some(hash);
+        }
+        self.state.have.insert(index);
+        Ok(())
+    }
+
+    /// Re-hashes every recorded chunk on disk; forgets the ones that no longer match and
+    /// rewrites the log. Returns the bad indices.
+    fn recheck_chunks(&mut self) -> Result<Vec<u32>, StorageError> {
+        let layout = ChunkLayout::new(self.state.size, self.state.chunk_size);
+        let mut bad = Vec::new();
+        let mut buf = Vec::new();
+        for index in 0..layout.count() {
+            let Some(expected) = self.hashes[index as usize] else {
+                continue;
+            };
+            let len = layout.len(index).unwrap_or(0) as usize;
+            buf.resize(len, 0);
+            self.file
+                .read_exact_at(&mut buf, layout.offset(index))
+                .map_err(|e| {
+                    StorageError::io(format!("reading {}", self.part_path.display()), e)
+                })?;
+            if hash_bytes(&buf) != expected {
+                bad.push(index);
+                self.hashes[index as usize] = None;
+                self.state.have.remove(index);
+            }
+        }
+        if !bad.is_empty() {
+            let kept: Vec<(u32, Hash)> = self
+                .hashes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.map(|h| (i as u32, h)))
+                .collect();
+            write_log(&self.log_path, &self.state, &self.rel, &kept)?;
+        }
+        Ok(bad)
+    }
+
+    fn discard(&self) {
+        let _ = fs::remove_file(&self.part_path);
+        let _ = fs::remove_file(&self.log_path);
+    }
+}
+
+/// Writes a fresh log atomically: header, then the given chunk records.
+fn write_log(
+    path: &Path,
+    s: &PartialState,
+    rel: &RelPath,
+    chunks: &[(u32, Hash)],
+) -> Result<(), StorageError> {
+    let mut out = Vec::with_capacity(64 + chunks.len() * 36);
+    out.extend_from_slice(LOG_MAGIC);
+    out.push(LOG_VERSION);
+    out.extend_from_slice(&s.size.to_be_bytes());
+    out.extend_from_slice(&s.mtime_ns.to_be_bytes());
+    out.extend_from_slice(&s.file_hash);
+    out.extend_from_slice(&s.chunk_size.to_be_bytes());
+    let p = rel.as_str().as_bytes();
+    out.extend_from_slice(&(p.len() as u16).to_be_bytes());
+    out.extend_from_slice(p);
+    for (i, h) in chunks {
+        out.extend_from_slice(&i.to_be_bytes());
+        out.extend_from_slice(h);
+    }
+    let tmp = path.with_extension("log.tmp");
+    let io = |e| StorageError::io(format!("writing {}", tmp.display()), e);
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(&out).map_err(io)?;
+    fs::rename(&tmp, path).map_err(|e| StorageError::io(format!("renaming {}", tmp.display()), e))
+}
+
+/// Reads a log; a torn last record (a crash mid-append) is ignored.
+fn read_log(path: &Path) -> std::io::Result<(PartialState, Vec<Option<Hash>>)> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut data = Vec::new();
+    File::open(path)?.read_to_end(&mut data)?;
+    let header = 4 + 1 + 8 + 8 + 32 + 4 + 2;
+    if data.len() < header || &data[..4] != LOG_MAGIC || data[4] != LOG_VERSION {
+        return Err(bad("not a partial log of a known version"));
+    }
+    let u64_at = |i: usize| u64::from_be_bytes(data[i..i + 8].try_into().unwrap_or([0; 8]));
+    let size = u64_at(5);
+    let mtime_ns = u64_at(13) as i64;
+    let mut file_hash = [0u8; 32];
+    file_hash.copy_from_slice(&data[21..53]);
+    let chunk_size = u32::from_be_bytes(data[53..57].try_into().unwrap_or([0; 4]));
+    let plen = u16::from_be_bytes(data[57..59].try_into().unwrap_or([0; 2])) as usize;
+    if chunk_size == 0 || data.len() < header + plen {
+        return Err(bad("truncated header"));
+    }
+    let layout = ChunkLayout::new(size, chunk_size);
+    let mut have = ChunkSet::new(layout.count());
+    let mut hashes = vec![None; layout.count() as usize];
+    for rec in data[header + plen..].chunks_exact(36) {
+        let index = u32::from_be_bytes(rec[..4].try_into().unwrap_or([0xff; 4]));
+        if let Some(slot) = hashes.get_mut(index as usize) {
+            let mut h = [0u8; 32];
+            h.copy_from_slice(&rec[4..]);
+            *slot = Some(h);
+            have.insert(index);
+        }
+    }
+    let state = PartialState {
+        size,
+        mtime_ns,
+        file_hash,
+        chunk_size,
+        have,
+    };
+    Ok((state, hashes))
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), StorageError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(StorageError::io(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io(format!("fsync directory {}", dir.display()), e))
+}
