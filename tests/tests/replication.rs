@@ -1,0 +1,163 @@
+//! End to end with the real binaries: files dropped into the watched directory arrive
+//! byte-identical, and the pair survives a receiver restart.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use skyferry_tests::{Pair, PairOptions};
+
+const CHUNK: usize = 64 * 1024;
+
+/// Deterministic bytes: half compressible ramp, half xorshift noise, like a FITS frame.
+fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            if (i / 4096) % 2 == 0 {
+                (i / 97) as u8
+            } else {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect()
+}
+
+/// Writes like an analysis pipeline: to a hidden temporary name, then renamed into place.
+fn write_atomic(path: &Path, data: &[u8]) {
+    let dir = path.parent().expect("file has a parent");
+    fs::create_dir_all(dir).expect("create source dir");
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().expect("file name").to_string_lossy()
+    ));
+    fs::write(&tmp, data).expect("write source file");
+    fs::rename(&tmp, path).expect("rename source file");
+}
+
+/// The 200-file mix: every boundary size around the chunk size, many small and medium
+/// files in nested directories, and one of 100 MB.
+fn write_mix(root: &Path) -> u64 {
+    let boundary = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 5 * CHUNK + 17];
+    let mut total = 0u64;
+    for i in 0..200usize {
+        let len = match i {
+            0..=6 => boundary[i],
+            7 => 100 * 1000 * 1000,
+            _ => (i * 7919) % (4 * CHUNK) + i,
+        };
+        let path = root.join(format!("night-{}/det{:02}/frame{i:03}.fits", i % 3, i % 84));
+        write_atomic(&path, &content(len, i as u64));
+        total += len as u64;
+    }
+    total
+}
+
+#[test]
+fn two_hundred_mixed_files_arrive_identical() {
+    let mut pair = Pair::start(PairOptions::default()).expect("start pair");
+    let bytes = write_mix(&pair.source());
+    let report = pair
+        .wait_replicated(Duration::from_secs(300))
+        .expect("replication");
+    report.ensure_identical().expect("identical trees");
+    assert_eq!(report.files, 200);
+    assert_eq!(report.bytes, bytes);
+    let status = pair.agent_status().expect("status");
+    assert_eq!(status["done"], 200, "journal: {status}");
+    assert_eq!(status["pending"], 0, "journal: {status}");
+
+    // Shutdown on SIGTERM is clean.
+    assert!(pair.stop_agent().expect("stop agent").success());
+    assert!(pair.stop_receiver().expect("stop receiver").success());
+}
+
+#[test]
+fn receiver_restarted_mid_run_and_every_file_still_arrives() {
+    let mut pair = Pair::start(PairOptions {
+        heartbeat_interval: "1s".into(),
+        ..PairOptions::default()
+    })
+    .expect("start pair");
+    for i in 0..40 {
+        let path = pair.source().join(format!("n/f{i:02}.fits"));
+        write_atomic(&path, &content(2 * 1000 * 1000 + i, 100 + i as u64));
+    }
+    // Let some of it through, then kill the receiver in the middle of the run.
+    std::thread::sleep(Duration::from_millis(700));
+    pair.kill_receiver().expect("kill receiver");
+    // More files arrive while the receiver is down: the agent journals them.
+    for i in 40..60 {
+        let path = pair.source().join(format!("n/f{i:02}.fits"));
+        write_atomic(&path, &content(300 * 1000 + i, 100 + i as u64));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    pair.start_receiver().expect("restart receiver");
+    let report = pair
+        .wait_replicated(Duration::from_secs(120))
+        .expect("replication after restart");
+    report.ensure_identical().expect("identical trees");
+    assert_eq!(report.files, 60);
+    let log = pair.agent_log().expect("agent log");
+    assert!(
+        log.contains("disconnected from the receiver") || log.contains("cannot connect"),
+        "the agent noticed the outage:\n{log}"
+    );
+}
+
+#[test]
+fn an_agent_from_another_ca_is_refused_and_says_so() {
+    let mut pair = Pair::new(PairOptions::default()).expect("pair");
+    let foreign = pair
+        .foreign_agent_identity("kiso-01")
+        .expect("foreign identity");
+    pair.set_agent_identity(foreign)
+        .expect("use foreign identity");
+    pair.start_receiver().expect("start receiver");
+    pair.start_agent().expect("start agent");
+    write_atomic(&pair.source().join("a.fits"), &content(1000, 1));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (agent_log, receiver_log) = loop {
+        let (a, r) = (
+            pair.agent_log().unwrap_or_default(),
+            pair.receiver_log().unwrap_or_default(),
+        );
+        let agent_says =
+            a.contains("TLS handshake failed") || a.contains("not signed by the configured CA");
+        let receiver_says = r.contains("not signed by this receiver's CA");
+        if agent_says && receiver_says {
+            break (a, r);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no clear refusal in the logs:\n--- agent\n{a}\n--- receiver\n{r}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!pair.published().join("a.fits").exists(), "nothing stored");
+    assert!(agent_log.contains("cannot connect"), "{agent_log}");
+    assert!(receiver_log.contains("handshake failed"), "{receiver_log}");
+}
+
+#[test]
+fn an_agent_claiming_another_id_is_refused() {
+    let mut pair = Pair::new(PairOptions::default()).expect("pair");
+    // A certificate from the right CA, but for a different agent name.
+    let other = pair.issue_agent_identity("kiso-02").expect("identity");
+    pair.set_agent_identity(other).expect("use identity");
+    pair.start_receiver().expect("start receiver");
+    pair.start_agent().expect("start agent");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = pair.agent_log().unwrap_or_default();
+        if a.contains("is not the name in the agent's certificate") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "agent log:\n{a}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
