@@ -96,7 +96,7 @@ impl Sender {
             .connect(addr, &r.server_name)
             .context("starting the connection")?
             .await
-            .map_err(|e| explain_connect_error(&e, &r.address))?;
+            .map_err(|e| explain(e.to_string(), &r.address))?;
         let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
@@ -111,7 +111,10 @@ impl Sender {
         let reply = tokio::time::timeout(Duration::from_secs(10), reader.read())
             .await
             .context("no welcome from the receiver within 10s")?
-            .map_err(|e| explain_wire_error(e, &conn))?;
+            .map_err(|e| {
+                let text = conn.close_reason().map_or(e.to_string(), |r| r.to_string());
+                explain(text, &r.address)
+            })?;
         match reply {
             Some(Message::Welcome(w)) => {
                 info!(receiver = %w.receiver_id, addr = %addr, "connected");
@@ -194,7 +197,7 @@ impl Sender {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break "shutdown".to_string(),
-                _ = lost.cancelled() => break "no heartbeat from the receiver for three intervals".to_string(),
+                _ = lost.cancelled() => break "no heartbeat from the receiver for three intervals, or its control stream ended".to_string(),
                 e = conn.closed() => break e.to_string(),
                 Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
                 _ = self.wake.notified() => {}
@@ -314,35 +317,28 @@ async fn heartbeat(
                     last_heard = Instant::now();
                     warn!(kind = other.kind(), "unexpected frame on the control stream; ignored");
                 }
-                None => break,
+                None => {
+                    warn!("the receiver closed the control stream");
+                    lost.cancel();
+                    break;
+                }
             }
         }
     }
     read_task.abort();
 }
 
-/// Turns a failed handshake into a message an operator can act on.
-fn explain_connect_error(e: &quinn::ConnectionError, address: &str) -> anyhow::Error {
-    let text = e.to_string();
-    let hint = if text.contains("UnknownIssuer")
-        || text.contains("certificate")
-        || text.contains("Certificate")
-    {
-        "; the TLS handshake failed: the receiver's certificate is not signed by the configured CA, or the receiver does not accept this agent's certificate (is it issued by the receiver's CA?)"
-    } else if matches!(e, quinn::ConnectionError::TimedOut) {
+/// Turns a failed handshake into a message an operator can act on. With TLS 1.3 the
+/// receiver checks the agent's certificate after the agent's side of the handshake is
+/// complete, so a refusal can surface while connecting or while waiting for the welcome.
+fn explain(text: String, address: &str) -> anyhow::Error {
+    let lower = text.to_lowercase();
+    let hint = if lower.contains("certificate") || lower.contains("handshake failed") {
+        "; the TLS handshake failed: either the receiver's certificate is not signed by the configured CA, or the receiver does not accept this agent's certificate (it must be issued by the receiver's CA: skyferry-receiver certs issue-agent)"
+    } else if lower.contains("timed out") {
         "; no answer: is the receiver running and reachable over UDP?"
     } else {
         ""
     };
     anyhow!("connecting to {address}: {text}{hint}")
-}
-
-fn explain_wire_error(
-    e: skyferry_common::wire::WireError,
-    conn: &quinn::Connection,
-) -> anyhow::Error {
-    match conn.close_reason() {
-        Some(reason) => anyhow!("receiver closed the connection: {reason}"),
-        None => anyhow!("reading the welcome: {e}"),
-    }
 }

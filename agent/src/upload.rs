@@ -20,6 +20,9 @@ use tracing::{debug, info, warn};
 use crate::journal::{Finish, Job, Journal};
 use crate::metrics::Metrics;
 
+/// How long to wait for the receiver's reason after it stopped a stream.
+const REJECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What uploads share.
 pub struct UploadContext {
     pub journal: Arc<Mutex<Journal>>,
@@ -147,8 +150,8 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
         Ok(()) => {}
         Err(e) => {
             writer.reset(0);
-            if e.is_peer_fault() {
-                warn!(path = %job.path, error = %e, "receiver broke the protocol; retrying later");
+            if e.is_peer_fault() || conn.close_reason().is_none() {
+                warn!(path = %job.path, error = %e, "transfer failed on a live connection; retrying later");
                 return Finish::Retry {
                     reason: e.to_string(),
                     forget_hash: false,
@@ -250,7 +253,16 @@ async fn exchange(
                 chunk = chunks.recv() => {
                     let Some(chunk) = chunk else { break };
                     let (msg, raw_len) = chunk.map_err(|e| WireError::Connection(format!("reading source: {e}")))?;
-                    writer.send(&msg).await?;
+                    if let Err(e) = writer.send(&msg).await {
+                        // The receiver stops the stream when it rejects a file: its reason
+                        // may already be on the way back.
+                        return match tokio::time::timeout(REJECT_WAIT, replies.recv()).await {
+                            Ok(Some(Ok(msg @ Message::Reject(_)))) => {
+                                session.handle(msg).map_err(session_error)
+                            }
+                            _ => Err(e),
+                        };
+                    }
                     ctx.metrics.chunks_sent.inc();
                     ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
                     session.handle_chunk_sent();

@@ -236,7 +236,11 @@ async fn control_loop(
                     return;
                 }
                 seq += 1;
-                let (storage, free_bytes) = storage_state(&shared);
+                // statvfs can block on stalled storage: keep it off the runtime.
+                let s = shared.clone();
+                let (storage, free_bytes) = tokio::task::spawn_blocking(move || storage_state(&s))
+                    .await
+                    .unwrap_or((StorageState::Ok, 0));
                 let hb = Message::ReceiverHeartbeat(ReceiverHeartbeat { seq, storage, free_bytes });
                 if writer.send(&hb).await.is_err() {
                     return;
@@ -252,6 +256,9 @@ async fn control_loop(
                     last_heard = tokio::time::Instant::now();
                 }
                 Ok(None) | Err(_) => {
+                    // Without a control stream there are no heartbeats: end the connection
+                    // rather than leave a half-dead one.
+                    lost.cancel();
                     return;
                 }
             }

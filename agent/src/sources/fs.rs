@@ -72,7 +72,7 @@ pub async fn watch_root(
             }
             seen = rx.recv() => {
                 let Some(seen) = seen else { return };
-                let mut ready = Vec::new();
+                let mut complete = Vec::new();
                 for seen in std::iter::once(seen).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                     match seen {
                         Seen::Changed(p) => {
@@ -80,21 +80,38 @@ pub async fn watch_root(
                         }
                         Seen::Complete(p) => {
                             candidates.remove(&p);
-                            if let Some(d) = discovered(&watch, &p) {
-                                ready.push(d);
-                            }
+                            complete.push(p);
                         }
                         Seen::Dir(d) => scan(&watch, &d, &journal, &wake, &mut candidates).await,
                     }
                 }
-                enqueue(&journal, &wake, ready).await;
+                if !complete.is_empty() {
+                    let w = watch.clone();
+                    let ready = tokio::task::spawn_blocking(move || {
+                        complete.iter().filter_map(|p| discovered(&w, p)).collect()
+                    })
+                    .await
+                    .unwrap_or_default();
+                    enqueue(&journal, &wake, ready).await;
+                }
             }
             _ = tick.tick() => {
                 if overflow.swap(false, Ordering::Relaxed) {
                     warn!(root = %root.display(), "filesystem event queue overflowed; rescanning");
                     scan(&watch, &root, &journal, &wake, &mut candidates).await;
                 }
-                let ready = settle(&watch, &mut candidates);
+                if candidates.is_empty() {
+                    continue;
+                }
+                // stat() can block (slow or hung storage): keep it off the runtime.
+                let (w, mut c) = (watch.clone(), std::mem::take(&mut candidates));
+                let (c, ready) = tokio::task::spawn_blocking(move || {
+                    let ready = settle(&w, &mut c);
+                    (c, ready)
+                })
+                .await
+                .unwrap_or_default();
+                candidates = c;
                 enqueue(&journal, &wake, ready).await;
             }
         }

@@ -350,3 +350,28 @@ pub enum Event {
     /// All chunks are held: verify the whole file, publish, call `handle_published`.
     Commit,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_bounds_the_range_count_and_covers_every_missing_chunk() {
+        // Every other chunk missing: 5000 ranges.
+        let ranges: Vec<ChunkRange> = (0..5000)
+            .map(|i| ChunkRange {
+                start: 2 * i,
+                end: 2 * i + 1,
+            })
+            .collect();
+        let merged = coalesce(ranges.clone(), MAX_RESUME_RANGES);
+        assert!(merged.len() <= MAX_RESUME_RANGES);
+        for r in &ranges {
+            assert!(merged.iter().any(|m| m.start <= r.start && r.end <= m.end));
+        }
+        assert_eq!(
+            coalesce(ranges[..10].to_vec(), MAX_RESUME_RANGES),
+            ranges[..10].to_vec()
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! The skyferry end-to-end harness: drives the REAL `skyferry-agent` and
+//! `skyferry-receiver` binaries, never in-process copies of their code.
+//!
+//! - [`binaries`] builds and locates the daemons for the current profile;
+//! - [`fits`] writes realistic Tomo-e Gozen-like FITS files, fast and deterministically;
+//! - [`tree`] hashes and compares a source tree with its replica;
+//! - [`pair`] runs one agent and one receiver on loopback in a temporary directory.
+//!
+//! The `skyferry-demo` and `skyferry-bench` binaries are built on these modules.
+
+pub mod binaries;
+pub mod fits;
+pub mod pair;
+pub mod tree;
+
+pub use pair::{Identity, Pair, PairOptions};
+pub use tree::{compare_trees, wait_arrived, wait_replicated, TreeReport};
