@@ -124,28 +124,40 @@ impl Storage {
 
     /// What is stored for `rel`: the published file's hash and any partial.
     pub fn lookup(&self, agent: &str, rel: &RelPath) -> Result<Lookup, StorageError> {
-        let published = self.published_path(agent, rel);
-        let stored = match self.inventory().stored(agent, rel.as_str())? {
-            Some(f) if published.is_file() => Some(f.hash),
-            _ if published.is_file() => {
-                // Published but not in the inventory (a crash between rename and record,
-                // or a restored backup): hash it once and remember.
-                let (hash, size) = hash_file(&published)
-                    .map_err(|e| StorageError::io(format!("hashing {}", published.display()), e))?;
-                self.inventory().record(&StoredFile {
-                    agent: agent.into(),
-                    path: rel.to_string(),
-                    hash,
-                    size,
-                    mtime_ns: 0,
-                })?;
-                Some(hash)
-            }
-            _ => None,
-        };
+        let stored = self.stored_hash(agent, rel)?;
         let (_, log) = self.partial_paths(agent, rel);
         let partial = read_log(&log).ok().map(|(state, _)| state);
         Ok(Lookup { stored, partial })
+    }
+
+    /// The hash of the file published at `rel`, if a regular file is there (a symlink is
+    /// never followed out of the tree). Published files carry their source mtime, so size
+    /// and mtime tell whether the inventory row still describes the file on disk; if not
+    /// (a crash between rename and record, a restored backup), the file is hashed once
+    /// and the inventory corrected.
+    fn stored_hash(&self, agent: &str, rel: &RelPath) -> Result<Option<Hash>, StorageError> {
+        let published = self.published_path(agent, rel);
+        let Some(meta) = fs::symlink_metadata(&published)
+            .ok()
+            .filter(|m| m.is_file())
+        else {
+            return Ok(None);
+        };
+        if let Some(f) = self.inventory().stored(agent, rel.as_str())? {
+            if f.size == meta.len() && f.mtime_ns == mtime_ns(&meta) {
+                return Ok(Some(f.hash));
+            }
+        }
+        let (hash, size) = hash_file(&published)
+            .map_err(|e| StorageError::io(format!("hashing {}", published.display()), e))?;
+        self.inventory().record(&StoredFile {
+            agent: agent.into(),
+            path: rel.to_string(),
+            hash,
+            size,
+            mtime_ns: mtime_ns(&meta),
+        })?;
+        Ok(Some(hash))
     }
 
     /// Opens the partial for `offer`, creating it (and discarding an old one) as needed.
@@ -215,6 +227,13 @@ impl Storage {
     /// (the source changed while being read) and the partial is discarded.
     pub fn publish(&self, agent: &str, mut partial: Partial) -> Result<String, PublishError> {
         let io = |doing: String| move |e| StorageError::io(doing, e);
+        // The published file keeps the source's mtime, like `rsync -a`.
+        let mtime = std::time::UNIX_EPOCH
+            + std::time::Duration::from_nanos(partial.state.mtime_ns.max(0) as u64);
+        partial.file.set_modified(mtime).map_err(io(format!(
+            "setting the mtime of {}",
+            partial.part_path.display()
+        )))?;
         partial
             .file
             .sync_all()
@@ -257,7 +276,7 @@ impl Storage {
                 mtime_ns: partial.state.mtime_ns,
             })
             .map_err(StorageError::from)?;
-        Ok(format!("{agent}/{rel}"))
+        Ok(rel.to_string())
     }
 
     /// Creates the directories leading to `rel` under `<root>/<agent>`, refusing to follow
@@ -304,16 +323,8 @@ impl Storage {
         rel: &RelPath,
         target: &Path,
     ) -> Result<(), StorageError> {
-        if !target.is_file() {
+        let Some(old_hash) = self.stored_hash(agent, rel)? else {
             return Ok(());
-        }
-        let old_hash = match self.inventory().stored(agent, rel.as_str())? {
-            Some(f) => f.hash,
-            None => {
-                hash_file(target)
-                    .map_err(|e| StorageError::io(format!("hashing {}", target.display()), e))?
-                    .0
-            }
         };
         let keep = self.state.join("versions").join(agent).join(format!(
             "{rel}.{}",
@@ -326,6 +337,9 @@ impl Storage {
         fs::rename(target, &keep).map_err(|e| {
             StorageError::io(format!("keeping old version at {}", keep.display()), e)
         })?;
+        if let Some(dir) = keep.parent() {
+            fsync_dir(dir)?;
+        }
         tracing::info!(path = %rel, kept = %keep.display(), "new version replaces a stored file; old version kept");
         Ok(())
     }
@@ -493,6 +507,14 @@ fn read_log(path: &Path) -> std::io::Result<(PartialState, Vec<Option<Hash>>)> {
         have,
     };
     Ok((state, hashes))
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), StorageError> {

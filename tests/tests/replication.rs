@@ -161,3 +161,42 @@ fn an_agent_claiming_another_id_is_refused() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn a_changed_file_is_a_new_version_and_the_old_one_is_kept() {
+    let mut pair = Pair::start(PairOptions::default()).expect("start pair");
+    let path = pair.source().join("n/a.fits");
+    let v1 = content(3 * CHUNK + 5, 1);
+    write_atomic(&path, &v1);
+    pair.wait_replicated(Duration::from_secs(60))
+        .expect("v1 replicated")
+        .ensure_identical()
+        .expect("v1 identical");
+
+    let v2 = content(2 * CHUNK + 9, 2);
+    write_atomic(&path, &v2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while fs::read(pair.published().join("n/a.fits")).ok().as_deref() != Some(&v2[..]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v2 never arrived\n{}",
+            pair.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The old version was moved aside, not overwritten.
+    let versions = pair.storage().join(".skyferry/versions/kiso-01/n");
+    let kept: Vec<_> = fs::read_dir(&versions)
+        .expect("versions dir")
+        .map(|e| fs::read(e.expect("entry").path()).expect("read kept version"))
+        .collect();
+    assert_eq!(kept, vec![v1], "exactly the old version is kept");
+    // The published file carries the source's mtime.
+    let src_mtime = fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let dst_mtime = fs::metadata(pair.published().join("n/a.fits"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    assert_eq!(src_mtime, dst_mtime);
+}
