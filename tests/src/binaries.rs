@@ -83,8 +83,26 @@ fn build() -> Result<PathBuf> {
         .arg(&manifest)
         .arg("--target-dir")
         .arg(&target_dir);
-    for package in PACKAGES {
-        cmd.args(["-p", package]);
+    // Build the whole workspace's binaries rather than just the two packages: cargo
+    // unifies features over the packages it builds, and a narrower selection than the
+    // surrounding `cargo build`/`cargo test --workspace` would rebuild half the
+    // dependency tree with other features each time the two alternate.
+    cmd.args(["--workspace", "--bins"]);
+    // Cargo sets CARGO_MANIFEST_DIR, CARGO_PKG_* and friends for the test or binary that
+    // runs us. Build scripts watch some of them (ring reruns on CARGO_MANIFEST_DIR), so
+    // passing them on would make this build and the surrounding one rebuild each other's
+    // dependencies every time. Keep only the variables that configure cargo itself.
+    for (key, _) in std::env::vars_os() {
+        let key_str = key.to_string_lossy();
+        let cargo_set = key_str.starts_with("CARGO_")
+            && !matches!(&*key_str, "CARGO_HOME" | "CARGO_TARGET_DIR")
+            && !key_str.starts_with("CARGO_BUILD_")
+            && !key_str.starts_with("CARGO_PROFILE_")
+            && !key_str.starts_with("CARGO_REGISTRIES_")
+            && !key_str.starts_with("CARGO_NET_");
+        if cargo_set || key_str == "OUT_DIR" {
+            cmd.env_remove(&key);
+        }
     }
     let status = cmd.status().with_context(|| {
         format!(

@@ -37,6 +37,11 @@ impl Daemon {
         &self.bin
     }
 
+    /// Process id while started by the harness (it may have exited since).
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub(super) fn log_path(&self) -> &Path {
         &self.log
     }

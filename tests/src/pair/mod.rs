@@ -233,6 +233,15 @@ impl Pair {
         self.agent.exit()
     }
 
+    /// The agent's process id, while the harness runs it (e.g. to read `/proc/<pid>/status`).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.pid()
+    }
+    /// The receiver's process id, while the harness runs it.
+    pub fn receiver_pid(&self) -> Option<u32> {
+        self.receiver.pid()
+    }
+
     /// `skyferry-agent status --json`: the journal's counts, e.g. `{"done": 84, ...}`.
     pub fn agent_status(&self) -> Result<serde_json::Value> {
         let output = run(Command::new(self.agent.bin())

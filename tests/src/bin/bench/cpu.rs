@@ -1,12 +1,13 @@
-//! Machine-wide busy CPU time from `/proc/stat`, so that every process a tool starts (ssh,
-//! sshd, rsync on both ends, kernel work for the copy) is counted, not only our children.
+//! CPU time, two ways. Machine-wide busy time from `/proc/stat` counts every process a tool
+//! starts (ssh, sshd, rsync on both ends) and kernel work such as writeback, but also anything
+//! else running on the machine. Per-process time from `/proc/<pid>/stat` counts only the
+//! processes we name (and the children they waited for), so it is immune to other load.
 
 use std::fs;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// Reads busy CPU seconds (user + nice + system + irq + softirq over all CPUs).
 pub struct CpuClock {
     ticks_per_second: f64,
 }
@@ -30,7 +31,7 @@ impl CpuClock {
         })
     }
 
-    /// Busy CPU seconds since boot, summed over all CPUs.
+    /// Busy CPU seconds since boot (user + nice + system + irq + softirq), all CPUs.
     pub fn busy_seconds(&self) -> Result<f64> {
         let stat = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
         let line = stat
@@ -38,14 +39,7 @@ impl CpuClock {
             .find(|l| l.starts_with("cpu "))
             .context("/proc/stat has no aggregate \"cpu\" line")?;
         // cpu user nice system idle iowait irq softirq steal guest guest_nice
-        let fields: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .map(|f| {
-                f.parse()
-                    .with_context(|| format!("odd /proc/stat field {f:?}"))
-            })
-            .collect::<Result<_>>()?;
+        let fields = numbers(line.split_whitespace().skip(1), "/proc/stat")?;
         if fields.len() < 7 {
             bail!(
                 "/proc/stat cpu line has {} fields, expected at least 7",
@@ -55,4 +49,31 @@ impl CpuClock {
         let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6];
         Ok(busy as f64 / self.ticks_per_second)
     }
+
+    /// CPU seconds of process `pid` ("self" for this one): (own, waited-for children).
+    pub fn process_seconds(&self, pid: &str) -> Result<(f64, f64)> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        // "pid (comm) state ppid ..."; comm may contain spaces and parentheses.
+        let after_comm = stat
+            .rfind(')')
+            .map(|i| &stat[i + 1..])
+            .with_context(|| format!("odd {path}: {stat:?}"))?;
+        // Fields 14..=17 of proc(5): utime stime cutime cstime; field 3 is first here.
+        let fields = numbers(after_comm.split_whitespace().skip(11).take(4), &path)?;
+        let [utime, stime, cutime, cstime] = fields[..] else {
+            bail!("{path} has too few fields");
+        };
+        let seconds = |ticks: u64| ticks as f64 / self.ticks_per_second;
+        Ok((seconds(utime + stime), seconds(cutime + cstime)))
+    }
+}
+
+fn numbers<'a>(fields: impl Iterator<Item = &'a str>, source: &str) -> Result<Vec<u64>> {
+    fields
+        .map(|f| {
+            f.parse()
+                .with_context(|| format!("odd {source} field {f:?}"))
+        })
+        .collect()
 }

@@ -13,23 +13,26 @@
 //! - `cp -r` followed by `sync`.
 //!
 //! skyferry fsyncs every file before it acknowledges it, hence `sync` after the others. CPU
-//! is machine-wide busy time from /proc/stat, so it includes every process involved (and
-//! anything else running on the machine: the background load is measured before and after).
-//! "busy CPUs" is CPU seconds per wall second: near the CPU count, a tool is CPU-bound.
+//! per GB is reported twice: for the tool's own processes (immune to other load on this
+//! shared machine) and machine-wide from /proc/stat (which also sees kernel writeback, and
+//! everything else running: the idle background load is measured before and after).
 
 mod cpu;
+mod report;
 mod sshd;
+mod tools;
 
-use std::fs;
 use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use skyferry_tests::binaries::binary;
 use skyferry_tests::fits::{self, FitsParams};
 use skyferry_tests::{compare_trees, Pair, PairOptions};
 
 use cpu::CpuClock;
+use report::{Outcome, Row};
 use sshd::Sshd;
 
 const USAGE: &str = "usage: skyferry-bench [--quick] [--compression N]
@@ -123,26 +126,6 @@ impl Dataset {
     }
 }
 
-/// Wall and machine-wide busy CPU time of one tool run.
-#[derive(Clone, Copy)]
-struct Measurement {
-    seconds: f64,
-    cpu_seconds: f64,
-}
-
-enum Outcome {
-    Done(Measurement),
-    Skipped(String),
-    Failed(String),
-}
-
-struct Row {
-    dataset: String,
-    files: usize,
-    bytes: u64,
-    tools: [(&'static str, Outcome); 3],
-}
-
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(args)) => args,
@@ -171,10 +154,9 @@ fn main() -> ExitCode {
 /// Runs everything; `Ok(false)` if a tool failed.
 fn run(args: &Args) -> Result<bool> {
     if cfg!(debug_assertions) {
-        println!(
-            "warning: this is a debug build; run with `cargo run --release --bin skyferry-bench`"
-        );
+        println!("warning: debug build; use `cargo run --release --bin skyferry-bench`");
     }
+    binary("skyferry-agent")?; // build the daemons now, not while measuring the idle load
     let clock = CpuClock::new()?;
     let rsync_skip = sshd::ensure_tools();
     let sshd = match &rsync_skip {
@@ -185,7 +167,6 @@ fn run(args: &Args) -> Result<bool> {
         }
     };
     let background_before = background_load(&clock)?;
-
     let mut rows = Vec::new();
     for dataset in Dataset::all(args.quick) {
         println!("data set: {} …", dataset.name());
@@ -198,14 +179,12 @@ fn run(args: &Args) -> Result<bool> {
         )?);
     }
     let background = (background_before, background_load(&clock)?);
-    print_report(&rows, args.compression, background);
-    Ok(rows.iter().all(|r| {
-        r.tools
-            .iter()
-            .all(|(_, o)| !matches!(o, Outcome::Failed(_)))
-    }))
+    report::print(&rows, args.compression, background);
+    let failed = |(_, outcome): &(&str, Outcome)| matches!(outcome, Outcome::Failed(_));
+    Ok(!rows.iter().any(|row| row.tools.iter().any(failed)))
 }
 
+/// Writes the data set into a fresh pair's source tree and runs every tool on it.
 fn bench_dataset(
     dataset: &Dataset,
     compression: u32,
@@ -230,36 +209,27 @@ fn bench_dataset(
         started.elapsed().as_secs_f64()
     );
     let timeout = Duration::from_secs(120 + tree.bytes / 10_000_000);
+    let mb = tree.bytes as f64 / 1e6;
 
-    let skyferry = outcome(run_skyferry(&mut pair, clock, timeout));
+    let skyferry = outcome("skyferry", mb, tools::skyferry(&mut pair, clock, timeout));
     let rsync = match (sshd, rsync_skip) {
-        (Some(sshd), _) => outcome(run_copy(
-            clock,
+        (Some(sshd), _) => outcome(
             "rsync+ssh",
-            &src,
-            &pair.dir().join("rsync-dst"),
-            |dst| {
-                Command::new("rsync")
-                    .args(["-a", "-e", &sshd.ssh_command()])
-                    .arg(format!("{}/", src.display()))
-                    .arg(format!("{}/", sshd.remote(dst)))
-                    .output()
-            },
-        )),
+            mb,
+            tools::rsync(clock, sshd, &src, &pair.dir().join("rsync-dst")),
+        ),
         (None, reason) => Outcome::Skipped(reason.unwrap_or("not available").to_string()),
     };
-    let cp = outcome(run_copy(
-        clock,
+    let cp = outcome(
         "cp+sync",
-        &src,
-        &pair.dir().join("cp-dst"),
-        |dst| Command::new("cp").arg("-r").arg(&src).arg(dst).output(),
-    ));
+        mb,
+        tools::cp(clock, &src, &pair.dir().join("cp-dst")),
+    );
     Ok(Row {
         dataset: dataset.name(),
         files: tree.files,
         bytes: tree.bytes,
-        tools: [
+        tools: vec![
             ("skyferry", skyferry),
             ("rsync+ssh", rsync),
             ("cp+sync", cp),
@@ -267,11 +237,19 @@ fn bench_dataset(
     })
 }
 
-fn outcome(result: Result<Measurement>) -> Outcome {
+/// Prints one progress line and turns the result into a table cell.
+fn outcome(tool: &str, mb: f64, result: Result<tools::Measurement>) -> Outcome {
     match result {
-        Ok(m) => Outcome::Done(m),
+        Ok(m) => {
+            println!(
+                "  {tool:<10} {:>7.2} s {:>8.1} MB/s  (verified)",
+                m.seconds,
+                mb / m.seconds
+            );
+            Outcome::Done(m)
+        }
         Err(e) => {
-            println!("  FAILED: {e:#}");
+            println!("  {tool:<10} FAILED: {e:#}");
             Outcome::Failed(format!("{e:#}"))
         }
     }
@@ -283,159 +261,4 @@ fn background_load(clock: &CpuClock) -> Result<f64> {
     let (cpu0, t0) = (clock.busy_seconds()?, Instant::now());
     std::thread::sleep(Duration::from_secs(2));
     Ok((clock.busy_seconds()? - cpu0) / t0.elapsed().as_secs_f64())
-}
-
-/// Times `body` in wall-clock and machine-wide busy CPU seconds.
-fn measure(clock: &CpuClock, body: impl FnOnce() -> Result<()>) -> Result<Measurement> {
-    sync()?; // leftover dirty pages are not this tool's work
-    let (cpu0, t0) = (clock.busy_seconds()?, Instant::now());
-    body()?;
-    let seconds = t0.elapsed().as_secs_f64();
-    Ok(Measurement {
-        seconds,
-        cpu_seconds: clock.busy_seconds()? - cpu0,
-    })
-}
-
-fn run_skyferry(pair: &mut Pair, clock: &CpuClock, timeout: Duration) -> Result<Measurement> {
-    pair.start_receiver()?;
-    pair.wait_receiver_listening(Duration::from_secs(10))?; // not part of the transfer
-    let m = measure(clock, || {
-        pair.start_agent()?;
-        pair.wait_arrived(timeout)
-    })?;
-    let report = compare_trees(&pair.source(), &pair.published())?;
-    report
-        .ensure_identical()
-        .map_err(|e| e.context(pair.diagnostics()))?;
-    for (name, status) in [
-        ("agent", pair.stop_agent()?),
-        ("receiver", pair.stop_receiver()?),
-    ] {
-        if !status.success() {
-            bail!(
-                "the {name} exited with {status} after SIGTERM\n{}",
-                pair.diagnostics()
-            );
-        }
-    }
-    report_line("skyferry", m, report.bytes);
-    remove(&pair.storage())?;
-    Ok(m)
-}
-
-/// Times `copy(dst)` plus `sync`, checks the copy, removes it.
-fn run_copy(
-    clock: &CpuClock,
-    tool: &str,
-    src: &Path,
-    dst: &Path,
-    copy: impl FnOnce(&Path) -> std::io::Result<std::process::Output>,
-) -> Result<Measurement> {
-    let m = measure(clock, || {
-        let out = copy(dst).context("cannot start the copy")?;
-        if !out.status.success() {
-            bail!(
-                "copy failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        sync()
-    })?;
-    let report = compare_trees(src, dst)?;
-    report.ensure_identical()?;
-    report_line(tool, m, report.bytes);
-    remove(dst)?;
-    Ok(m)
-}
-
-fn report_line(tool: &str, m: Measurement, bytes: u64) {
-    println!(
-        "  {tool:<10} {:>7.2} s  {:>8.1} MB/s  (verified)",
-        m.seconds,
-        bytes as f64 / 1e6 / m.seconds
-    );
-}
-
-fn sync() -> Result<()> {
-    let status = Command::new("sync").status().context("cannot run sync")?;
-    if !status.success() {
-        bail!("sync failed ({status})");
-    }
-    Ok(())
-}
-
-fn remove(dir: &Path) -> Result<()> {
-    fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))
-}
-
-fn print_report(rows: &[Row], compression: u32, background: (f64, f64)) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!();
-    println!("skyferry benchmark: loopback, {cpus} CPUs (shared with anything else running).");
-    println!(
-        "skyferry: 4 MiB chunks, 8 parallel files, zstd level {compression}. Every tool reads"
-    );
-    println!("the same page-cache-warm source tree; rsync and cp are followed by `sync`");
-    println!("(skyferry fsyncs each file itself). CPU = machine-wide busy time from /proc/stat;");
-    println!(
-        "background load (idle benchmark): {:.2} CPU-s/s before, {:.2} after.",
-        background.0, background.1
-    );
-    println!();
-    println!(
-        "{:<28} {:>5} {:>9}  {:<10} {:>8} {:>9} {:>9} {:>9}",
-        "data set", "files", "MB", "tool", "seconds", "MB/s", "CPU-s/GB", "busy CPUs"
-    );
-    for row in rows {
-        let mb = row.bytes as f64 / 1e6;
-        for (i, (tool, outcome)) in row.tools.iter().enumerate() {
-            let lead = if i == 0 {
-                format!("{:<28} {:>5} {:>9.1}", row.dataset, row.files, mb)
-            } else {
-                format!("{:<28} {:>5} {:>9}", "", "", "")
-            };
-            let figures = match outcome {
-                Outcome::Done(m) => format!(
-                    "{:>8.2} {:>9.1} {:>9.2} {:>9.2}",
-                    m.seconds,
-                    mb / m.seconds,
-                    m.cpu_seconds / (row.bytes as f64 / 1e9),
-                    m.cpu_seconds / m.seconds
-                ),
-                Outcome::Skipped(why) => format!("skipped: {why}"),
-                Outcome::Failed(e) => {
-                    let first = e.lines().next().unwrap_or_default();
-                    format!("FAILED: {}", first.chars().take(70).collect::<String>())
-                }
-            };
-            println!("{lead}  {tool:<10} {figures}");
-        }
-    }
-    println!();
-    println!("skyferry relative to the others (speed: >1 is faster; CPU per GB: <1 is cheaper)");
-    println!(
-        "{:<28} {:>14} {:>14} {:>12} {:>12}",
-        "data set", "speed/rsync", "CPU/GB/rsync", "speed/cp", "CPU/GB/cp"
-    );
-    for row in rows {
-        let done = |i: usize| match &row.tools[i].1 {
-            Outcome::Done(m) => Some(*m),
-            _ => None,
-        };
-        let ratios = |other: Option<Measurement>| match (done(0), other) {
-            (Some(s), Some(o)) => (
-                format!("{:.2}x", o.seconds / s.seconds),
-                format!("{:.2}x", s.cpu_seconds / o.cpu_seconds),
-            ),
-            _ => ("-".into(), "-".into()),
-        };
-        let (speed_rsync, cpu_rsync) = ratios(done(1));
-        let (speed_cp, cpu_cp) = ratios(done(2));
-        println!(
-            "{:<28} {speed_rsync:>14} {cpu_rsync:>14} {speed_cp:>12} {cpu_cp:>12}",
-            row.dataset
-        );
-    }
 }

@@ -124,6 +124,11 @@ impl Sshd {
         Ok(sshd)
     }
 
+    /// The listening sshd; the per-connection processes are its children.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The ssh command line for `rsync -e`.
     pub fn ssh_command(&self) -> String {
         format!(
