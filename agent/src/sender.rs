@@ -39,11 +39,8 @@ impl Sender {
             t.heartbeat_interval,
         )
         .context("loading TLS identity")?;
-        let bind: SocketAddr = "[::]:0"
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let mut endpoint = quinn::Endpoint::client(bind)
-            .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
+        let mut endpoint = skyferry_common::tls::endpoint(SocketAddr::from(([0u16; 8], 0)), None)
+            .or_else(|_| skyferry_common::tls::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None))
             .context("opening a UDP socket")?;
         endpoint.set_default_client_config(client);
 

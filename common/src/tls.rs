@@ -264,7 +264,44 @@ pub fn transport(heartbeat: Duration) -> quinn::TransportConfig {
     let idle = heartbeat * 3;
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some(heartbeat));
+    // Probe for jumbo frames (research networks such as SINET carry 9000-byte MTUs); a
+    // path that does not carry them stays at what it does carry.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Largest UDP payload sent or accepted: a 9000-byte MTU less IPv6 and UDP headers.
+pub const MAX_UDP_PAYLOAD: u16 = 8952;
+
+/// Socket buffers asked of the kernel: a burst at 10 Gbit/s is a few MB, far more than
+/// the usual 208 KiB default. The kernel caps the request at `net.core.rmem_max` /
+/// `wmem_max` (docs/operations.md says how to raise them).
+const SOCKET_BUFFER: usize = 16 << 20;
+
+/// A QUIC endpoint on `addr` with large socket buffers and jumbo-capable payload size;
+/// a server when `server` is given.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Accept IPv4-mapped peers too on a wildcard IPv6 socket.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(config, server, socket.into(), runtime)
 }
 
 /// Receiver side: requires a client certificate chaining to `ca`.

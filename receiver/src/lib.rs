@@ -37,7 +37,7 @@ pub async fn run(
         config.heartbeat_interval,
     )
     .context("loading TLS identity")?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+    let endpoint = skyferry_common::tls::endpoint(config.listen, Some(server_config))
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
