@@ -291,19 +291,19 @@ fn spawn_chunk_reader(
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let mut compressor = Compressor::new(level);
-        let mut raw = Vec::new();
-        let mut scratch = Vec::new();
         for c in plan {
-            raw.resize(c.len as usize, 0);
+            // A fresh buffer per chunk: it becomes the payload and is handed to QUIC
+            // without a copy.
+            let mut raw = vec![0u8; c.len as usize];
             let item = file.read_exact_at(&mut raw, c.offset).map(|()| {
                 let chunk_hash = hash_bytes(&raw);
-                let (codec, payload) = compressor.encode(&raw, &mut scratch);
+                let (codec, payload) = compressor.encode(raw);
                 let msg = Message::Chunk(Chunk {
                     index: c.index,
                     codec,
                     raw_len: c.len,
                     chunk_hash,
-                    payload: Bytes::copy_from_slice(payload),
+                    payload: Bytes::from(payload),
                 });
                 (msg, c.len)
             });

@@ -27,6 +27,8 @@ pub enum CompressError {
 pub struct Compressor {
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Output buffer, kept across chunks that did not pay.
+    scratch: Vec<u8>,
     skip: u32,
     next_skip: u32,
 }
@@ -37,14 +39,15 @@ impl Compressor {
         Compressor {
             level,
             zstd: None,
+            scratch: Vec::new(),
             skip: 0,
             next_skip: 1,
         }
     }
 
-    /// Encodes one chunk: returns the codec and the payload to send. `scratch` is reused
-    /// between calls to avoid an allocation per chunk.
-    pub fn encode<'a>(&mut self, raw: &'a [u8], scratch: &'a mut Vec<u8>) -> (Codec, &'a [u8]) {
+    /// Encodes one chunk: returns the codec and the payload to send, which is `raw`
+    /// itself (moved, not copied) when the chunk goes out uncompressed.
+    pub fn encode(&mut self, raw: Vec<u8>) -> (Codec, Vec<u8>) {
         if self.level == 0 || raw.is_empty() {
             return (Codec::Raw, raw);
         }
@@ -52,22 +55,24 @@ impl Compressor {
             self.skip -= 1;
             return (Codec::Raw, raw);
         }
-        scratch.clear();
-        scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
         if self.zstd.is_none() {
             self.zstd = zstd::bulk::Compressor::new(self.level).ok();
         }
+        let scratch = &mut self.scratch;
         let paid = match self
             .zstd
             .as_mut()
-            .map(|z| z.compress_to_buffer(raw, scratch))
+            .map(|z| z.compress_to_buffer(&raw, scratch))
         {
             Some(Ok(n)) => (n as f64) <= raw.len() as f64 * (1.0 - MIN_SAVING),
             _ => false,
         };
         if paid {
             self.next_skip = 1;
-            (Codec::Zstd, scratch.as_slice())
+            (Codec::Zstd, std::mem::take(&mut self.scratch))
         } else {
             self.skip = self.next_skip;
             self.next_skip = (self.next_skip * 2).min(MAX_SKIP);
@@ -156,11 +161,9 @@ mod tests {
     #[test]
     fn compressible_round_trips_and_random_is_sent_raw() {
         let mut c = Compressor::new(1);
-        let mut scratch = Vec::new();
         let text = b"SIMPLE  =                    T / conforming FITS file".repeat(1000);
-        let (codec, payload) = c.encode(&text, &mut scratch);
+        let (codec, payload) = c.encode(text.clone());
         assert_eq!(codec, Codec::Zstd);
-        let payload = payload.to_vec();
         let mut out = Vec::new();
         Decoder::default()
             .decode(codec, &payload, text.len() as u32, &mut out)
@@ -168,21 +171,20 @@ mod tests {
         assert_eq!(out, text);
 
         let random = noisy(100_000, 7);
-        let (codec, payload) = c.encode(&random, &mut scratch);
+        let (codec, payload) = c.encode(random.clone());
         assert_eq!(codec, Codec::Raw);
-        assert_eq!(payload, &random[..]);
+        assert_eq!(payload, random);
     }
 
     #[test]
     fn skips_attempts_after_incompressible_chunks() {
         let mut c = Compressor::new(1);
-        let mut scratch = Vec::new();
         let random = noisy(10_000, 3);
         // 1 attempt, skip 1, attempt, skip 2, attempt, skip 4 ...: attempts grow logarithmically.
         let mut attempts = 0;
         for _ in 0..200 {
             let before = c.skip;
-            c.encode(&random, &mut scratch);
+            c.encode(random.clone());
             if before == 0 {
                 attempts += 1;
             }

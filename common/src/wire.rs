@@ -67,11 +67,13 @@ impl FrameReader {
             Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
         }
         let len = frame_len(header, self.max).map_err(WireError::Frame)?;
-        let mut body = BytesMut::zeroed(len);
-        match self.stream.read_exact(&mut body).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
-            Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+        // Gather the body from QUIC's own buffers (no zero-fill of a 4 MiB buffer first).
+        let mut body = BytesMut::with_capacity(len);
+        while body.len() < len {
+            match self.stream.read_chunk(len - body.len(), true).await? {
+                Some(chunk) => body.extend_from_slice(&chunk.bytes),
+                None => return Err(WireError::Truncated),
+            }
         }
         decode_body(body.freeze())
             .map(Some)
@@ -98,11 +100,18 @@ impl FrameWriter {
         }
     }
 
+    /// Sends one frame. A chunk's payload is handed to QUIC by reference, not copied.
     pub async fn send(&mut self, msg: &Message) -> Result<(), WireError> {
         self.buf.clear();
-        msg.encode(&mut self.buf).map_err(WireError::Encode)?;
-        self.stream.write_all(&self.buf).await?;
-        Ok(())
+        let payload = msg
+            .encode_header(&mut self.buf)
+            .map_err(WireError::Encode)?;
+        let header = self.buf.split().freeze();
+        match payload {
+            Some(p) => self.stream.write_all_chunks(&mut [header, p]).await,
+            None => self.stream.write_all_chunks(&mut [header]).await,
+        }
+        .map_err(|e| WireError::Connection(e.to_string()))
     }
 
     /// Finishes the stream (no more frames). Errors mean the peer already went away.

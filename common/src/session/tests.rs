@@ -54,7 +54,6 @@ fn run(
     let mut send = SendSession::new(offer);
     let mut recv = ReceiveSession::new(1 << 40);
     let mut compressor = Compressor::new(1);
-    let mut scratch = Vec::new();
     let mut buf = Vec::new();
 
     let mut deliver = |msg: Message, recv: &mut ReceiveSession, disk: &mut Disk| {
@@ -112,13 +111,13 @@ fn run(
                 return (None, send.chunks_sent());
             }
             let raw = &data[c.offset as usize..(c.offset + u64::from(c.len)) as usize];
-            let (codec, payload) = compressor.encode(raw, &mut scratch);
+            let (codec, payload) = compressor.encode(raw.to_vec());
             let mut chunk = Chunk {
                 index: c.index,
                 codec,
                 raw_len: c.len,
                 chunk_hash: hash_bytes(raw),
-                payload: bytes::Bytes::copy_from_slice(payload),
+                payload: payload.into(),
             };
             tamper(&mut chunk);
             deliver(Message::Chunk(chunk), &mut recv, disk);
