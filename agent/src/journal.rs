@@ -198,6 +198,10 @@ impl Journal {
             db.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(err)?;
         }
+        db.execute_batch(
+            "CREATE INDEX IF NOT EXISTS files_pending_mtime ON files (mtime_ns) WHERE state = 0;",
+        )
+        .map_err(sql(&name))?;
         Ok(Journal { db, path: name })
     }
 
@@ -273,32 +277,45 @@ impl Journal {
             .map_err(sql(&self.path))
     }
 
-    /// Claims up to `limit` pending files, oldest first, and marks them in flight.
-    pub fn claim(&mut self, limit: usize) -> Result<Vec<Job>, JournalError> {
+    /// Claims up to `limit` pending files and marks them in flight, in two classes:
+    /// live files (source mtime at or after `live_since_ns`: tonight's data) first,
+    /// newest first; then the backlog, oldest first. Both come off an index on mtime,
+    /// so a claim costs the same with ten or ten million files pending.
+    pub fn claim(&mut self, limit: usize, live_since_ns: i64) -> Result<Vec<Job>, JournalError> {
         let now = now_ns();
         let tx = self.db.transaction().map_err(sql(&self.path))?;
         let jobs: Vec<Job> = {
-            let mut select = tx
-                .prepare_cached(
-                    "SELECT id, root, path, size, mtime_ns, hash, attempts FROM files
-                     WHERE state = 0 AND not_before <= ?1 ORDER BY id LIMIT ?2",
-                )
-                .map_err(sql(&self.path))?;
-            let rows = select
-                .query_map(params![now, limit as i64], |r| {
-                    let hash: Option<Vec<u8>> = r.get(5)?;
-                    Ok(Job {
-                        id: r.get(0)?,
-                        root: r.get(1)?,
-                        path: r.get(2)?,
-                        size: r.get::<_, i64>(3)? as u64,
-                        mtime_ns: r.get(4)?,
-                        hash: hash.and_then(|h| h.try_into().ok()),
-                        attempts: r.get::<_, i64>(6)? as u32,
+            let mut rows: Vec<Job> = Vec::with_capacity(limit);
+            for query in [
+                "SELECT id, root, path, size, mtime_ns, hash, attempts FROM files
+                 WHERE state = 0 AND mtime_ns >= ?3 AND not_before <= ?1
+                 ORDER BY mtime_ns DESC, id DESC LIMIT ?2",
+                "SELECT id, root, path, size, mtime_ns, hash, attempts FROM files
+                 WHERE state = 0 AND mtime_ns < ?3 AND not_before <= ?1
+                 ORDER BY mtime_ns, id LIMIT ?2",
+            ] {
+                let want = (limit - rows.len()) as i64;
+                if want == 0 {
+                    break;
+                }
+                let mut select = tx.prepare_cached(query).map_err(sql(&self.path))?;
+                let found = select
+                    .query_map(params![now, want, live_since_ns], |r| {
+                        let hash: Option<Vec<u8>> = r.get(5)?;
+                        Ok(Job {
+                            id: r.get(0)?,
+                            root: r.get(1)?,
+                            path: r.get(2)?,
+                            size: r.get::<_, i64>(3)? as u64,
+                            mtime_ns: r.get(4)?,
+                            hash: hash.and_then(|h| h.try_into().ok()),
+                            attempts: r.get::<_, i64>(6)? as u32,
+                        })
                     })
-                })
-                .and_then(|rows| rows.collect::<Result<_, _>>())
-                .map_err(sql(&self.path))?;
+                    .and_then(|found| found.collect::<Result<Vec<Job>, _>>())
+                    .map_err(sql(&self.path))?;
+                rows.extend(found);
+            }
             let mut mark = tx
                 .prepare_cached("UPDATE files SET state = 1 WHERE id = ?1")
                 .map_err(sql(&self.path))?;
@@ -409,16 +426,16 @@ mod tests {
         let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
         assert_eq!(j.enqueue(&[file("a", 1, 1), file("a", 1, 1)]).unwrap(), 1);
         assert_eq!(j.enqueue(&[file("a", 1, 1)]).unwrap(), 0);
-        let jobs = j.claim(10).unwrap();
+        let jobs = j.claim(10, 0).unwrap();
         assert_eq!(jobs.len(), 1);
         j.finish(jobs[0].id, &Finish::Done).unwrap();
         // The same version again after shipping: still nothing to do.
         assert_eq!(j.enqueue(&[file("a", 1, 1)]).unwrap(), 0);
-        assert!(j.claim(10).unwrap().is_empty());
+        assert!(j.claim(10, 0).unwrap().is_empty());
         // Two new versions: the older unsent one is superseded.
         j.enqueue(&[file("a", 2, 2)]).unwrap();
         j.enqueue(&[file("a", 3, 3)]).unwrap();
-        let jobs = j.claim(10).unwrap();
+        let jobs = j.claim(10, 0).unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].size, 3);
         let c = j.counts().unwrap();
@@ -433,7 +450,7 @@ mod tests {
         let path = dir.path().join("j.sqlite");
         let mut j = Journal::open(&path).unwrap();
         j.enqueue(&[file("a", 1, 1), file("b", 1, 1)]).unwrap();
-        let jobs = j.claim(10).unwrap();
+        let jobs = j.claim(10, 0).unwrap();
         drop(j);
         let mut j = Journal::open(&path).unwrap();
         assert_eq!(j.requeue_inflight().unwrap(), 2);
@@ -446,9 +463,27 @@ mod tests {
         )
         .unwrap();
         // The retried file waits for its backoff; the other is available now.
-        let again = j.claim(10).unwrap();
+        let again = j.claim(10, 0).unwrap();
         assert_eq!(again.len(), 1);
-        assert_eq!(again[0].path, "b");
+        assert_ne!(again[0].path, jobs[0].path);
+    }
+
+    #[test]
+    fn live_files_go_first_newest_first_then_the_backlog_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        // mtimes: backlog 10, 20; live 100, 200 (cutoff 50), enqueued in mixed order.
+        j.enqueue(&[
+            file("b20", 1, 20),
+            file("l100", 1, 100),
+            file("b10", 1, 10),
+            file("l200", 1, 200),
+        ])
+        .unwrap();
+        let order: Vec<String> = (0..4)
+            .map(|_| j.claim(1, 50).unwrap().remove(0).path)
+            .collect();
+        assert_eq!(order, ["l200", "l100", "b10", "b20"]);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub struct Sender {
     pub journal: Arc<Mutex<Journal>>,
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    pub tally: Arc<crate::tally::Tally>,
     pub grace: Duration,
 }
 
@@ -151,7 +152,9 @@ impl Sender {
             journal: self.journal.clone(),
             chunk_size: self.config.transfer.chunk_size,
             compression_level: self.config.transfer.compression_level,
+            window: self.config.transfer.chunks_in_flight,
             metrics: self.metrics.clone(),
+            tally: self.tally.clone(),
         });
         let parallel = self.config.transfer.parallel_files;
         let mut uploads = JoinSet::new();
@@ -160,11 +163,12 @@ impl Sender {
             if !paused.load(std::sync::atomic::Ordering::Relaxed) && uploads.len() < parallel {
                 let journal = self.journal.clone();
                 let want = parallel - uploads.len();
+                let live_since = live_since_ns(self.config.transfer.live_window);
                 let jobs = tokio::task::spawn_blocking(move || {
                     journal
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .claim(want)
+                        .claim(want, live_since)
                 })
                 .await;
                 match jobs {
@@ -228,6 +232,14 @@ impl Sender {
         .await;
         why
     }
+}
+
+/// Files modified after this instant are live (shipped before the backlog).
+fn live_since_ns(window: Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(window).as_nanos() as i64
 }
 
 /// Sends the agent's heartbeat every interval and watches the receiver's: three missed

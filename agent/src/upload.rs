@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::journal::{Finish, Job, Journal};
 use crate::metrics::Metrics;
+use crate::tally::Tally;
 
 /// How long to wait for the receiver's reason after it stopped a stream.
 const REJECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -28,7 +29,10 @@ pub struct UploadContext {
     pub journal: Arc<Mutex<Journal>>,
     pub chunk_size: u32,
     pub compression_level: i32,
+    /// Chunks in flight per file before waiting for the receiver's acknowledgement.
+    pub window: u32,
     pub metrics: Arc<Metrics>,
+    pub tally: Arc<Tally>,
 }
 
 /// The source file, opened and identified.
@@ -143,7 +147,7 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
         file_hash: source.hash,
         chunk_size: ctx.chunk_size,
     };
-    let mut session = SendSession::new(offer);
+    let mut session = SendSession::new(offer, ctx.window);
     let mut writer = FrameWriter::new(send);
     let replies = spawn_reader(FrameReader::new(recv, MAX_CONTROL_FRAME));
     match exchange(ctx, &mut session, &mut writer, replies, source).await {
@@ -240,9 +244,9 @@ async fn exchange(
     let plan = session.plan();
     if !plan.is_empty() {
         let mut chunks = spawn_chunk_reader(plan, source.file.clone(), ctx.compression_level);
-        loop {
+        while session.chunks_to_send() > 0 {
             tokio::select! {
-                // A rejection can arrive while chunks are still going out.
+                // Acknowledgements open the window; a rejection can arrive at any time.
                 msg = replies.recv() => {
                     let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
                     session.handle(msg).map_err(session_error)?;
@@ -250,21 +254,16 @@ async fn exchange(
                         return Ok(());
                     }
                 }
-                chunk = chunks.recv() => {
+                chunk = chunks.recv(), if session.can_send() => {
                     let Some(chunk) = chunk else { break };
                     let (msg, raw_len) = chunk.map_err(|e| WireError::Connection(format!("reading source: {e}")))?;
                     if let Err(e) = writer.send(&msg).await {
-                        // The receiver stops the stream when it rejects a file: its reason
-                        // may already be on the way back.
-                        return match tokio::time::timeout(REJECT_WAIT, replies.recv()).await {
-                            Ok(Some(Ok(msg @ Message::Reject(_)))) => {
-                                session.handle(msg).map_err(session_error)
-                            }
-                            _ => Err(e),
-                        };
+                        return rejection_after_stop(session, &mut replies, e).await;
                     }
                     ctx.metrics.chunks_sent.inc();
                     ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
+                    let tally = ctx.tally.clone();
+                    tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));
                     session.handle_chunk_sent();
                 }
             }
@@ -273,12 +272,32 @@ async fn exchange(
     while let Some(m) = session.poll_transmit() {
         writer.send(&m).await?;
     }
-    if session.outcome().is_none() {
+    // The last acknowledgements, then the verdict.
+    while session.outcome().is_none() {
         session
             .handle(reply(&mut replies).await?)
             .map_err(session_error)?;
     }
     Ok(())
+}
+
+/// The receiver stops the stream when it rejects a file: its reason may already be on
+/// the way back, behind acknowledgements.
+async fn rejection_after_stop(
+    session: &mut SendSession,
+    replies: &mut mpsc::Receiver<Result<Message, WireError>>,
+    error: WireError,
+) -> Result<(), WireError> {
+    let deadline = tokio::time::Instant::now() + REJECT_WAIT;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, replies.recv()).await {
+        if matches!(msg, Message::Reject(_) | Message::ChunkAck(_)) {
+            session.handle(msg).map_err(session_error)?;
+            if session.outcome().is_some() {
+                return Ok(());
+            }
+        }
+    }
+    Err(error)
 }
 
 /// Reads, hashes and compresses the planned chunks on the blocking pool, at most two

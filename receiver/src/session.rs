@@ -9,7 +9,7 @@ use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
 use tracing::{debug, info, warn};
 
 use crate::server::Shared;
-use crate::storage::{Partial, StorageError};
+use crate::storage::{Partial, PublishError, StorageError};
 
 /// Serves one file stream from `agent` to completion.
 pub async fn serve(
@@ -35,12 +35,14 @@ pub async fn serve(
         }
         Err(e) => debug!(agent = %agent, path, error = %e, "file stream ended early"),
     }
-    if let Some(reply) = session.poll_transmit() {
+    while let Some(reply) = session.poll_transmit() {
         if let Message::Reject(r) = &reply {
             shared.metrics.rejected(r.code);
             warn!(agent = %agent, path, code = %r.code, reason = %r.reason, "file rejected");
         }
-        let _ = writer.send(&reply).await;
+        if writer.send(&reply).await.is_err() {
+            break;
+        }
     }
     writer.finish();
 }
@@ -57,6 +59,11 @@ enum Step {
     Chunk(u64),
     Commit,
     Stop,
+    /// Writing failed: the partial is discarded and the session rejected the file.
+    Failed {
+        full: bool,
+        needed: u64,
+    },
 }
 
 impl Work {
@@ -69,8 +76,16 @@ impl Work {
                     Step::Chunk(self.buf.len() as u64)
                 }
                 Err(e) => {
+                    // Discard and let the agent send the file again from the source: the
+                    // bytes of a failed write cannot be trusted, and writes are never
+                    // retried in place.
+                    let needed = self.partial.missing_bytes();
+                    self.partial.discard();
                     self.session.fail(e.to_reject());
-                    Step::Stop
+                    Step::Failed {
+                        full: e.is_full(),
+                        needed,
+                    }
                 }
             },
             Ok(Event::Commit) => Step::Commit,
@@ -128,10 +143,32 @@ async fn drive(
     let partial = match blocking(move || storage.open_partial(&a, &p, &o, discard)).await {
         Ok(partial) => partial,
         Err(e) => {
+            if e.is_full() {
+                note_full(shared, offer.size);
+            }
             session.fail(e.to_reject());
             return (session, Ok(()));
         }
     };
+    // Refuse at once a file that cannot fit, rather than fill the disk and fail halfway.
+    let needed = partial.missing_bytes();
+    let storage = shared.storage.clone();
+    let free = blocking(move || Ok::<_, StorageError>(storage.free_bytes()))
+        .await
+        .ok()
+        .flatten();
+    if let Some(free) = free.filter(|&f| f < needed) {
+        note_full(shared, needed);
+        session.fail(reject(
+            ErrorCode::StorageFull,
+            format!(
+                "storage full: {path} needs {needed} more bytes, {free} are free under {}",
+                shared.config.storage_root.display()
+            ),
+        ));
+        return (session, Ok(()));
+    }
+    let epoch = shared.health.epoch();
     let resumed_from = session.have().present();
     if let Some(resume) = session.poll_transmit() {
         if let Err(e) = writer.send(&resume).await {
@@ -162,8 +199,20 @@ async fn drive(
             Step::Chunk(n) => {
                 shared.metrics.chunks_received.inc();
                 shared.metrics.bytes_received.inc_by(n);
+                // The chunk acknowledgement opens the agent's window for the next one.
+                while let Some(ack) = work.session.poll_transmit() {
+                    if let Err(e) = writer.send(&ack).await {
+                        return (work.session, Err(e));
+                    }
+                }
             }
             Step::Stop => return (work.session, Ok(())),
+            Step::Failed { full, needed } => {
+                if full {
+                    note_full(shared, needed);
+                }
+                return (work.session, Ok(()));
+            }
             Step::Commit => break,
         }
     }
@@ -181,11 +230,32 @@ async fn drive(
             shared.metrics.bytes_stored.inc_by(offer.size);
             info!(agent = %agent, path = %path, size = offer.size,
                   chunks = session.chunks_received(), resumed_from, "stored");
+            if shared.health.note_stored(epoch) {
+                info!("storage accepts writes again; reporting ok to agents");
+            }
             session.handle_published(Ok(stored));
         }
-        Err(e) => session.handle_published(Err(e.to_reject())),
+        Err(e) => {
+            if let PublishError::Storage(s) = &e {
+                if s.is_full() {
+                    note_full(shared, offer.size);
+                }
+            }
+            session.handle_published(Err(e.to_reject()))
+        }
     }
     (session, Ok(()))
+}
+
+/// Storage ran out of space: agents are told `full` in heartbeats until space returns.
+fn note_full(shared: &Shared, needed: u64) {
+    if shared.health.note_full(needed, std::time::Instant::now()) {
+        warn!(
+            needed_bytes = needed,
+            storage = %shared.config.storage_root.display(),
+            "storage full; telling agents to pause until space returns"
+        );
+    }
 }
 
 /// Runs blocking storage work off the runtime.

@@ -41,6 +41,7 @@
 //! | 0x13 | Commit             | chunks_sent u32 |
 //! | 0x14 | Ack                | stored_path string, already_stored bool |
 //! | 0x15 | Reject             | code u16, reason string |
+//! | 0x16 | ChunkAck           | index u32 |
 //!
 //! Error codes (`u16`): 1 bad_path, 2 too_large, 3 storage_full,
 //! 4 storage_error, 5 hash_mismatch, 6 chunk_mismatch, 7 protocol,
@@ -54,8 +55,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::message::{
-    Ack, AgentHeartbeat, Chunk, ChunkRange, Codec, Commit, ErrorCode, Hello, Message, Offer,
-    ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
+    Ack, AgentHeartbeat, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode, Hello, Message,
+    Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
 };
 use super::MAX_PATH_LEN;
 
@@ -70,6 +71,7 @@ const CHUNK: u8 = 0x12;
 const COMMIT: u8 = 0x13;
 const ACK: u8 = 0x14;
 const REJECT: u8 = 0x15;
+const CHUNK_ACK: u8 = 0x16;
 
 /// Bytes of a [`Chunk`] frame before the payload: type, index, codec, raw_len, hash.
 const CHUNK_FIXED_LEN: usize = 1 + 4 + 1 + 4 + 32;
@@ -126,6 +128,7 @@ fn kind_of(ty: u8) -> Option<&'static str> {
         COMMIT => "commit",
         ACK => "ack",
         REJECT => "reject",
+        CHUNK_ACK => "chunk_ack",
         _ => return None,
     })
 }
@@ -242,6 +245,10 @@ impl Message {
                 dst.put_u32(m.raw_len);
                 dst.put_slice(&m.chunk_hash);
                 dst.put_slice(&m.payload);
+            }
+            Message::ChunkAck(m) => {
+                dst.put_u8(CHUNK_ACK);
+                dst.put_u32(m.index);
             }
             Message::Commit(m) => {
                 dst.put_u8(COMMIT);
@@ -384,6 +391,7 @@ pub fn decode_body(body: Bytes) -> Result<Message, FrameError> {
         COMMIT => Message::Commit(Commit {
             chunks_sent: r.u32()?,
         }),
+        CHUNK_ACK => Message::ChunkAck(ChunkAck { index: r.u32()? }),
         ACK => Message::Ack(Ack {
             stored_path: r.string("stored_path")?,
             already_stored: r.bool("already_stored")?,
@@ -690,6 +698,7 @@ mod tests {
                     })
                 }),
             any::<u32>().prop_map(|chunks_sent| Message::Commit(Commit { chunks_sent })),
+            any::<u32>().prop_map(|index| Message::ChunkAck(ChunkAck { index })),
             (text(), any::<bool>()).prop_map(|(stored_path, already_stored)| {
                 Message::Ack(Ack {
                     stored_path,
@@ -751,6 +760,7 @@ mod tests {
                 payload: Bytes::from_static(b"payload"),
             }),
             Message::Commit(Commit { chunks_sent: 6 }),
+            Message::ChunkAck(ChunkAck { index: 5 }),
             Message::Ack(Ack {
                 stored_path: "a/b".into(),
                 already_stored: true,
@@ -947,7 +957,7 @@ mod tests {
 
     #[test]
     fn unknown_type_is_rejected() {
-        for ty in [0x00, 0x06, 0x0f, 0x16, 0xff] {
+        for ty in [0x00, 0x06, 0x0f, 0x17, 0xff] {
             let result = decode_body(Bytes::from(vec![ty, 0, 0]));
             assert!(matches!(result, Err(FrameError::UnknownType(t)) if t == ty));
         }

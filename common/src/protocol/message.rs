@@ -43,6 +43,7 @@ pub enum Message {
     Offer(Offer),
     Resume(Resume),
     Chunk(Chunk),
+    ChunkAck(ChunkAck),
     Commit(Commit),
     Ack(Ack),
     Reject(Reject),
@@ -60,6 +61,7 @@ impl Message {
             Message::Offer(_) => "offer",
             Message::Resume(_) => "resume",
             Message::Chunk(_) => "chunk",
+            Message::ChunkAck(_) => "chunk_ack",
             Message::Commit(_) => "commit",
             Message::Ack(_) => "ack",
             Message::Reject(_) => "reject",
@@ -141,6 +143,14 @@ pub struct Chunk {
     pub chunk_hash: Hash,
     /// The chunk as encoded by `codec`.
     pub payload: Bytes,
+}
+
+/// Receiver → agent, chunk `index` is verified and written to the partial file. The
+/// agent keeps at most its window of chunks unacknowledged per file, which bounds what
+/// an interruption can cost (guarantee 4) and the memory held per stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkAck {
+    pub index: u32,
 }
 
 /// Agent → receiver, all requested chunks have been sent.

@@ -9,7 +9,9 @@
 //! - **File stream** (one bidirectional stream per file): the agent sends
 //!   [`Offer`]; the receiver answers [`Resume`] listing the chunk ranges it
 //!   still needs (empty if none), or [`Ack`] if it already has the file, or
-//!   [`Reject`]. The agent sends a [`Chunk`] for each missing chunk, then
+//!   [`Reject`]. The agent sends a [`Chunk`] for each missing chunk (the
+//!   receiver answers each with a [`ChunkAck`] once it is verified and written;
+//!   the agent keeps at most a small window unacknowledged), then
 //!   [`Commit`]; the receiver verifies, stores durably and answers [`Ack`] or
 //!   [`Reject`].
 //!
@@ -25,8 +27,8 @@ mod message;
 
 pub use codec::{decode, decode_body, frame_len, FrameError};
 pub use message::{
-    hex, short_hex, Ack, AgentHeartbeat, Chunk, ChunkRange, Codec, Commit, ErrorCode, Hash, Hello,
-    Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
+    hex, short_hex, Ack, AgentHeartbeat, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode,
+    Hash, Hello, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
 };
 
 /// The QUIC ALPN protocol identifier. A new major protocol gets a new ALPN.

@@ -1,10 +1,12 @@
 //! The receiver's side of a file session.
 
+use std::collections::VecDeque;
+
 use crate::chunk::{ChunkLayout, ChunkSet};
 use crate::compress;
 use crate::protocol::{
-    short_hex, Ack, Chunk, ChunkRange, Commit, ErrorCode, Hash, Message, Offer, Reject, Resume,
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    short_hex, Ack, Chunk, ChunkAck, ChunkRange, Commit, ErrorCode, Hash, Message, Offer, Reject,
+    Resume, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 use crate::relpath::RelPath;
 
@@ -78,7 +80,7 @@ pub struct ReceiveSession {
     /// Chunks received on this stream (for the resume accounting in logs/metrics).
     received: u32,
     decoder: compress::Decoder,
-    out: Option<Message>,
+    out: VecDeque<Message>,
 }
 
 impl ReceiveSession {
@@ -91,7 +93,7 @@ impl ReceiveSession {
             have: ChunkSet::new(0),
             received: 0,
             decoder: compress::Decoder::default(),
-            out: None,
+            out: VecDeque::new(),
         }
     }
 
@@ -121,13 +123,13 @@ impl ReceiveSession {
 
     /// The next message to send, if any.
     pub fn poll_transmit(&mut self) -> Option<Message> {
-        self.out.take()
+        self.out.pop_front()
     }
 
     /// Ends the session with a rejection (also used by the I/O layer for storage errors).
     pub fn fail(&mut self, r: Reject) {
         self.state = State::Done;
-        self.out = Some(Message::Reject(r));
+        self.out.push_back(Message::Reject(r));
     }
 
     fn protocol_error(&mut self, what: String) -> Reject {
@@ -208,7 +210,7 @@ impl ReceiveSession {
             };
         };
         if lookup.stored == Some(offer.file_hash) {
-            self.out = Some(Message::Ack(Ack {
+            self.out.push_back(Message::Ack(Ack {
                 stored_path: path.to_string(),
                 already_stored: true,
             }));
@@ -223,7 +225,7 @@ impl ReceiveSession {
             Some(_) => true,
             None => false,
         };
-        self.out = Some(Message::Resume(Resume {
+        self.out.push_back(Message::Resume(Resume {
             missing: coalesce(self.have.missing(), MAX_RESUME_RANGES),
         }));
         self.state = State::Receiving;
@@ -277,9 +279,10 @@ impl ReceiveSession {
         })
     }
 
-    /// The chunk's bytes are written to the partial file and recorded.
+    /// The chunk's bytes are written to the partial file and recorded: acknowledge it.
     pub fn handle_chunk_stored(&mut self, index: u32) {
         self.have.insert(index);
+        self.out.push_back(Message::ChunkAck(ChunkAck { index }));
     }
 
     fn handle_commit(&mut self, c: Commit) -> Result<(), Reject> {
@@ -300,7 +303,7 @@ impl ReceiveSession {
         match result {
             Ok(stored_path) => {
                 self.state = State::Done;
-                self.out = Some(Message::Ack(Ack {
+                self.out.push_back(Message::Ack(Ack {
                     stored_path,
                     already_stored: false,
                 }));

@@ -30,6 +30,8 @@ pub enum SessionError {
     BadRange { start: u32, end: u32, count: u32 },
     #[error("receiver's missing ranges are not ascending and disjoint")]
     UnorderedRanges,
+    #[error("receiver acknowledged chunk {index}, which was not the oldest unacknowledged one")]
+    UnexpectedAck { index: u32 },
 }
 
 /// A chunk the I/O layer must read from the source, encode and send.
@@ -65,19 +67,26 @@ pub struct SendSession {
     state: State,
     layout: ChunkLayout,
     todo: VecDeque<ChunkRange>,
+    /// Chunks sent and not yet acknowledged, oldest first; at most `window`.
+    unacked: VecDeque<u32>,
+    window: usize,
     chunks_sent: u32,
     out: VecDeque<Message>,
     outcome: Option<Outcome>,
 }
 
 impl SendSession {
-    /// Starts a session; the offer is the first message to transmit.
-    pub fn new(offer: Offer) -> Self {
+    /// Starts a session; the offer is the first message to transmit. At most `window`
+    /// chunks (at least 1) are in flight unacknowledged: an interruption costs at most
+    /// that many chunks sent twice.
+    pub fn new(offer: Offer, window: u32) -> Self {
         let layout = ChunkLayout::new(offer.size, offer.chunk_size);
         SendSession {
             state: State::AwaitResume,
             layout,
             todo: VecDeque::new(),
+            unacked: VecDeque::new(),
+            window: window.max(1) as usize,
             chunks_sent: 0,
             out: VecDeque::from([Message::Offer(offer)]),
             outcome: None,
@@ -134,6 +143,13 @@ impl SendSession {
                 });
                 Ok(())
             }
+            (State::Sending | State::AwaitAck, Message::ChunkAck(a)) => {
+                if self.unacked.front() != Some(&a.index) {
+                    return Err(SessionError::UnexpectedAck { index: a.index });
+                }
+                self.unacked.pop_front();
+                Ok(())
+            }
             // A rejection may come at any point, e.g. a bad chunk mid-file.
             (State::AwaitResume | State::Sending | State::AwaitAck, Message::Reject(r)) => {
                 self.state = State::Done;
@@ -148,9 +164,14 @@ impl SendSession {
         }
     }
 
-    /// The next chunk to read and send, in ascending order.
+    /// Whether the window allows sending another chunk now.
+    pub fn can_send(&self) -> bool {
+        self.state == State::Sending && self.unacked.len() < self.window
+    }
+
+    /// The next chunk to read and send, in ascending order, once the window allows it.
     pub fn next_chunk(&self) -> Option<ChunkRead> {
-        if self.state != State::Sending {
+        if !self.can_send() {
             return None;
         }
         let index = self.todo.front()?.start;
@@ -182,6 +203,7 @@ impl SendSession {
     /// The chunk returned by [`next_chunk`](SendSession::next_chunk) was sent.
     pub fn handle_chunk_sent(&mut self) {
         if let Some(front) = self.todo.front_mut() {
+            self.unacked.push_back(front.start);
             front.start += 1;
             if front.start == front.end {
                 self.todo.pop_front();

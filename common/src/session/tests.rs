@@ -51,7 +51,7 @@ fn run(
     tamper: &mut dyn FnMut(&mut Chunk),
     stop_after: Option<u32>,
 ) -> (Option<Outcome>, u32) {
-    let mut send = SendSession::new(offer);
+    let mut send = SendSession::new(offer, 1);
     let mut recv = ReceiveSession::new(1 << 40);
     let mut compressor = Compressor::new(1);
     let mut buf = Vec::new();
@@ -122,8 +122,8 @@ fn run(
             tamper(&mut chunk);
             deliver(Message::Chunk(chunk), &mut recv, disk);
             send.handle_chunk_sent();
-            // A rejection may arrive while chunks are still being sent.
-            if let Some(reply) = recv.poll_transmit() {
+            // Acknowledgements, or a rejection, arrive while chunks are still being sent.
+            while let Some(reply) = recv.poll_transmit() {
                 send.handle(wire(reply, usize::MAX)).expect("valid reply");
             }
             while let Some(m) = send.poll_transmit() {
@@ -270,7 +270,7 @@ fn bad_path_is_rejected() {
 #[test]
 fn agent_rejects_nonsense_ranges() {
     let src = data(3 * CS as usize, 0);
-    let mut s = SendSession::new(offer("a", &src));
+    let mut s = SendSession::new(offer("a", &src), 1);
     s.poll_transmit();
     let bad = crate::protocol::Resume {
         missing: vec![crate::protocol::ChunkRange { start: 2, end: 9 }],
@@ -303,4 +303,25 @@ proptest! {
         );
         prop_assert_eq!(&disk.published["r"].0, &src);
     }
+}
+
+#[test]
+fn the_window_holds_back_chunks_until_they_are_acknowledged() {
+    let src = data(3 * CS as usize, 0);
+    let mut s = SendSession::new(offer("w", &src), 1);
+    s.poll_transmit();
+    s.handle(Message::Resume(crate::protocol::Resume {
+        missing: vec![crate::protocol::ChunkRange { start: 0, end: 3 }],
+    }))
+    .unwrap();
+    assert_eq!(s.next_chunk().map(|c| c.index), Some(0));
+    s.handle_chunk_sent();
+    assert_eq!(s.next_chunk(), None, "window of 1 is full");
+    let ack = |index| Message::ChunkAck(crate::protocol::ChunkAck { index });
+    assert!(matches!(
+        s.handle(ack(1)),
+        Err(SessionError::UnexpectedAck { index: 1 })
+    ));
+    s.handle(ack(0)).unwrap();
+    assert_eq!(s.next_chunk().map(|c| c.index), Some(1));
 }
