@@ -17,6 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use skyferry_common::protocol::Hash;
 
+/// How long a file waits after the receiver said it cannot take it right now.
+const WAIT: Duration = Duration::from_secs(5);
+
 /// Schema version in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
 
@@ -99,6 +102,12 @@ pub enum Finish {
     Retry {
         reason: String,
         forget_hash: bool,
+    },
+    /// The receiver cannot take it right now (storage full, busy, shutting down): back to
+    /// pending after a short fixed delay, without counting an attempt. Dispatch itself
+    /// pauses while the receiver reports its storage full.
+    Wait {
+        reason: String,
     },
     /// Interrupted (connection lost, shutdown): back to pending, no backoff.
     Requeue,
@@ -370,6 +379,10 @@ impl Journal {
                  hash = CASE WHEN ?4 THEN NULL ELSE hash END
                  WHERE id = ?1",
                 params![id, reason, now, forget_hash],
+            ),
+            Finish::Wait { reason } => self.db.execute(
+                "UPDATE files SET state = 0, last_error = ?2, not_before = ?3 WHERE id = ?1",
+                params![id, reason, now + WAIT.as_nanos() as i64],
             ),
             Finish::Requeue => self
                 .db

@@ -176,6 +176,18 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
             info!(path = %job.path, size = job.size, chunks_sent, already_stored, stored = %stored_path, "stored");
             Finish::Done
         }
+        Some(Outcome::Rejected(r))
+            if matches!(
+                r.code,
+                ErrorCode::StorageFull | ErrorCode::Busy | ErrorCode::ShuttingDown
+            ) =>
+        {
+            ctx.metrics.rejected(r.code);
+            warn!(path = %job.path, code = %r.code, reason = %r.reason, "receiver cannot take the file now; it stays queued");
+            Finish::Wait {
+                reason: format!("{}: {}", r.code, r.reason),
+            }
+        }
         Some(Outcome::Rejected(r)) if r.code.is_retryable() => {
             ctx.metrics.rejected(r.code);
             warn!(path = %job.path, code = %r.code, reason = %r.reason, "receiver rejected the file; will retry");
