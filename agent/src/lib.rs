@@ -1,20 +1,24 @@
 //! skyferry-agent: the site side. Discovers finished files (filesystem watch and
-//! rescans), records each in the journal, and ships them to the receiver over QUIC; a
-//! file is done only when the receiver acknowledges it as durably stored.
+//! rescans, Redis notifications), records each in the journal, and ships them to the
+//! receiver over QUIC; a file is done only when the receiver acknowledges it as durably
+//! stored.
 //!
 //! ```text
-//! sources::fs ──► journal (SQLite: the queue) ──► sender ──► upload (one stream per file)
+//! sources::fs ────┐
+//! sources::redis ─┴─► journal (SQLite: the queue) ──► sender ──► upload (one stream per file)
 //! ```
 //! `main.rs` is only the command line; [`run`] is the daemon.
 
 pub mod journal;
 pub mod metrics;
+pub mod metrics_endpoint;
 pub mod sender;
 pub mod sources;
+pub mod tally;
 pub mod upload;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
 use skyferry_common::config::AgentConfig;
@@ -23,9 +27,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use journal::JournalError;
-
-/// How long files in flight may take to finish after a shutdown request.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Opens the journal (refusing a corrupt one) and returns interrupted transfers to the
 /// queue.
@@ -41,9 +42,11 @@ pub fn open_journal(config: &AgentConfig) -> Result<journal::Journal, JournalErr
     Ok(j)
 }
 
-/// Runs the agent until `shutdown` is cancelled.
+/// Runs the agent until `shutdown` is cancelled. With `config_path`, SIGHUP re-reads
+/// it and applies the include/exclude globs and the blocklist without a restart.
 pub async fn run(
     config: AgentConfig,
+    config_path: Option<PathBuf>,
     journal: journal::Journal,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -52,20 +55,49 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     let sources_stop = CancellationToken::new();
     let tasks = TaskTracker::new();
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics_endpoint::bind(addr).await?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        tasks.spawn(metrics_endpoint::serve(
+            listener,
+            Arc::new(registry),
+            shutdown.clone(),
+        ));
+    }
+    let ctx = Arc::new(sources::Context::new(
+        &config,
+        journal.clone(),
+        wake.clone(),
+        metrics.clone(),
+    ));
     for watch in &config.watches {
         tasks.spawn(sources::fs::watch_root(
             watch.clone(),
-            journal.clone(),
-            wake.clone(),
+            ctx.clone(),
             sources_stop.clone(),
         ));
     }
+    for source in &config.redis {
+        tasks.spawn(sources::redis::run(
+            source.clone(),
+            ctx.clone(),
+            sources_stop.clone(),
+        ));
+    }
+    if let Some(path) = config_path {
+        tasks.spawn(reload_on_sighup(path, ctx.clone(), sources_stop.clone()));
+    }
+    let tally = Arc::new(
+        tally::Tally::open(&config.journal).context("opening the tally file beside the journal")?,
+    );
     let sender = sender::Sender {
+        grace: config.transfer.shutdown_grace,
         config,
         journal,
         wake,
         metrics,
-        grace: SHUTDOWN_GRACE,
+        tally,
     };
     // Stop the sources first so that nothing new is claimed while draining.
     let stop = shutdown.clone();
@@ -79,4 +111,40 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     result
+}
+
+/// On SIGHUP: re-reads the config and swaps in its include/exclude globs and blocklist,
+/// then rescans (newly included files are found; newly excluded ones are no longer
+/// queued). A config with problems is refused and the rules in force are kept. Other
+/// settings (receiver, Redis sources, roots) need a restart.
+async fn reload_on_sighup(path: PathBuf, ctx: Arc<sources::Context>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hup.recv() => {}
+        }
+        let p = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || AgentConfig::load(&p)).await;
+        match loaded {
+            Ok(Ok(config)) => {
+                let rules = sources::Rules::from_config(&config);
+                tracing::info!(
+                    config = %path.display(),
+                    blocklist_patterns = rules.blocklist_len(),
+                    "SIGHUP: reloaded include/exclude globs and the blocklist"
+                );
+                ctx.rules.replace(rules);
+                ctx.request_rescan("rules reloaded");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("SIGHUP: {e}; keeping the rules in force")
+            }
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: reload task failed"),
+        }
+    }
 }

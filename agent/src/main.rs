@@ -59,6 +59,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { .. } => {
             println!("config {} is valid", config_path.display());
+            for w in &config.watches {
+                println!("  watch {}", w.root.display());
+            }
+            for r in &config.redis {
+                println!("  {} {}", r.name, r.redacted_url());
+            }
+            if let Some((file, list)) = &config.blocklist {
+                println!("  blocklist {} ({} patterns)", file.display(), list.len());
+            }
             ExitCode::SUCCESS
         }
         Command::Status { json, .. } => exit(status(&config, json)),
@@ -73,7 +82,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => return exit(Err(e.into())),
             };
-            exit(run(config, journal))
+            exit(run(config, config_path, journal))
         }
     }
 }
@@ -88,7 +97,7 @@ fn exit(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn run(config: AgentConfig, journal: Journal) -> anyhow::Result<()> {
+fn run(config: AgentConfig, config_path: PathBuf, journal: Journal) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -96,7 +105,7 @@ fn run(config: AgentConfig, journal: Journal) -> anyhow::Result<()> {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         daemon::cancel_on_signals(shutdown.clone());
-        skyferry_agent::run(config, journal, shutdown).await
+        skyferry_agent::run(config, Some(config_path), journal, shutdown).await
     })
 }
 
@@ -106,18 +115,22 @@ fn status(config: &AgentConfig, json: bool) -> anyhow::Result<()> {
     } else {
         Default::default()
     };
+    let tally = skyferry_agent::tally::read(&config.journal);
     if json {
         let mut obj = serde_json::Map::new();
         for s in State::ALL {
             obj.insert(s.name().into(), counts.get(s).into());
         }
         obj.insert("pending_bytes".into(), counts.pending_bytes.into());
+        obj.insert("sent_bytes".into(), tally.sent_bytes.into());
+        obj.insert("sent_chunks".into(), tally.sent_chunks.into());
         println!("{}", serde_json::Value::Object(obj));
     } else {
         for s in State::ALL {
             println!("{:<11} {}", s.name(), counts.get(s));
         }
         println!("{:<11} {}", "pending MB", counts.pending_bytes / 1_000_000);
+        println!("{:<11} {}", "sent MB", tally.sent_bytes / 1_000_000);
     }
     Ok(())
 }

@@ -12,6 +12,19 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// A source's messages by outcome (`source`: redis_pubsub, redis_stream; `outcome`:
+/// recorded, malformed, outside_roots, not_found, not_a_file, filtered, blocked, bad_name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceKindLabels {
+    pub source: &'static str,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub files_sent: Counter,
@@ -22,6 +35,10 @@ pub struct Metrics {
     pub disconnects: Counter,
     pub connected: Gauge,
     pub files_in_flight: Gauge,
+    pub source_messages: Family<SourceLabels, Counter>,
+    pub source_reconnects: Family<SourceKindLabels, Counter>,
+    pub fs_overflows: Counter,
+    pub rescans: Counter,
 }
 
 impl Metrics {
@@ -67,6 +84,33 @@ impl Metrics {
             "Files being sent",
             self.files_in_flight.clone(),
         );
+        r.register(
+            "source_messages",
+            "Messages from Redis sources, by source kind and outcome",
+            self.source_messages.clone(),
+        );
+        r.register(
+            "source_reconnects",
+            "Reconnection attempts to a source (Redis), by source kind",
+            self.source_reconnects.clone(),
+        );
+        r.register(
+            "fs_overflows",
+            "Filesystem event queue overflows or watch errors (each triggers a rescan)",
+            self.fs_overflows.clone(),
+        );
+        r.register(
+            "rescans",
+            "Full rescans of a watch root",
+            self.rescans.clone(),
+        );
+    }
+
+    /// Counts one message of a source with its outcome.
+    pub fn source_message(&self, source: &'static str, outcome: &'static str) {
+        self.source_messages
+            .get_or_create(&SourceLabels { source, outcome })
+            .inc();
     }
 
     pub fn rejected(&self, code: skyferry_common::protocol::ErrorCode) {

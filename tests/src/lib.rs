@@ -11,6 +11,7 @@
 pub mod binaries;
 pub mod fits;
 pub mod pair;
+pub mod redis;
 pub mod tree;
 
 pub use pair::{Identity, Pair, PairOptions};

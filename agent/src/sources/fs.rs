@@ -1,33 +1,44 @@
 //! The filesystem source: an inotify watch (via `notify`) for low latency, and a full
-//! reconciling rescan at startup, periodically, and whenever the watch may have missed
-//! something (event queue overflow, watch limit reached).
+//! reconciling rescan at startup, periodically, whenever the watch may have missed
+//! something (event queue overflow, watch error), and when asked (a Redis pub/sub
+//! reconnect, a SIGHUP reload). Without a watch (e.g. the inotify watch limit is reached)
+//! rescans run at least every 30 s.
 //!
-//! A file is ready when it was closed after writing or renamed into place, or when its
-//! size and mtime have not changed for the root's `settle` time.
+//! A file is ready when it was closed after writing or renamed into place. A file the
+//! watch saw being written is waited for until it is closed (or, should the close event
+//! be lost, unchanged for [`STALE_WRITER`]); a file found by a rescan is ready when its
+//! size and mtime have not changed for the root's `settle` time. Rescans skip the files
+//! being written. A file changed after it was queued is a new version (a new journal
+//! row); the upload checks size and mtime before sending, so old and new bytes never mix.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
 use skyferry_common::config::WatchConfig;
-use skyferry_common::relpath::RelPath;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::journal::{Discovered, Journal};
+use super::{inspect, record, Context, Rejection, Rules};
+use crate::journal::Discovered;
+
+/// A file the watch saw being written is shipped when it is closed; should the close event
+/// be lost, once it has not changed for this long (or the root's `settle`, if longer).
+pub const STALE_WRITER: Duration = Duration::from_secs(60);
 
 /// Files per journal transaction during a rescan.
 const BATCH: usize = 2000;
 
 /// What the watch reports to the event loop.
 enum Seen {
-    /// Possibly still being written: wait for it to settle.
-    Changed(PathBuf),
+    /// Possibly still being written (`true`: data was written, wait for the close), or
+    /// only its metadata changed (`false`): wait for it to settle.
+    Changed(PathBuf, bool),
     /// Closed after writing or renamed into place: ready now.
     Complete(PathBuf),
     /// A directory appeared: scan it (files may predate its watch).
@@ -35,19 +46,28 @@ enum Seen {
 }
 
 /// A file waiting to settle.
+#[derive(Clone)]
 struct Candidate {
     size: u64,
     mtime_ns: i64,
+    /// Seen being written by the watch: wait for its close event.
+    writing: bool,
+}
+
+impl Candidate {
+    fn new(writing: bool) -> Candidate {
+        Candidate {
+            size: u64::MAX,
+            mtime_ns: i64::MIN,
+            writing,
+        }
+    }
 }
 
 /// Watches one root until shutdown.
-pub async fn watch_root(
-    watch: WatchConfig,
-    journal: Arc<Mutex<Journal>>,
-    wake: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
+pub async fn watch_root(watch: WatchConfig, ctx: Arc<Context>, shutdown: CancellationToken) {
     let root = watch.root.clone();
+    let mut rescan_requests = ctx.rescan.subscribe();
     let (tx, mut rx) = mpsc::channel::<Seen>(8192);
     let overflow = Arc::new(AtomicBool::new(false));
     let _watcher = start_watcher(&root, tx, overflow.clone());
@@ -68,51 +88,58 @@ pub async fn watch_root(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = rescan.tick() => {
-                scan(&watch, &root, &journal, &wake, &mut candidates).await;
+                scan(&watch, &root, &ctx, &mut candidates).await;
+            }
+            changed = rescan_requests.changed() => {
+                if changed.is_err() {
+                    return; // the context is gone: shutting down
+                }
+                scan(&watch, &root, &ctx, &mut candidates).await;
             }
             seen = rx.recv() => {
                 let Some(seen) = seen else { return };
                 let mut complete = Vec::new();
                 for seen in std::iter::once(seen).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                     match seen {
-                        Seen::Changed(p) => {
-                            candidates.entry(p).or_insert(Candidate { size: u64::MAX, mtime_ns: i64::MIN });
+                        Seen::Changed(p, writing) => {
+                            candidates.entry(p).or_insert(Candidate::new(writing)).writing |= writing;
                         }
                         Seen::Complete(p) => {
                             candidates.remove(&p);
                             complete.push(p);
                         }
-                        Seen::Dir(d) => scan(&watch, &d, &journal, &wake, &mut candidates).await,
+                        Seen::Dir(d) => scan(&watch, &d, &ctx, &mut candidates).await,
                     }
                 }
                 if !complete.is_empty() {
-                    let w = watch.clone();
+                    let (rules, r) = (ctx.rules.current(), root.clone());
                     let ready = tokio::task::spawn_blocking(move || {
-                        complete.iter().filter_map(|p| discovered(&w, p)).collect()
+                        complete.iter().filter_map(|p| discovered(&rules, &r, p)).collect()
                     })
                     .await
                     .unwrap_or_default();
-                    enqueue(&journal, &wake, ready).await;
+                    enqueue(&ctx, ready).await;
                 }
             }
             _ = tick.tick() => {
                 if overflow.swap(false, Ordering::Relaxed) {
-                    warn!(root = %root.display(), "filesystem event queue overflowed; rescanning");
-                    scan(&watch, &root, &journal, &wake, &mut candidates).await;
+                    ctx.metrics.fs_overflows.inc();
+                    warn!(root = %root.display(), "filesystem events were lost (event queue overflow or watch error); rescanning");
+                    scan(&watch, &root, &ctx, &mut candidates).await;
                 }
                 if candidates.is_empty() {
                     continue;
                 }
                 // stat() can block (slow or hung storage): keep it off the runtime.
-                let (w, mut c) = (watch.clone(), std::mem::take(&mut candidates));
+                let (w, rules, mut c) = (watch.clone(), ctx.rules.current(), std::mem::take(&mut candidates));
                 let (c, ready) = tokio::task::spawn_blocking(move || {
-                    let ready = settle(&w, &mut c);
+                    let ready = settle(&w, &rules, &mut c);
                     (c, ready)
                 })
                 .await
                 .unwrap_or_default();
                 candidates = c;
-                enqueue(&journal, &wake, ready).await;
+                enqueue(&ctx, ready).await;
             }
         }
     }
@@ -147,7 +174,11 @@ fn start_watcher(
                 }
                 EventKind::Create(CreateKind::Folder) => Seen::Dir(path),
                 EventKind::Create(_) | EventKind::Modify(_) if path.is_dir() => Seen::Dir(path),
-                EventKind::Create(_) | EventKind::Modify(_) => Seen::Changed(path),
+                EventKind::Create(CreateKind::File)
+                | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                    Seen::Changed(path, true)
+                }
+                EventKind::Create(_) | EventKind::Modify(_) => Seen::Changed(path, false),
                 _ => continue,
             };
             // Never block the watch thread: a full queue is an overflow, mended by a rescan.
@@ -181,54 +212,39 @@ fn start_watcher(
     }
 }
 
-fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
-}
-
-/// The journal entry for `path`, if it is a regular file under the root that the filters
-/// accept and whose name can cross the wire.
-fn discovered(watch: &WatchConfig, path: &Path) -> Option<Discovered> {
-    let rel = path.strip_prefix(&watch.root).ok()?;
-    if !watch.filter.matches(rel) {
-        return None;
-    }
-    let meta = std::fs::symlink_metadata(path).ok()?;
-    if !meta.is_file() {
-        return None;
-    }
-    let rel = match RelPath::from_relative(rel) {
-        Ok(r) => r,
-        Err(e) => {
+/// The journal entry for `path` under `root`, if the rules accept it and it is a regular
+/// file whose name can cross the wire.
+fn discovered(rules: &Rules, root: &Path, path: &Path) -> Option<Discovered> {
+    match inspect(rules, root, path) {
+        Ok(d) => Some(d),
+        Err(Rejection::BadName(e)) => {
             warn!(path = %path.display(), error = %e, "skipping a file whose name cannot be shipped");
-            return None;
+            None
         }
-    };
-    Some(Discovered {
-        root: watch.root.display().to_string(),
-        path: rel.to_string(),
-        size: meta.len(),
-        mtime_ns: mtime_ns(&meta),
-    })
+        Err(_) => None,
+    }
 }
 
 /// Enqueues candidates whose size and mtime held still for the settle time.
-fn settle(watch: &WatchConfig, candidates: &mut HashMap<PathBuf, Candidate>) -> Vec<Discovered> {
+fn settle(
+    watch: &WatchConfig,
+    rules: &Rules,
+    candidates: &mut HashMap<PathBuf, Candidate>,
+) -> Vec<Discovered> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0);
     let settle_ns = watch.settle.as_nanos() as i64;
+    let stale_ns = watch.settle.max(STALE_WRITER).as_nanos() as i64;
     let mut ready = Vec::new();
     candidates.retain(|path, c| {
-        let Some(d) = discovered(watch, path) else {
+        let Some(d) = discovered(rules, &watch.root, path) else {
             return false; // gone, filtered or not a file
         };
         let unchanged = d.size == c.size && d.mtime_ns == c.mtime_ns;
-        if unchanged && now - d.mtime_ns >= settle_ns {
+        let wait = if c.writing { stale_ns } else { settle_ns };
+        if unchanged && now - d.mtime_ns >= wait {
             ready.push(d);
             return false;
         }
@@ -239,64 +255,66 @@ fn settle(watch: &WatchConfig, candidates: &mut HashMap<PathBuf, Candidate>) -> 
     ready
 }
 
-async fn enqueue(journal: &Arc<Mutex<Journal>>, wake: &Notify, files: Vec<Discovered>) {
-    if files.is_empty() {
-        return;
-    }
-    let journal = journal.clone();
+async fn enqueue(ctx: &Context, files: Vec<Discovered>) {
     let n = files.len();
-    let result = tokio::task::spawn_blocking(move || {
-        let mut j = journal
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        j.enqueue(&files)
-    })
-    .await;
-    match result {
-        Ok(Ok(new)) => {
-            debug!(seen = n, new, "files recorded");
-            if new > 0 {
-                wake.notify_one();
+    match record(ctx, files).await {
+        Ok(new) => {
+            if n > 0 {
+                debug!(seen = n, new, "files recorded");
             }
         }
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot record files in the journal; the next rescan retries")
-        }
-        Err(e) => warn!(error = %e, "journal task failed"),
+        Err(e) => warn!(error = %e, "cannot record files in the journal; the next rescan retries"),
     }
 }
 
 /// Walks `dir` (the root or a new subdirectory): files the journal does not know are
-/// enqueued if settled, or become candidates.
+/// enqueued if settled, or become candidates. Files being written are left alone.
 async fn scan(
     watch: &WatchConfig,
     dir: &Path,
-    journal: &Arc<Mutex<Journal>>,
-    wake: &Notify,
+    ctx: &Arc<Context>,
     candidates: &mut HashMap<PathBuf, Candidate>,
 ) {
-    let (w, d, j) = (watch.clone(), dir.to_owned(), journal.clone());
+    let busy: HashSet<PathBuf> = candidates
+        .iter()
+        .filter(|(_, c)| c.writing)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let (w, d, c) = (watch.clone(), dir.to_owned(), ctx.clone());
     let started = std::time::Instant::now();
-    let result = tokio::task::spawn_blocking(move || walk(&w, &d, &j)).await;
+    let result = tokio::task::spawn_blocking(move || walk(&w, &d, &c, &busy)).await;
     match result {
-        Ok((new, young, files)) => {
-            if new > 0 {
-                wake.notify_one();
+        Ok(w) => {
+            if w.new > 0 {
+                ctx.wake.notify_one();
             }
-            for p in young {
-                candidates.entry(p).or_insert(Candidate {
-                    size: u64::MAX,
-                    mtime_ns: i64::MIN,
-                });
+            for p in w.young {
+                candidates.entry(p).or_insert(Candidate::new(false));
             }
-            info!(dir = %dir.display(), files, new, took = ?started.elapsed(), "rescan done");
+            if dir == watch.root {
+                ctx.metrics.rescans.inc();
+            }
+            info!(dir = %dir.display(), files = w.seen, new = w.new, took = ?started.elapsed(), "rescan done");
         }
         Err(e) => warn!(error = %e, "rescan task failed"),
     }
 }
 
-/// Blocking walk. Returns (files enqueued, young files to settle, files seen).
-fn walk(watch: &WatchConfig, dir: &Path, journal: &Mutex<Journal>) -> (usize, Vec<PathBuf>, usize) {
+/// What a walk found.
+pub struct Walked {
+    /// Files enqueued (new journal rows).
+    pub new: usize,
+    /// Files too young to be settled: they become candidates.
+    pub young: Vec<PathBuf>,
+    /// Files seen that the rules accept.
+    pub seen: usize,
+}
+
+/// Blocking walk of `dir` under `watch.root`, skipping `busy` files (being written).
+/// Public for the benchmark (`skyferry-journal-bench`).
+pub fn walk(watch: &WatchConfig, dir: &Path, ctx: &Context, busy: &HashSet<PathBuf>) -> Walked {
+    let rules = ctx.rules.current();
+    let journal = &ctx.journal;
     let settle_ns = watch.settle.as_nanos() as i64;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -332,7 +350,10 @@ fn walk(watch: &WatchConfig, dir: &Path, journal: &Mutex<Journal>) -> (usize, Ve
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(path),
                 Ok(t) if t.is_file() => {
-                    let Some(found) = discovered(watch, &path) else {
+                    if busy.contains(&path) {
+                        continue;
+                    }
+                    let Some(found) = discovered(&rules, &watch.root, &path) else {
                         continue;
                     };
                     seen += 1;
@@ -350,5 +371,5 @@ fn walk(watch: &WatchConfig, dir: &Path, journal: &Mutex<Journal>) -> (usize, Ve
         }
     }
     flush(&mut batch, &mut new);
-    (new, young, seen)
+    Walked { new, young, seen }
 }

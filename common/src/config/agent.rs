@@ -16,6 +16,154 @@ pub struct AgentConfig {
     pub receiver: Endpoint,
     pub transfer: TransferConfig,
     pub watches: Vec<WatchConfig>,
+    /// Redis notification sources (`[[redis]]`), possibly none.
+    pub redis: Vec<RedisConfig>,
+    /// `agent.blocklist`: the file, and what it held when the config was loaded.
+    pub blocklist: Option<(PathBuf, Blocklist)>,
+    /// `[metrics] listen`: where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// One `[[redis]]` source.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis[<i>]`, for messages and logs.
+    pub name: String,
+    /// `redis://` or `rediss://` (TLS) URL, possibly with a password. Never log it whole:
+    /// use [`RedisConfig::redacted_url`].
+    pub url: String,
+    /// For `rediss://`: the CA that signed the server's certificate (PEM), instead of the
+    /// system's roots.
+    pub ca: Option<PathBuf>,
+    pub mode: RedisMode,
+    pub format: MessageFormat,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisMode {
+    /// `SUBSCRIBE channel` or `PSUBSCRIBE pattern`. Messages published while the agent is
+    /// not connected are lost: every reconnect triggers a rescan of the roots.
+    PubSub { channel: String, pattern: bool },
+    /// `XREADGROUP` on `stream` in consumer group `group` as `consumer`; an entry is
+    /// acknowledged once the journal holds its file. Entries pending for longer than
+    /// `claim_idle` (e.g. left by a crash) are claimed at startup.
+    Stream {
+        stream: String,
+        group: String,
+        consumer: String,
+        claim_idle: Duration,
+    },
+}
+
+/// How a message names its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageFormat {
+    /// Pub/sub: the whole payload is the path. Streams: the entry field `field`.
+    Path { field: String },
+    /// Pub/sub only: the payload is a JSON object, the path is the string at key `field`
+    /// (stream entries are key/value already: use `Path`).
+    Json { field: String },
+}
+
+impl MessageFormat {
+    /// The field that holds the path (stream entry field or JSON key).
+    pub fn field(&self) -> &str {
+        match self {
+            MessageFormat::Path { field } | MessageFormat::Json { field } => field,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// Replaces the user-info part of a URL (`user:password@`) by `***@`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Paths and globs never to ship, one per line of the blocklist file. A line that starts
+/// with `/` is matched against the file's absolute path, any other line against its path
+/// relative to its watch root. `#` starts a comment line; blank lines are ignored.
+#[derive(Debug, Clone, Default)]
+pub struct Blocklist {
+    absolute: Option<GlobSet>,
+    relative: Option<GlobSet>,
+    entries: usize,
+}
+
+impl Blocklist {
+    /// Reads and compiles the file; every bad line is reported (`<file> line <n>: ...`).
+    pub fn load(file: &Path) -> Result<Blocklist, Vec<String>> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| vec![format!("blocklist {}: cannot read: {e}", file.display())])?;
+        Blocklist::parse(&text).map_err(|errs| {
+            errs.into_iter()
+                .map(|(line, e)| format!("blocklist {} line {line}: {e}", file.display()))
+                .collect()
+        })
+    }
+
+    /// Compiles blocklist text; errors carry 1-based line numbers.
+    pub fn parse(text: &str) -> Result<Blocklist, Vec<(usize, String)>> {
+        let (mut abs, mut rel) = (GlobSetBuilder::new(), GlobSetBuilder::new());
+        let (mut n_abs, mut n_rel) = (0, 0);
+        let mut problems = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match GlobBuilder::new(line).literal_separator(true).build() {
+                Ok(g) if line.starts_with('/') => {
+                    abs.add(g);
+                    n_abs += 1;
+                }
+                Ok(g) => {
+                    rel.add(g);
+                    n_rel += 1;
+                }
+                Err(e) => problems.push((i + 1, format!("bad glob {line:?}: {}", e.kind()))),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let build = |b: GlobSetBuilder, n: usize| (n > 0).then(|| b.build().ok()).flatten();
+        Ok(Blocklist {
+            absolute: build(abs, n_abs),
+            relative: build(rel, n_rel),
+            entries: n_abs + n_rel,
+        })
+    }
+
+    /// Whether the file at `absolute` (`relative` to its root) is blocked.
+    pub fn blocks(&self, absolute: &Path, relative: &Path) -> bool {
+        self.absolute.as_ref().is_some_and(|s| s.is_match(absolute))
+            || self.relative.as_ref().is_some_and(|s| s.is_match(relative))
+    }
+
+    /// How many patterns it holds.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
 }
 
 /// Where and how to reach the receiver.
@@ -34,6 +182,13 @@ pub struct TransferConfig {
     pub chunk_size: u32,
     pub parallel_files: usize,
     pub compression_level: i32,
+    /// Chunks per file sent ahead of the receiver's acknowledgement.
+    pub chunks_in_flight: u32,
+    /// Files whose source mtime is within this window are live: shipped before the
+    /// backlog, newest first.
+    pub live_window: Duration,
+    /// After SIGTERM, how long files in flight may take to finish.
+    pub shutdown_grace: Duration,
     pub heartbeat_interval: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -101,7 +256,11 @@ impl AgentConfig {
     /// config file's directory).
     pub fn from_table(root: &toml::Table, base: &Path) -> Result<AgentConfig, Problems> {
         let p = &mut Problems::new();
-        unknown_tables(root, &["agent", "receiver", "transfer", "watch"], p);
+        unknown_tables(
+            root,
+            &["agent", "receiver", "transfer", "watch", "redis", "metrics"],
+            p,
+        );
 
         let mut s = Section::of(root, "agent", p);
         let id = s.required_string("id", p);
@@ -109,6 +268,28 @@ impl AgentConfig {
             p.push(format!("agent.id: {e}"));
         }
         let journal = s.required_path("journal", p).map(|j| base.join(j));
+        let blocklist = s.string("blocklist", p).and_then(|b| {
+            let file = base.join(b);
+            match Blocklist::load(&file) {
+                Ok(list) => Some((file, list)),
+                Err(errs) => {
+                    p.extend(errs.into_iter().map(|e| format!("agent.blocklist: {e}")));
+                    None
+                }
+            }
+        });
+        s.finish(p);
+
+        let mut s = Section::of(root, "metrics", p);
+        let metrics_listen = s.string("listen", p).and_then(|l| match l.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                p.push(format!(
+                    "metrics.listen: {l:?} is not an ip:port address, e.g. \"127.0.0.1:9101\""
+                ));
+                None
+            }
+        });
         s.finish(p);
 
         let mut s = Section::of(root, "receiver", p);
@@ -137,6 +318,9 @@ impl AgentConfig {
             chunk_size: chunk_size as u32,
             parallel_files: s.integer_in("parallel_files", 8, (1, 256), p) as usize,
             compression_level: s.integer_in("compression_level", 1, (0, 19), p) as i32,
+            chunks_in_flight: s.integer_in("chunks_in_flight", 1, (1, 64), p) as u32,
+            live_window: s.duration("live_window", Duration::from_secs(12 * 3600), p),
+            shutdown_grace: s.duration("shutdown_grace", Duration::from_secs(20), p),
             heartbeat_interval: s.duration("heartbeat_interval", Duration::from_secs(5), p),
             reconnect_min: s.duration("reconnect_min", Duration::from_millis(500), p),
             reconnect_max: s.duration("reconnect_max", Duration::from_secs(30), p),
@@ -150,6 +334,7 @@ impl AgentConfig {
         s.finish(p);
 
         let watches = watches(root, base, p);
+        let redis = redis_sources(root, base, id.as_deref().unwrap_or("skyferry-agent"), p);
 
         match (id, journal, address, server_name, ca, cert, key) {
             (
@@ -172,6 +357,9 @@ impl AgentConfig {
                 },
                 transfer,
                 watches,
+                redis,
+                blocklist,
+                metrics_listen,
             }),
             _ => Err(std::mem::take(p)),
         }
@@ -179,23 +367,7 @@ impl AgentConfig {
 }
 
 fn watches(root: &toml::Table, base: &Path, p: &mut Problems) -> Vec<WatchConfig> {
-    let tables: Vec<&toml::Table> = match root.get("watch") {
-        None => Vec::new(),
-        Some(toml::Value::Array(items)) => items
-            .iter()
-            .filter_map(|v| {
-                let t = v.as_table();
-                if t.is_none() {
-                    p.push("[[watch]] entries must be tables".into());
-                }
-                t
-            })
-            .collect(),
-        Some(_) => {
-            p.push("watch must be an array of tables: write [[watch]]".into());
-            Vec::new()
-        }
-    };
+    let tables = table_array(root, "watch", p);
     if tables.is_empty() {
         p.push("at least one [[watch]] table with a root is required".into());
     }
@@ -235,6 +407,140 @@ fn watches(root: &toml::Table, base: &Path, p: &mut Problems) -> Vec<WatchConfig
                 filter,
                 settle,
                 rescan_interval,
+            });
+        }
+    }
+    out
+}
+
+/// The `[[...]]` array of tables `key`, each table with its index.
+fn table_array<'a>(root: &'a toml::Table, key: &str, p: &mut Problems) -> Vec<&'a toml::Table> {
+    match root.get(key) {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| {
+                let t = v.as_table();
+                if t.is_none() {
+                    p.push(format!("[[{key}]] entries must be tables"));
+                }
+                t
+            })
+            .collect(),
+        Some(_) => {
+            p.push(format!("{key} must be an array of tables: write [[{key}]]"));
+            Vec::new()
+        }
+    }
+}
+
+fn redis_sources(
+    root: &toml::Table,
+    base: &Path,
+    agent_id: &str,
+    p: &mut Problems,
+) -> Vec<RedisConfig> {
+    let mut out = Vec::new();
+    for (i, t) in table_array(root, "redis", p).into_iter().enumerate() {
+        let name = format!("redis[{i}]");
+        let mut s = Section::from_table(name.clone(), t);
+        let url = s.required_string("url", p);
+        if let Some(u) = &url {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                p.push(format!(
+                    "{}: {:?} is not a redis:// or rediss:// URL, e.g. \"redis://:password@host:6379/0\"",
+                    s.key("url"),
+                    redact_url(u)
+                ));
+            }
+        }
+        let ca = s.string("ca", p).map(|c| base.join(c));
+        if let Some(ca) = &ca {
+            if !ca.is_file() {
+                p.push(format!(
+                    "{}: file {} does not exist",
+                    s.key("ca"),
+                    ca.display()
+                ));
+            }
+            if url.as_deref().is_some_and(|u| !u.starts_with("rediss://")) {
+                p.push(format!(
+                    "{}: a CA only applies to TLS: use a rediss:// URL",
+                    s.key("ca")
+                ));
+            }
+        }
+        let channel = s.string("channel", p);
+        let pattern = s.string("pattern", p);
+        let stream = s.string("stream", p);
+        let group = s.string("group", p);
+        let consumer = s.string("consumer", p);
+        let claim_idle = s.duration("claim_idle", Duration::from_secs(60), p);
+        let mode = match (channel, pattern, stream) {
+            (Some(c), None, None) => Some(RedisMode::PubSub {
+                channel: c,
+                pattern: false,
+            }),
+            (None, Some(c), None) => Some(RedisMode::PubSub {
+                channel: c,
+                pattern: true,
+            }),
+            (None, None, Some(stream)) => Some(RedisMode::Stream {
+                stream,
+                group: group.clone().unwrap_or_else(|| "skyferry".into()),
+                consumer: consumer.clone().unwrap_or_else(|| agent_id.to_owned()),
+                claim_idle,
+            }),
+            _ => {
+                p.push(format!(
+                    "{name}: set exactly one of channel, pattern (pub/sub) or stream (Redis Streams)"
+                ));
+                None
+            }
+        };
+        if matches!(mode, Some(RedisMode::PubSub { .. })) && (group.is_some() || consumer.is_some())
+        {
+            p.push(format!(
+                "{name}: group and consumer apply to streams only (set stream = \"...\")"
+            ));
+        }
+        let field = s.string("path_field", p).unwrap_or_else(|| "path".into());
+        let format = match s.string("format", p).as_deref() {
+            None | Some("path") => MessageFormat::Path { field },
+            Some("json") => MessageFormat::Json { field },
+            Some(other) => {
+                p.push(format!(
+                    "{}: {other:?} is not a message format (use \"path\" or \"json\")",
+                    s.key("format")
+                ));
+                MessageFormat::Path { field }
+            }
+        };
+        if matches!(mode, Some(RedisMode::Stream { .. }))
+            && matches!(format, MessageFormat::Json { .. })
+        {
+            p.push(format!(
+                "{}: stream entries are key/value already: drop format = \"json\" and set path_field to the entry field that holds the path",
+                s.key("format")
+            ));
+        }
+        let reconnect_min = s.duration("reconnect_min", Duration::from_millis(500), p);
+        let reconnect_max = s.duration("reconnect_max", Duration::from_secs(30), p);
+        if reconnect_min > reconnect_max || reconnect_min.is_zero() {
+            p.push(format!(
+                "{name}: reconnect_min must be positive and not exceed reconnect_max"
+            ));
+        }
+        s.finish(p);
+        if let (Some(url), Some(mode)) = (url, mode) {
+            out.push(RedisConfig {
+                name,
+                url,
+                ca,
+                mode,
+                format,
+                reconnect_min,
+                reconnect_max,
             });
         }
     }

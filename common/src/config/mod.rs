@@ -9,7 +9,10 @@ mod agent;
 mod reader;
 mod receiver;
 
-pub use agent::{AgentConfig, Endpoint, TransferConfig, WatchConfig};
+pub use agent::{
+    AgentConfig, Blocklist, Endpoint, MessageFormat, PathFilter, RedisConfig, RedisMode,
+    TransferConfig, WatchConfig,
+};
 pub use reader::{parse_duration, parse_size};
 pub use receiver::ReceiverConfig;
 
