@@ -4,7 +4,9 @@
 //! - [`binaries`] builds and locates the daemons for the current profile;
 //! - [`fits`] writes realistic Tomo-e Gozen-like FITS files, fast and deterministically;
 //! - [`tree`] hashes and compares a source tree with its replica;
-//! - [`pair`] runs one agent and one receiver on loopback in a temporary directory.
+//! - [`pair`] runs one agent and one receiver on loopback in a temporary directory;
+//! - [`relay`] is a UDP relay that drops, delays, duplicates and black-holes datagrams;
+//! - [`faults`] holds what fault tests share: a seeded RNG, contents, a small tmpfs.
 //!
 //! The `skyferry-demo` and `skyferry-bench` binaries are built on these modules.
 

@@ -28,6 +28,14 @@ pub struct PairOptions {
     pub exclude: Vec<String>,
     pub max_file_size: String,
     pub max_concurrent_files: u32,
+    /// Receiver: age after which partial files of an agent that never came back are
+    /// removed (`limits.partial_max_age`); the receiver's default when `None`.
+    pub partial_max_age: Option<String>,
+    /// Route the agent through a fault-injecting UDP relay ([`crate::relay::Relay`],
+    /// reached with [`Pair::relay`]) instead of straight to the receiver.
+    pub via_relay: bool,
+    /// Seed of the relay's loss and duplication draws.
+    pub relay_seed: u64,
 }
 
 impl Default for PairOptions {
@@ -47,6 +55,9 @@ impl Default for PairOptions {
             exclude: vec!["**/*.tmp".into(), "**/.*".into()],
             max_file_size: "1 TiB".into(),
             max_concurrent_files: 64,
+            partial_max_age: None,
+            via_relay: false,
+            relay_seed: 1,
         }
     }
 }
@@ -63,7 +74,7 @@ impl Pair {
              [[watch]]\nroot = {}\ninclude = {}\nexclude = {}\nsettle = {}\nrescan_interval = {}\n",
             quote(&o.agent_id),
             quote_path(&self.journal()),
-            quote(&format!("127.0.0.1:{}", self.port)),
+            quote(&self.agent_target().to_string()),
             quote(RECEIVER_NAME),
             quote_path(&self.certs_dir().join("ca.pem")),
             quote_path(&self.agent_identity.cert),
@@ -86,7 +97,7 @@ impl Pair {
     pub fn receiver_config(&self) -> String {
         let o = &self.opts;
         let certs = self.certs_dir();
-        format!(
+        let mut text = format!(
             "[receiver]\nid = \"mdx-test\"\nlisten = {}\nstorage_root = {}\n\
              ca = {}\ncert = {}\nkey = {}\n\n\
              [limits]\nmax_file_size = {}\nmax_concurrent_files = {}\nheartbeat_interval = {}\n",
@@ -98,7 +109,11 @@ impl Pair {
             quote(&o.max_file_size),
             o.max_concurrent_files,
             quote(&o.heartbeat_interval),
-        )
+        );
+        if let Some(age) = &o.partial_max_age {
+            text.push_str(&format!("partial_max_age = {}\n", quote(age)));
+        }
+        text
     }
 
     /// Writes the rendered agent config after `tweak` edited its text. Takes effect at the

@@ -10,7 +10,9 @@
 //! <tmp>/agent.log       <tmp>/receiver.log     stdout+stderr, appended across restarts
 //! ```
 //!
-//! The receiver's UDP port is chosen once and kept across restarts. Children are killed when
+//! The receiver's UDP port is chosen once and kept across restarts. With
+//! [`PairOptions::via_relay`] the agent talks to a fault-injecting [`Relay`] in front of that
+//! port instead (it too lives as long as the pair). Children are killed when
 //! the [`Pair`] is dropped; the directory is removed too unless `SKYFERRY_KEEP_TMP` is set or
 //! [`Pair::keep`] was called.
 
@@ -18,7 +20,7 @@ mod config;
 mod daemon;
 
 use std::fs;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
@@ -30,7 +32,42 @@ pub use config::PairOptions;
 use daemon::Daemon;
 
 use crate::binaries::binary;
+use crate::faults::{files_under, SeededRng};
+use crate::relay::Relay;
 use crate::tree::{self, TreeReport};
+
+/// One of the two daemons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Agent,
+    Receiver,
+}
+
+/// When [`Pair::kill_at`] kills: after a fixed delay, or at a seeded random moment in a
+/// window.
+#[derive(Clone, Copy, Debug)]
+pub enum Moment {
+    After(Duration),
+    Random {
+        seed: u64,
+        earliest: Duration,
+        latest: Duration,
+    },
+}
+
+impl Moment {
+    /// The delay this moment stands for.
+    pub fn delay(self) -> Duration {
+        match self {
+            Moment::After(d) => d,
+            Moment::Random {
+                seed,
+                earliest,
+                latest,
+            } => SeededRng::new(seed).between(earliest, latest),
+        }
+    }
+}
 
 /// Log lines shown in diagnostics.
 const LOG_TAIL_LINES: usize = 30;
@@ -49,6 +86,7 @@ pub struct Pair {
     // directory is removed.
     agent: Daemon,
     receiver: Daemon,
+    relay: Option<Relay>,
     tmp: TempDir,
     opts: PairOptions,
     port: u16,
@@ -74,6 +112,15 @@ impl Pair {
             .args(["certs", "init", "--out"])
             .arg(root.join("certs")))?;
         let agent_identity = issue_agent(&receiver_bin, &root.join("certs"), &opts.agent_id)?;
+        let port = free_udp_port()?;
+        let relay = if opts.via_relay {
+            Some(Relay::start(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                opts.relay_seed,
+            )?)
+        } else {
+            None
+        };
         let pair = Pair {
             agent: Daemon::new(
                 "agent",
@@ -87,9 +134,10 @@ impl Pair {
                 root.join("receiver.toml"),
                 root.join("receiver.log"),
             ),
+            relay,
             tmp,
             opts,
-            port: free_udp_port()?,
+            port,
             agent_identity,
         };
         pair.write_receiver_config(|_| {})?;
@@ -148,6 +196,28 @@ impl Pair {
     }
     pub fn options(&self) -> &PairOptions {
         &self.opts
+    }
+    /// The fault-injecting relay between agent and receiver, with
+    /// [`PairOptions::via_relay`].
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
+    }
+    /// Where the agent sends: the relay if there is one, else the receiver.
+    pub fn agent_target(&self) -> SocketAddr {
+        match &self.relay {
+            Some(r) => r.addr(),
+            None => SocketAddr::from(([127, 0, 0, 1], self.port)),
+        }
+    }
+    /// The receiver's partial files (bytes and chunk logs) for this pair's agent.
+    pub fn partial_dir(&self) -> PathBuf {
+        self.storage()
+            .join(".skyferry/partial")
+            .join(&self.opts.agent_id)
+    }
+    /// Every file in [`Pair::partial_dir`].
+    pub fn partial_files(&self) -> Vec<PathBuf> {
+        files_under(&self.partial_dir())
     }
 
     /// Keeps the temporary directory after the pair is dropped.
@@ -231,6 +301,73 @@ impl Pair {
     /// The agent's exit status if it exited on its own; `None` while it runs.
     pub fn agent_exit(&mut self) -> Result<Option<ExitStatus>> {
         self.agent.exit()
+    }
+
+    /// Starts `side` again (after a kill or stop); the receiver is waited for until it
+    /// listens.
+    pub fn restart(&mut self, side: Side) -> Result<()> {
+        match side {
+            Side::Agent => self.start_agent(),
+            Side::Receiver => {
+                self.start_receiver()?;
+                self.wait_receiver_listening(Duration::from_secs(10))
+            }
+        }
+    }
+
+    /// SIGKILL for `side` at `moment` (counted from now). Fails if either daemon died on
+    /// its own in the meantime, or if `side` is not running.
+    pub fn kill_at(&mut self, side: Side, moment: Moment) -> Result<Duration> {
+        let delay = moment.delay();
+        let deadline = Instant::now() + delay;
+        while Instant::now() < deadline {
+            self.ensure_alive()?;
+            std::thread::sleep(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(20)),
+            );
+        }
+        self.ensure_alive()?;
+        match side {
+            Side::Agent => self.kill_agent()?,
+            Side::Receiver => self.kill_receiver()?,
+        }
+        Ok(delay)
+    }
+
+    /// SIGKILL for `side` as soon as `ready(self)` holds (polled every 10 ms), or fails
+    /// after `timeout`.
+    pub fn kill_when(
+        &mut self,
+        side: Side,
+        timeout: Duration,
+        mut ready: impl FnMut(&Pair) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !ready(self) {
+            self.ensure_alive()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "the moment to kill the {side:?} did not come within {timeout:?}\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        match side {
+            Side::Agent => self.kill_agent(),
+            Side::Receiver => self.kill_receiver(),
+        }
+    }
+
+    /// Fails if a started daemon exited on its own.
+    pub fn ensure_alive(&mut self) -> Result<()> {
+        let alive = self
+            .agent
+            .ensure_alive()
+            .and_then(|()| self.receiver.ensure_alive());
+        alive.map_err(|e| anyhow!("{e:#}\n{}", self.diagnostics()))
     }
 
     /// The agent's process id, while the harness runs it (e.g. to read `/proc/<pid>/status`).
