@@ -4,6 +4,7 @@
 //!
 //! `main.rs` is only the command line; [`run`] is the daemon.
 
+pub mod health;
 pub mod inventory;
 pub mod metrics;
 pub mod server;
@@ -16,9 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use skyferry_common::config::ReceiverConfig;
 use tokio_util::sync::CancellationToken;
-
-/// How long in-flight file sessions may take to finish after a shutdown request.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+use tokio_util::task::TaskTracker;
 
 /// Runs the receiver until `shutdown` is cancelled. `ready` is called once it listens.
 pub async fn run(
@@ -43,6 +42,69 @@ pub async fn run(
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
     ready(addr);
     let shared = Arc::new(server::Shared::new(config, storage));
-    server::serve(endpoint, shared, shutdown, SHUTDOWN_GRACE).await;
+    let background = TaskTracker::new();
+    background.spawn(sweep_partials(shared.clone(), shutdown.clone()));
+    let grace = shared.config.shutdown_grace;
+    server::serve(endpoint, shared, shutdown, grace).await;
+    background.close();
+    background.wait().await;
     Ok(())
+}
+
+/// How often abandoned partials are looked for: a quarter of their maximum age, between
+/// one second and one hour.
+fn sweep_period(max_age: Duration) -> Duration {
+    (max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// Removes partial files older than `limits.partial_max_age`, periodically, on the
+/// blocking pool (it walks directories and deletes files).
+async fn sweep_partials(shared: Arc<server::Shared>, shutdown: CancellationToken) {
+    let max_age = shared.config.partial_max_age;
+    let mut tick = tokio::time::interval(sweep_period(max_age));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = shared.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            s.storage
+                .sweep_partials(max_age, std::time::SystemTime::now(), |agent, path| {
+                    s.claim(&Arc::from(agent), path)
+                })
+        })
+        .await;
+        match swept {
+            Ok(sweep) if sweep.removed > 0 => {
+                shared.metrics.partials_removed.inc_by(sweep.removed);
+                tracing::info!(
+                    files = sweep.removed,
+                    bytes = sweep.bytes,
+                    "swept abandoned partial files"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "partial sweep failed; trying again later"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeps_run_often_enough_for_short_ages_and_hourly_for_long_ones() {
+        assert_eq!(sweep_period(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(
+            sweep_period(Duration::from_secs(40)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            sweep_period(Duration::from_secs(7 * 86400)),
+            Duration::from_secs(3600)
+        );
+    }
 }

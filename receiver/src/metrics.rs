@@ -30,6 +30,7 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     pub connections: Gauge,
     pub files_in_progress: Gauge,
+    pub partials_removed: Counter,
 }
 
 impl Metrics {
@@ -84,6 +85,11 @@ impl Metrics {
             "files_in_progress",
             "File sessions being received",
             self.files_in_progress.clone(),
+        );
+        r.register(
+            "partials_removed",
+            "Abandoned partial files removed after limits.partial_max_age",
+            self.partials_removed.clone(),
         );
     }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+use crate::health::StorageHealth;
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 
@@ -29,6 +30,7 @@ pub const CLOSE_HEARTBEAT_LOST: u32 = 2;
 pub struct Shared {
     pub config: ReceiverConfig,
     pub storage: Arc<Storage>,
+    pub health: StorageHealth,
     pub metrics: Metrics,
     pub file_slots: Semaphore,
     busy: Mutex<HashSet<(Arc<str>, String)>>,
@@ -52,6 +54,7 @@ impl Shared {
             file_slots: Semaphore::new(config.max_concurrent_files),
             config,
             storage: Arc::new(storage),
+            health: StorageHealth::default(),
             metrics: Metrics::default(),
             busy: Mutex::new(HashSet::new()),
         }
@@ -67,9 +70,10 @@ impl Shared {
     /// Claims a path so that two streams never write the same partial at once.
     pub fn claim(&self, agent: &Arc<str>, path: &str) -> Option<BusyGuard<'_>> {
         let key = (agent.clone(), path.to_owned());
-        self.busy_set()
-            .insert(key.clone())
-            .then_some(BusyGuard { shared: self, key })
+        let inserted = self.busy_set().insert(key.clone());
+        // Lazily: a guard built for a path that is already claimed would, when dropped,
+        // release the other holder's claim (and take the lock while it is still held).
+        inserted.then(|| BusyGuard { shared: self, key })
     }
 }
 
@@ -266,21 +270,41 @@ async fn control_loop(
     }
 }
 
-/// Free space of the storage filesystem; "full" below a small reserve.
+/// Free space of the storage filesystem and the state it means (see [`crate::health`]).
 fn storage_state(shared: &Shared) -> (StorageState, u64) {
-    match rustix::fs::statvfs(shared.storage.root()) {
-        Ok(st) => {
-            let free = st.f_bavail.saturating_mul(st.f_frsize);
-            let state = if free < FULL_BELOW {
-                StorageState::Full
-            } else {
-                StorageState::Ok
-            };
-            (state, free)
-        }
-        Err(_) => (StorageState::Ok, 0),
-    }
+    let free = shared.storage.free_bytes();
+    let state = shared.health.state(free, std::time::Instant::now());
+    (state, free.unwrap_or(0))
 }
 
-/// Below this much free space the receiver reports its storage as full.
-const FULL_BELOW: u64 = 16 << 20;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_contested_claim_is_refused_and_leaves_the_holder_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "r.pem", "r.key"] {
+            std::fs::write(dir.path().join(f), "x").expect("write");
+        }
+        let text = r#"
+            [receiver]
+            listen = "127.0.0.1:7443"
+            storage_root = "."
+            ca = "ca.pem"
+            cert = "r.pem"
+            key = "r.key"
+        "#;
+        let file = dir.path().join("receiver.toml");
+        std::fs::write(&file, text).expect("write config");
+        let config = ReceiverConfig::load(&file).expect("config");
+        let storage = Storage::open(dir.path()).expect("storage");
+        let shared = Shared::new(config, storage);
+        let agent: Arc<str> = Arc::from("kiso");
+        let held = shared.claim(&agent, "a.fits").expect("first claim");
+        assert!(shared.claim(&agent, "a.fits").is_none(), "busy");
+        assert!(shared.claim(&agent, "a.fits").is_none(), "still busy");
+        drop(held);
+        assert!(shared.claim(&agent, "a.fits").is_some(), "free again");
+    }
+}

@@ -18,11 +18,13 @@
 //! machine crash that loses written bytes is caught by the whole-file check, which then
 //! re-checks each chunk and asks the agent again for the bad ones.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use skyferry_common::chunk::{hash_bytes, hash_file, ChunkLayout, ChunkSet};
 use skyferry_common::protocol::{short_hex, ErrorCode, Hash, Offer, Reject};
@@ -65,14 +67,30 @@ impl StorageError {
         }
     }
 
-    /// The rejection the agent receives.
+    /// ENOSPC/EDQUOT, or SQLite's "database or disk is full".
+    pub fn is_full(&self) -> bool {
+        match self {
+            StorageError::Full { .. } => true,
+            StorageError::Inventory(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            _ => false,
+        }
+    }
+
+    /// The rejection the agent receives: `storage_full` (the agent pauses and retries
+    /// later), `storage_error` (retried from the source), or `bad_path`.
     pub fn to_reject(&self) -> Reject {
-        let code = match self {
-            StorageError::Full { .. } => ErrorCode::StorageFull,
-            StorageError::Unsafe(_) => ErrorCode::BadPath,
-            StorageError::Io { .. } | StorageError::Inventory(_) => ErrorCode::StorageError,
-        };
-        reject(code, self.to_string())
+        match self {
+            StorageError::Inventory(_) if self.is_full() => {
+                reject(ErrorCode::StorageFull, format!("storage full: {self}"))
+            }
+            StorageError::Full { .. } => reject(ErrorCode::StorageFull, self.to_string()),
+            StorageError::Unsafe(_) => reject(ErrorCode::BadPath, self.to_string()),
+            StorageError::Io { .. } | StorageError::Inventory(_) => {
+                reject(ErrorCode::StorageError, self.to_string())
+            }
+        }
     }
 }
 
@@ -225,7 +243,19 @@ impl Storage {
     /// whose bytes no longer match their recorded hash are forgotten so that a retry asks
     /// for exactly those; if every chunk matches, the offer's file hash itself was wrong
     /// (the source changed while being read) and the partial is discarded.
+    ///
+    /// Any storage error discards the partial, so that the retry starts again from the
+    /// source: after a failed fsync the page cache cannot be trusted, and the fsync is
+    /// never retried.
     pub fn publish(&self, agent: &str, mut partial: Partial) -> Result<String, PublishError> {
+        let result = self.try_publish(agent, &mut partial);
+        if let Err(PublishError::Storage(_)) = &result {
+            partial.discard();
+        }
+        result
+    }
+
+    fn try_publish(&self, agent: &str, partial: &mut Partial) -> Result<String, PublishError> {
         let io = |doing: String| move |e| StorageError::io(doing, e);
         // The published file keeps the source's mtime, like `rsync -a`.
         let mtime = std::time::UNIX_EPOCH
@@ -265,7 +295,12 @@ impl Storage {
         self.move_old_version(agent, &rel, &target)?;
         fs::rename(&partial.part_path, &target)
             .map_err(io(format!("renaming into {}", target.display())))?;
-        fsync_dir(&parent)?;
+        if let Err(e) = fsync_dir(&parent) {
+            // The rename may not survive a crash: take the file back out (the retry sends
+            // it again) rather than acknowledge it.
+            let _ = fs::remove_file(&target);
+            return Err(e.into());
+        }
         let _ = fs::remove_file(&partial.log_path);
         self.inventory()
             .record(&StoredFile {
@@ -277,6 +312,91 @@ impl Storage {
             })
             .map_err(StorageError::from)?;
         Ok(rel.to_string())
+    }
+
+    /// Free space of the storage filesystem (`statvfs`), if it can be read.
+    pub fn free_bytes(&self) -> Option<u64> {
+        rustix::fs::statvfs(&self.root)
+            .ok()
+            .map(|st| st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Removes partial files nobody wrote to for `max_age` (their agent never came back,
+    /// or the source file is gone). `claim(agent, path)` must hold the path for the
+    /// duration of the removal, so that a file being received is never removed under its
+    /// session; a partial it refuses (busy) is left alone.
+    pub fn sweep_partials<G>(
+        &self,
+        max_age: Duration,
+        now: SystemTime,
+        mut claim: impl FnMut(&str, &str) -> Option<G>,
+    ) -> Sweep {
+        let mut sweep = Sweep::default();
+        let partial_root = self.state.join("partial");
+        let Ok(agents) = fs::read_dir(&partial_root) else {
+            return sweep;
+        };
+        for agent_dir in agents.flatten() {
+            let agent = agent_dir.file_name().to_string_lossy().into_owned();
+            // Files of one partial share a key: <key>.part, <key>.log, <key>.log.tmp.
+            let mut by_key: BTreeMap<String, (Vec<PathBuf>, SystemTime, u64)> = BTreeMap::new();
+            let Ok(entries) = fs::read_dir(agent_dir.path()) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some((key, _)) = name.split_once('.') else {
+                    continue;
+                };
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_file() {
+                    continue;
+                }
+                let modified = meta.modified().unwrap_or(now);
+                let slot =
+                    by_key
+                        .entry(key.to_owned())
+                        .or_insert((Vec::new(), std::time::UNIX_EPOCH, 0));
+                slot.0.push(entry.path());
+                slot.1 = slot.1.max(modified);
+                slot.2 += meta.blocks() * 512;
+            }
+            for (key, (files, newest, bytes)) in by_key {
+                let age = now.duration_since(newest).unwrap_or_default();
+                if age < max_age {
+                    continue;
+                }
+                let log = agent_dir.path().join(format!("{key}.log"));
+                let rel = log_rel_path(&log);
+                // Without a readable log no session can resume this partial: no claim.
+                let _guard = match &rel {
+                    Some(rel) => match claim(&agent, rel) {
+                        Some(g) => Some(g),
+                        None => continue,
+                    },
+                    None => None,
+                };
+                let mut removed = true;
+                for f in &files {
+                    if let Err(e) = remove_if_exists(f) {
+                        tracing::warn!(error = %e, "cannot remove an abandoned partial file");
+                        removed = false;
+                    }
+                }
+                if removed {
+                    tracing::info!(
+                        agent = %agent,
+                        path = rel.as_deref().unwrap_or("?"),
+                        age_s = age.as_secs(),
+                        bytes,
+                        "removed an abandoned partial file (untouched for longer than limits.partial_max_age)"
+                    );
+                    sweep.removed += 1;
+                    sweep.bytes += bytes;
+                }
+            }
+        }
+        sweep
     }
 
     /// Creates the directories leading to `rel` under `<root>/<agent>`, refusing to follow
@@ -343,6 +463,26 @@ impl Storage {
         tracing::info!(path = %rel, kept = %keep.display(), "new version replaces a stored file; old version kept");
         Ok(())
     }
+}
+
+/// What a sweep of abandoned partials removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    pub removed: u64,
+    pub bytes: u64,
+}
+
+/// The relative path recorded in a partial log's header.
+fn log_rel_path(log: &Path) -> Option<String> {
+    let mut data = Vec::new();
+    File::open(log).ok()?.read_to_end(&mut data).ok()?;
+    let header = 4 + 1 + 8 + 8 + 32 + 4 + 2;
+    if data.len() < header || &data[..4] != LOG_MAGIC || data[4] != LOG_VERSION {
+        return None;
+    }
+    let plen = u16::from_be_bytes([data[57], data[58]]) as usize;
+    let bytes = data.get(header..header + plen)?;
+    String::from_utf8(bytes.to_vec()).ok()
 }
 
 /// Why publication failed.
@@ -434,9 +574,20 @@ impl Partial {
         Ok(bad)
     }
 
-    fn discard(&self) {
+    /// Deletes the partial's bytes and log (after a storage error: the next offer starts
+    /// the file again from the source).
+    pub fn discard(&self) {
         let _ = fs::remove_file(&self.part_path);
         let _ = fs::remove_file(&self.log_path);
+    }
+
+    /// Bytes of the file not received yet.
+    pub fn missing_bytes(&self) -> u64 {
+        let layout = ChunkLayout::new(self.state.size, self.state.chunk_size);
+        (0..layout.count())
+            .filter(|&i| !self.state.have.contains(i))
+            .map(|i| u64::from(layout.len(i).unwrap_or(0)))
+            .sum()
     }
 }
 
@@ -530,4 +681,159 @@ fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StorageError::io(format!("fsync directory {}", dir.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u32 = 64 * 1024;
+
+    fn offer(path: &str, data: &[u8]) -> Offer {
+        Offer {
+            path: path.into(),
+            size: data.len() as u64,
+            mtime_ns: 1_700_000_000_000_000_000,
+            file_hash: hash_bytes(data),
+            chunk_size: CS,
+        }
+    }
+
+    fn write_all_chunks(p: &mut Partial, data: &[u8], skip: &[u32]) {
+        let layout = ChunkLayout::new(data.len() as u64, CS);
+        for i in 0..layout.count() {
+            if skip.contains(&i) {
+                continue;
+            }
+            let off = layout.offset(i);
+            let len = layout.len(i).unwrap_or(0) as usize;
+            p.write_chunk(i, off, &data[off as usize..off as usize + len])
+                .expect("write chunk");
+        }
+    }
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_chunk_corrupted_on_disk_is_found_forgotten_and_then_received_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let rel = RelPath::parse("n/a.fits").expect("path");
+        let content = data(5 * CS as usize + 17);
+        let o = offer("n/a.fits", &content);
+        let mut p = storage
+            .open_partial("kiso", &rel, &o, false)
+            .expect("partial");
+        write_all_chunks(&mut p, &content, &[]);
+        let part = p.part_path.clone();
+        drop(p);
+
+        // Bytes flipped in chunk 2 while the receiver was down.
+        let f = OpenOptions::new().write(true).open(&part).expect("part");
+        f.write_all_at(b"XXXX", 2 * u64::from(CS) + 100)
+            .expect("flip");
+        drop(f);
+
+        let lookup = storage.lookup("kiso", &rel).expect("lookup");
+        let state = lookup.partial.expect("partial state");
+        assert!(state.have.is_complete(), "the log still claims every chunk");
+        let p = storage
+            .open_partial("kiso", &rel, &o, false)
+            .expect("reopen");
+        match storage.publish("kiso", p) {
+            Err(PublishError::Mismatch(reason)) => assert!(reason.contains("[2]"), "{reason}"),
+            other => panic!("published a corrupt file: {other:?}"),
+        }
+        assert!(!storage.published_path("kiso", &rel).exists());
+        let state = storage
+            .lookup("kiso", &rel)
+            .expect("lookup")
+            .partial
+            .expect("partial kept");
+        assert_eq!(
+            state.have.missing(),
+            vec![skyferry_common::protocol::ChunkRange { start: 2, end: 3 }]
+        );
+
+        let mut p = storage
+            .open_partial("kiso", &rel, &o, false)
+            .expect("reopen");
+        let layout = ChunkLayout::new(content.len() as u64, CS);
+        let off = layout.offset(2) as usize;
+        p.write_chunk(2, off as u64, &content[off..off + CS as usize])
+            .expect("rewrite");
+        storage.publish("kiso", p).expect("publish");
+        let stored = fs::read(storage.published_path("kiso", &rel)).expect("read");
+        assert!(stored == content, "published bytes equal the source");
+    }
+
+    #[test]
+    fn the_sweep_removes_old_partials_but_not_fresh_or_busy_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let content = data(3 * CS as usize);
+        let mut keys = Vec::new();
+        for name in ["old.fits", "busy.fits", "fresh.fits"] {
+            let rel = RelPath::parse(name).expect("path");
+            let mut p = storage
+                .open_partial("kiso", &rel, &offer(name, &content), false)
+                .expect("partial");
+            write_all_chunks(&mut p, &content, &[1]);
+            keys.push((p.part_path.clone(), p.log_path.clone()));
+        }
+        let now = SystemTime::now();
+        let week = Duration::from_secs(7 * 86400);
+        for (part, log) in &keys[..2] {
+            for f in [part, log] {
+                let old = now - week - Duration::from_secs(60);
+                File::options()
+                    .write(true)
+                    .open(f)
+                    .and_then(|f| f.set_modified(old))
+                    .expect("age the file");
+            }
+        }
+        let sweep = storage.sweep_partials(week, now, |agent, path| {
+            assert_eq!(agent, "kiso");
+            (path != "busy.fits").then_some(())
+        });
+        assert_eq!(sweep.removed, 1);
+        assert!(sweep.bytes > 0);
+        assert!(
+            !keys[0].0.exists() && !keys[0].1.exists(),
+            "old partial removed"
+        );
+        assert!(
+            keys[1].0.exists() && keys[1].1.exists(),
+            "busy partial kept"
+        );
+        assert!(
+            keys[2].0.exists() && keys[2].1.exists(),
+            "fresh partial kept"
+        );
+    }
+
+    #[test]
+    fn a_failed_publish_discards_the_partial() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let content = data(2 * CS as usize);
+        let rel = RelPath::parse("a/b.fits").expect("path");
+        let o = offer("a/b.fits", &content);
+        let mut p = storage
+            .open_partial("kiso", &rel, &o, false)
+            .expect("partial");
+        write_all_chunks(&mut p, &content, &[]);
+        let (part, log) = (p.part_path.clone(), p.log_path.clone());
+        // A file where a directory must go: publication fails with a storage error.
+        fs::create_dir_all(dir.path().join("kiso")).expect("agent dir");
+        fs::write(dir.path().join("kiso/a"), b"not a directory").expect("blocker");
+        assert!(matches!(
+            storage.publish("kiso", p),
+            Err(PublishError::Storage(StorageError::Unsafe(_)))
+        ));
+        assert!(!part.exists() && !log.exists(), "partial discarded");
+    }
 }

@@ -19,7 +19,16 @@ pub struct ReceiverConfig {
     pub max_file_size: u64,
     pub max_concurrent_files: usize,
     pub heartbeat_interval: Duration,
+    /// Partial files untouched for this long (their agent never came back to finish
+    /// them) are removed by a periodic sweep.
+    pub partial_max_age: Duration,
+    /// After SIGTERM, how long file sessions in progress may take to finish.
+    pub shutdown_grace: Duration,
 }
+
+/// Default of `limits.partial_max_age`: a week covers any outage the agent's journal
+/// would still resume from, and long weekends.
+pub const DEFAULT_PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ReceiverConfig {
     pub fn load(file: &Path) -> Result<ReceiverConfig, ConfigError> {
@@ -67,6 +76,13 @@ impl ReceiverConfig {
         let max_file_size = s.size("max_file_size", 1 << 40, p);
         let max_concurrent_files = s.integer_in("max_concurrent_files", 64, (1, 4096), p) as usize;
         let heartbeat_interval = s.duration("heartbeat_interval", Duration::from_secs(5), p);
+        let partial_max_age = s.duration("partial_max_age", DEFAULT_PARTIAL_MAX_AGE, p);
+        let shutdown_grace = s.duration("shutdown_grace", Duration::from_secs(20), p);
+        if partial_max_age < Duration::from_secs(1) {
+            p.push(format!(
+                "limits.partial_max_age: {partial_max_age:?} is too short (at least \"1s\"; the default is \"7d\")"
+            ));
+        }
         s.finish(p);
 
         match (listen, storage_root, ca, cert, key) {
@@ -81,6 +97,8 @@ impl ReceiverConfig {
                     max_file_size,
                     max_concurrent_files,
                     heartbeat_interval,
+                    partial_max_age,
+                    shutdown_grace,
                 })
             }
             _ => Err(std::mem::take(p)),
@@ -112,5 +130,32 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("ca.pem does not exist"), "{all}");
+    }
+
+    #[test]
+    fn partial_max_age_defaults_to_a_week_and_rejects_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "r.pem", "r.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let base = r#"
+            [receiver]
+            listen = "127.0.0.1:7443"
+            storage_root = "."
+            ca = "ca.pem"
+            cert = "r.pem"
+            key = "r.key"
+        "#;
+        let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.partial_max_age, DEFAULT_PARTIAL_MAX_AGE);
+        let two_days = format!("{base}\n[limits]\npartial_max_age = \"2d\"\n");
+        let c = ReceiverConfig::from_table(&two_days.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.partial_max_age, Duration::from_secs(2 * 86400));
+        let zero = format!("{base}\n[limits]\npartial_max_age = \"0s\"\n");
+        let problems = ReceiverConfig::from_table(&zero.parse().unwrap(), dir.path()).unwrap_err();
+        assert!(
+            problems.join("\n").contains("partial_max_age"),
+            "{problems:?}"
+        );
     }
 }
