@@ -11,10 +11,13 @@
 //! The `skyferry-demo` and `skyferry-bench` binaries are built on these modules.
 
 pub mod binaries;
+pub mod faults;
 pub mod fits;
 pub mod pair;
 pub mod redis;
+pub mod relay;
 pub mod tree;
 
-pub use pair::{Identity, Pair, PairOptions};
+pub use pair::{Identity, Moment, Pair, PairOptions, Side};
+pub use relay::{Faults, Relay};
 pub use tree::{compare_trees, wait_arrived, wait_replicated, TreeReport};

@@ -51,6 +51,12 @@ fn kill_repeatedly(side: Side, name: &str) {
     let files = i;
     let started = Instant::now();
     let mut mid_transfer = 0;
+    // Files in flight at each kill: the bound on what the kill may cost in re-sends (one
+    // chunk each, the acknowledgement window). After an agent kill the journal's
+    // `inflight` rows are exactly those; while the receiver dies the agent keeps at most
+    // `parallel_files` in flight.
+    let parallel = u64::from(PairOptions::default().parallel_files);
+    let mut in_flight_at_kills = 0u64;
     for k in 0..kills {
         // A seeded moment 100..700 ms after the (re)start, taken only while a file is in
         // flight (the receiver holds a partial): a kill between files proves less.
@@ -71,6 +77,14 @@ fn kill_repeatedly(side: Side, name: &str) {
             done(p) || (since.elapsed() >= delay && !p.partial_files().is_empty())
         })
         .expect("kill");
+        in_flight_at_kills += match side {
+            Side::Agent => pair
+                .agent_status()
+                .ok()
+                .and_then(|s| s["inflight"].as_u64())
+                .unwrap_or(parallel),
+            Side::Receiver => parallel,
+        };
         let arrived = skyferry_tests::tree::list_files(&pair.published())
             .map(|f| f.len())
             .unwrap_or(0);
@@ -113,15 +127,21 @@ fn kill_repeatedly(side: Side, name: &str) {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(status["done"], files, "journal: {status}");
-    // The agent's own counter, where its journal keeps one (bytes of chunks sent, re-sends
-    // included): reported, not asserted yet.
-    if let Some(sent) = status["sent_bytes"].as_u64() {
-        let resent = sent.saturating_sub(report.bytes);
-        eprintln!(
-            "{name}: the agent counted {sent} bytes sent, {resent} re-sent ({:.1} chunks per kill)",
-            resent as f64 / CHUNK as f64 / kills.max(1) as f64
-        );
-    }
+    // The agent's own lifetime counter (bytes of chunks sent, re-sends included): every
+    // kill costs at most one chunk per file in flight.
+    let sent = status["sent_bytes"]
+        .as_u64()
+        .expect("status reports sent_bytes");
+    let resent = sent.saturating_sub(report.bytes);
+    eprintln!(
+        "{name}: the agent counted {sent} bytes sent, {resent} re-sent ({:.1} chunks per kill; bound {in_flight_at_kills} chunks for the files in flight at the kills)",
+        resent as f64 / CHUNK as f64 / kills.max(1) as f64
+    );
+    assert!(
+        resent <= in_flight_at_kills * CHUNK,
+        "{name}: {resent} bytes re-sent, more than one {CHUNK}-byte chunk for each of the \
+         {in_flight_at_kills} files in flight at the kills"
+    );
     assert!(
         pair.partial_files().is_empty(),
         "{:?}",
