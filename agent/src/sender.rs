@@ -58,6 +58,15 @@ impl Sender {
                         .instrument(span)
                         .await;
                     self.metrics.connected.set(0);
+                    let path = conn.stats().path;
+                    info!(
+                        rtt = ?path.rtt,
+                        cwnd = path.cwnd,
+                        lost_packets = path.lost_packets,
+                        congestion_events = path.congestion_events,
+                        mtu = path.current_mtu,
+                        "connection ended"
+                    );
                     if shutdown.is_cancelled() {
                         conn.close(0u32.into(), b"agent shutting down");
                         break;
