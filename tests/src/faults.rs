@@ -103,6 +103,11 @@ pub fn content(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Writes like an analysis pipeline: a hidden temporary name, then renamed into place.
+/// [`write_atomic`] for tests: panics naming the path if the write fails.
+pub fn must_write(path: &Path, data: &[u8]) {
+    write_atomic(path, data).unwrap_or_else(|e| panic!("writing {}: {e:#}", path.display()));
+}
+
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path
         .parent()

@@ -5,38 +5,10 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
+use skyferry_tests::faults::{content, must_write as write_atomic};
 use skyferry_tests::{Pair, PairOptions};
 
 const CHUNK: usize = 64 * 1024;
-
-/// Deterministic bytes: half compressible ramp, half xorshift noise, like a FITS frame.
-fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|i| {
-            if (i / 4096) % 2 == 0 {
-                (i / 97) as u8
-            } else {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            }
-        })
-        .collect()
-}
-
-/// Writes like an analysis pipeline: to a hidden temporary name, then renamed into place.
-fn write_atomic(path: &Path, data: &[u8]) {
-    let dir = path.parent().expect("file has a parent");
-    fs::create_dir_all(dir).expect("create source dir");
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().expect("file name").to_string_lossy()
-    ));
-    fs::write(&tmp, data).expect("write source file");
-    fs::rename(&tmp, path).expect("rename source file");
-}
 
 /// The 200-file mix: every boundary size around the chunk size, many small and medium
 /// files in nested directories, and one of 100 MB.

@@ -4,10 +4,10 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use skyferry_tests::faults::{content, must_write as write_atomic};
 use skyferry_tests::redis::{start_pair_with, wait_until};
 use skyferry_tests::{Pair, PairOptions};
 
@@ -15,29 +15,6 @@ use skyferry_tests::{Pair, PairOptions};
 fn no_old_versions(pair: &Pair) -> bool {
     let dir = pair.storage().join(".skyferry/versions");
     skyferry_tests::tree::list_files(&dir).is_ok_and(|files| files.is_empty())
-}
-
-fn content(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn write_atomic(path: &Path, data: &[u8]) {
-    let dir = path.parent().expect("file has a parent");
-    fs::create_dir_all(dir).expect("create source dir");
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().expect("name").to_string_lossy()
-    ));
-    fs::write(&tmp, data).expect("write");
-    fs::rename(&tmp, path).expect("rename");
 }
 
 /// The journal's count of `state`; 0 while the agent has not created its journal yet.
