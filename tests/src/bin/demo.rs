@@ -115,17 +115,7 @@ fn run(args: &Args) -> Result<()> {
         );
     }
     let status = pair.agent_status();
-    for (name, status) in [
-        ("agent", pair.stop_agent()?),
-        ("receiver", pair.stop_receiver()?),
-    ] {
-        if !status.success() {
-            bail!(
-                "the {name} exited with {status} after SIGTERM\n{}",
-                pair.diagnostics()
-            );
-        }
-    }
+    pair.stop_both()?;
 
     println!();
     println!("  files        {}", report.files);

@@ -294,6 +294,21 @@ impl Pair {
     pub fn kill_agent(&mut self) -> Result<()> {
         self.agent.kill()
     }
+    /// Stops the agent, then the receiver (SIGTERM each); an error unless both exit 0.
+    pub fn stop_both(&mut self) -> Result<()> {
+        for (name, status) in [
+            ("agent", self.stop_agent()?),
+            ("receiver", self.stop_receiver()?),
+        ] {
+            if !status.success() {
+                bail!(
+                    "the {name} exited with {status} after SIGTERM\n{}",
+                    self.diagnostics()
+                );
+            }
+        }
+        Ok(())
+    }
     /// SIGTERM, then waits up to 30 s for the agent to drain and exit.
     pub fn stop_agent(&mut self) -> Result<ExitStatus> {
         self.agent.stop()

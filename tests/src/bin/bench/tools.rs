@@ -40,17 +40,7 @@ pub fn skyferry(pair: &mut Pair, clock: &CpuClock, timeout: Duration) -> Result<
     report
         .ensure_identical()
         .map_err(|e| e.context(pair.diagnostics()))?;
-    for (name, status) in [
-        ("agent", pair.stop_agent()?),
-        ("receiver", pair.stop_receiver()?),
-    ] {
-        if !status.success() {
-            bail!(
-                "the {name} exited with {status} after SIGTERM\n{}",
-                pair.diagnostics()
-            );
-        }
-    }
+    pair.stop_both()?;
     remove(&pair.storage())?;
     Ok(Measurement {
         seconds,
