@@ -2,6 +2,9 @@
 //! sockets, no clocks), chunking and checksums, compression, configuration, TLS
 //! identities, and the async framing adapter used by both daemons.
 
+// Tests may unwrap: a panic there is a failed test, not a crash.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod chunk;
 pub mod compress;
 pub mod config;

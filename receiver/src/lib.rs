@@ -4,6 +4,9 @@
 //!
 //! `main.rs` is only the command line; [`run`] is the daemon.
 
+// Tests may unwrap: a panic there is a failed test, not a crash.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod health;
 pub mod inventory;
 pub mod metrics;
