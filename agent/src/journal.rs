@@ -12,10 +12,11 @@
 //! `pending` at startup: the receiver's resume makes re-sending them cheap.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use skyferry_common::protocol::Hash;
+use skyferry_common::unix_time::now_ns;
 
 /// How long a file waits after the receiver said it cannot take it right now.
 const WAIT: Duration = Duration::from_secs(5);
@@ -138,13 +139,6 @@ fn sql(path: &str) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
         path: path.to_owned(),
         source,
     }
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 impl Journal {

@@ -245,10 +245,7 @@ impl Sender {
 
 /// Files modified after this instant are live (shipped before the backlog).
 fn live_since_ns(window: Duration) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    now.saturating_sub(window).as_nanos() as i64
+    skyferry_common::unix_time::now_ns().saturating_sub(window.as_nanos() as i64)
 }
 
 /// Sends the agent's heartbeat every interval and watches the receiver's: three missed
@@ -298,10 +295,7 @@ async fn heartbeat(
                     ),
                     _ => (0, 0, None),
                 };
-                let now_ns = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as i64)
-                    .unwrap_or(0);
+                let now_ns = skyferry_common::unix_time::now_ns();
                 let hb = AgentHeartbeat {
                     seq,
                     pending_files,

@@ -13,6 +13,7 @@ use skyferry_common::chunk::hash_bytes;
 use skyferry_common::compress::Compressor;
 use skyferry_common::protocol::{Chunk, ErrorCode, Hash, Message, Offer, MAX_CONTROL_FRAME};
 use skyferry_common::session::{ChunkRead, Outcome, SendSession};
+use skyferry_common::unix_time::mtime_ns;
 use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -44,14 +45,6 @@ struct Source {
 enum Prepared {
     Ready(Source),
     Finished(Finish),
-}
-
-fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 /// Opens the file, checks it is still the version that was journaled, and computes its

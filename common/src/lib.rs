@@ -13,4 +13,5 @@ pub mod protocol;
 pub mod relpath;
 pub mod session;
 pub mod tls;
+pub mod unix_time;
 pub mod wire;

@@ -73,10 +73,7 @@ impl Inventory {
     }
 
     pub fn record(&self, f: &StoredFile) -> rusqlite::Result<()> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = skyferry_common::unix_time::now_ns() / 1_000_000_000;
         self.db
             .prepare_cached(
                 "INSERT INTO stored (agent, path, hash, size, mtime_ns, stored_at)

@@ -30,6 +30,7 @@ use skyferry_common::chunk::{hash_bytes, hash_file, ChunkLayout, ChunkSet};
 use skyferry_common::protocol::{short_hex, ErrorCode, Hash, Offer, Reject};
 use skyferry_common::relpath::RelPath;
 use skyferry_common::session::{reject, Lookup, PartialState};
+use skyferry_common::unix_time::mtime_ns;
 
 use crate::inventory::{Inventory, StoredFile};
 
@@ -658,14 +659,6 @@ fn read_log(path: &Path) -> std::io::Result<(PartialState, Vec<Option<Hash>>)> {
         have,
     };
     Ok((state, hashes))
-}
-
-fn mtime_ns(meta: &fs::Metadata) -> i64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), StorageError> {

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
@@ -231,10 +231,7 @@ fn settle(
     rules: &Rules,
     candidates: &mut HashMap<PathBuf, Candidate>,
 ) -> Vec<Discovered> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let now = skyferry_common::unix_time::now_ns();
     let settle_ns = watch.settle.as_nanos() as i64;
     let stale_ns = watch.settle.max(STALE_WRITER).as_nanos() as i64;
     let mut ready = Vec::new();
@@ -316,10 +313,7 @@ pub fn walk(watch: &WatchConfig, dir: &Path, ctx: &Context, busy: &HashSet<PathB
     let rules = ctx.rules.current();
     let journal = &ctx.journal;
     let settle_ns = watch.settle.as_nanos() as i64;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
+    let now = skyferry_common::unix_time::now_ns();
     let mut stack = vec![dir.to_owned()];
     let mut batch = Vec::new();
     let mut young = Vec::new();

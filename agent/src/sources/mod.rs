@@ -11,9 +11,9 @@ pub mod fs;
 pub mod message;
 pub mod redis;
 
+use skyferry_common::unix_time::mtime_ns;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::UNIX_EPOCH;
 
 use skyferry_common::config::{AgentConfig, Blocklist, PathFilter};
 use skyferry_common::relpath::RelPath;
@@ -184,14 +184,6 @@ impl Context {
         tracing::info!(reason = why, "rescan of all roots requested");
         self.rescan.send_modify(|n| *n += 1);
     }
-}
-
-pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
 }
 
 /// The journal entry for the absolute `path` under `root`, if the rules accept it and it
