@@ -144,8 +144,18 @@ impl Storage {
     /// What is stored for `rel`: the published file's hash and any partial.
     pub fn lookup(&self, agent: &str, rel: &RelPath) -> Result<Lookup, StorageError> {
         let stored = self.stored_hash(agent, rel)?;
-        let (_, log) = self.partial_paths(agent, rel);
-        let partial = read_log(&log).ok().map(|(state, _)| state);
+        let (part, log) = self.partial_paths(agent, rel);
+        let mut partial = read_log(&log).ok().map(|(state, _)| state);
+        // A partial of the very content already published is what a crash between the
+        // publishing rename and the log's removal leaves behind: remove it now.
+        if partial
+            .as_ref()
+            .is_some_and(|p| Some(p.file_hash) == stored)
+        {
+            remove_if_exists(&part)?;
+            remove_if_exists(&log)?;
+            partial = None;
+        }
         Ok(Lookup { stored, partial })
     }
 
