@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod storage;
 
 use std::sync::Arc;
@@ -44,7 +45,7 @@ pub async fn run(
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
     ready(addr);
-    let shared = Arc::new(server::Shared::new(config, storage));
+    let shared = Arc::new(shared::Shared::new(config, storage));
     let background = TaskTracker::new();
     background.spawn(sweep_partials(shared.clone(), shutdown.clone()));
     let grace = shared.config.shutdown_grace;
@@ -62,7 +63,7 @@ fn sweep_period(max_age: Duration) -> Duration {
 
 /// Removes partial files older than `limits.partial_max_age`, periodically, on the
 /// blocking pool (it walks directories and deletes files).
-async fn sweep_partials(shared: Arc<server::Shared>, shutdown: CancellationToken) {
+async fn sweep_partials(shared: Arc<shared::Shared>, shutdown: CancellationToken) {
     let max_age = shared.config.partial_max_age;
     let mut tick = tokio::time::interval(sweep_period(max_age));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -8,7 +8,7 @@ use skyferry_common::session::{reject, Event, OfferDecision, ReceiveSession};
 use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
 use tracing::{debug, info, warn};
 
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::storage::{Partial, PublishError, StorageError};
 
 /// Serves one file stream from `agent` to completion.
