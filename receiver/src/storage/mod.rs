@@ -475,6 +475,7 @@ mod tests {
     use super::*;
     use skyferry_common::chunk::{hash_bytes, ChunkLayout};
     use std::fs::OpenOptions;
+    use std::io::Write;
     use std::os::unix::fs::FileExt;
 
     const CS: u32 = 64 * 1024;
@@ -625,5 +626,165 @@ mod tests {
             Err(PublishError::Storage(StorageError::Unsafe(_)))
         ));
         assert!(!part.exists() && !log.exists(), "partial discarded");
+    }
+
+    /// A size-limited tmpfs for one test, unmounted on drop; `None` when this process
+    /// cannot mount (not root, or a container without the permission).
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "skyferry-unit"])
+                .arg(at)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !ok {
+                eprintln!("skipped: cannot mount a tmpfs (needs root)");
+            }
+            ok.then(|| Tmpfs(at.to_owned()))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Fills the filesystem holding `dir` to the last byte; returns the filler's path.
+    fn fill(dir: &Path) -> PathBuf {
+        let filler = dir.join("filler");
+        let mut f = File::create(&filler).expect("filler");
+        for size in [1 << 16, 4096, 512, 1] {
+            let block = vec![0xa5u8; size];
+            while f.write_all(&block).is_ok() {}
+        }
+        filler
+    }
+
+    /// ENOSPC in the inventory write, after the file was renamed into place: the file is
+    /// stored, so publication succeeds (the agent gets `Ack`, not a rejection of a file
+    /// the receiver has), and the next lookup hashes the file and heals the row.
+    #[test]
+    fn a_full_disk_at_the_inventory_write_still_publishes_and_the_row_heals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let Some(_mount) = Tmpfs::mount(dir.path(), "4m") else {
+            return;
+        };
+        let storage = Storage::open(dir.path()).expect("open");
+        // A first file, so that SQLite's WAL and shared memory exist before the disk fills.
+        let warm = data(CS as usize);
+        let rel = RelPath::parse("warm.fits").expect("path");
+        let mut p = storage
+            .open_partial("kiso", &rel, &offer("warm.fits", &warm), false)
+            .expect("partial");
+        write_all_chunks(&mut p, &warm, &[]);
+        storage.publish("kiso", p).expect("publish the first file");
+
+        let content = data(2 * CS as usize + 11);
+        let rel = RelPath::parse("n/b.fits").expect("path");
+        let o = offer("n/b.fits", &content);
+        let mut p = storage
+            .open_partial("kiso", &rel, &o, false)
+            .expect("partial");
+        write_all_chunks(&mut p, &content, &[]);
+        fs::create_dir_all(dir.path().join("kiso/n")).expect("parent");
+        let filler = fill(dir.path());
+        assert!(
+            File::create(dir.path().join("probe")).and_then(|mut f| f.write_all(&[0; 8192])).is_err(),
+            "the filesystem is full"
+        );
+
+        if let Err(e) = storage.publish("kiso", p) {
+            panic!("a file that was renamed into place was rejected: {e}");
+        }
+        let stored = fs::read(storage.published_path("kiso", &rel)).expect("published");
+        assert!(stored == content, "published bytes equal the source");
+        let row = storage.inventory().stored("kiso", "n/b.fits").expect("query");
+        assert!(
+            row.is_none(),
+            "the inventory write was meant to fail with ENOSPC (test setup)"
+        );
+
+        // Space returns; the re-offer (after a lost Ack, say) finds the file by hashing
+        // it, records it, and is acknowledged as already stored.
+        fs::remove_file(filler).expect("free space");
+        let lookup = storage.lookup("kiso", &rel).expect("lookup");
+        assert_eq!(lookup.stored, Some(o.file_hash));
+        let row = storage
+            .inventory()
+            .stored("kiso", "n/b.fits")
+            .expect("query")
+            .expect("row healed");
+        assert_eq!(row.hash, o.file_hash);
+    }
+
+    /// The lookup never vouches for a file outside the agent's tree reached through a
+    /// symlink in an intermediate component.
+    #[test]
+    fn the_lookup_does_not_follow_a_symlinked_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let storage = Storage::open(&root).expect("open");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).expect("outside");
+        fs::write(outside.join("secret.fits"), b"secret").expect("secret");
+        fs::create_dir_all(root.join("kiso")).expect("tree");
+        std::os::unix::fs::symlink(&outside, root.join("kiso/link")).expect("symlink");
+        let rel = RelPath::parse("link/secret.fits").expect("path");
+        match storage.lookup("kiso", &rel) {
+            Ok(l) => assert_eq!(l.stored, None, "vouched for a file outside the tree"),
+            Err(e) => assert_eq!(e.to_reject().code, ErrorCode::BadPath, "{e}"),
+        }
+        // A symlink as the file itself, and a FIFO, are not read either.
+        std::os::unix::fs::symlink(outside.join("secret.fits"), root.join("kiso/direct.fits"))
+            .expect("symlink");
+        let rel = RelPath::parse("direct.fits").expect("path");
+        match storage.lookup("kiso", &rel) {
+            Ok(l) => assert_eq!(l.stored, None),
+            Err(e) => assert_eq!(e.to_reject().code, ErrorCode::BadPath, "{e}"),
+        }
+    }
+
+    /// Opening a partial of 1 TiB in 64 KiB chunks allocates no per-chunk state: the
+    /// process's resident memory hardly moves (the dense table was ~550 MB).
+    #[test]
+    fn a_partial_of_one_tib_costs_little_memory() {
+        fn rss() -> u64 {
+            let s = fs::read_to_string("/proc/self/status").expect("status");
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .expect("VmRSS")
+                * 1024
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let before = rss();
+        let mut held = Vec::new();
+        for i in 0..4 {
+            let name = format!("huge{i}.fits");
+            let rel = RelPath::parse(&name).expect("path");
+            let o = Offer {
+                path: name,
+                size: 1 << 40,
+                mtime_ns: 1,
+                file_hash: [i; 32],
+                chunk_size: CS,
+            };
+            let p = match storage.open_partial("kiso", &rel, &o, false) {
+                Ok(p) => p,
+                // A filesystem that cannot hold a sparse file of 1 TiB: nothing to measure.
+                Err(e) => return eprintln!("skipped: {e}"),
+            };
+            held.push(p);
+            let grown = rss().saturating_sub(before);
+            assert!(grown < 16 << 20, "{} partials of 1 TiB cost {grown} bytes", i + 1);
+        }
+        assert_eq!(held[0].missing_bytes(), 1 << 40);
     }
 }

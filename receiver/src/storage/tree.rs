@@ -61,9 +61,9 @@ impl PathLimits {
         let path_max = self.path_max(agent);
         if rel.as_str().len() > path_max {
             return Err(StorageError::Unsafe(format!(
-                "path {:?} of {} bytes is longer than this receiver can store for agent {agent:?}: at most {path_max} bytes (PATH_MAX {PATH_MAX} less the storage root, the agent id and the receiver's own prefix and version suffix)",
-                rel.as_str(),
-                rel.as_str().len()
+                "path of {} bytes is longer than this receiver can store for agent {agent:?}: at most {path_max} bytes (PATH_MAX {PATH_MAX} less the storage root, the agent id and the receiver's own prefix and version suffix); path {:?}",
+                rel.as_str().len(),
+                abbreviated(rel.as_str())
             )));
         }
         let mut comps = rel.components().peekable();
@@ -89,13 +89,27 @@ impl PathLimits {
                     "the filesystem's name limit".to_string()
                 };
                 return Err(StorageError::Unsafe(format!(
-                    "path {:?}: {what} is longer than this receiver can store: at most {max} bytes ({why})",
-                    rel.as_str()
+                    "{what} is longer than this receiver can store: at most {max} bytes ({why}); path {:?}",
+                    abbreviated(rel.as_str())
                 )));
             }
         }
         Ok(())
     }
+}
+
+/// The first 200 bytes of a long path (cut at a character boundary), for messages that
+/// must stay short enough to reach the agent whole.
+fn abbreviated(s: &str) -> String {
+    const SHOWN: usize = 200;
+    if s.len() <= SHOWN {
+        return s.to_owned();
+    }
+    let mut end = SHOWN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// What is at a path of the published tree.
