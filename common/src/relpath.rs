@@ -3,7 +3,9 @@
 //! The agent sends paths relative to its watch root; the receiver joins them under
 //! `<storage root>/<agent id>/`. A path is accepted only if it cannot name anything
 //! outside that directory: relative, `/`-separated, no empty, `.` or `..` components, no
-//! NUL or backslash, and within length limits. (Symlinks already on the receiver's disk
+//! NUL or backslash, and within length limits. Control characters (C0, DEL, C1) are
+//! refused too: a path is written to logs, and a newline or an escape sequence in it
+//! would forge log lines or rewrite an operator's terminal. (Symlinks already on the receiver's disk
 //! are checked by the receiver's storage when it creates directories.)
 
 use crate::protocol::MAX_PATH_LEN;
@@ -21,10 +23,17 @@ pub enum PathError {
     Traversal(String),
     #[error("path {0:?} contains a NUL or backslash character")]
     BadCharacter(String),
+    #[error("path {0:?} contains a control character (U+{1:04X}); newlines, tabs and escape sequences are not accepted")]
+    ControlCharacter(String, u32),
     #[error("path of {len} bytes exceeds the limit of {max} bytes")]
     TooLong { len: usize, max: usize },
     #[error("path {0:?} has a component longer than 255 bytes")]
     ComponentTooLong(String),
+}
+
+/// C0 controls (U+0000..=U+001F), DEL (U+007F) and C1 controls (U+0080..=U+009F).
+fn is_control(c: char) -> bool {
+    c.is_control()
 }
 
 /// A validated relative path (`a/b/c.fits`).
@@ -47,6 +56,9 @@ impl RelPath {
         }
         if s.contains('\0') || s.contains('\\') {
             return Err(PathError::BadCharacter(s.to_owned()));
+        }
+        if let Some(c) = s.chars().find(|&c| is_control(c)) {
+            return Err(PathError::ControlCharacter(s.to_owned(), u32::from(c)));
         }
         for part in s.split('/') {
             if part.is_empty() || part == "." || part == ".." {
@@ -114,6 +126,16 @@ mod tests {
         for (input, err) in cases {
             assert_eq!(RelPath::parse(input), Err(err), "{input:?}");
         }
+        for bad in ["a\nb", "a\rb", "a\tb", "a\x1b[31mb", "a\u{7f}", "a\u{85}b", "a\u{9b}b"] {
+            assert!(
+                matches!(RelPath::parse(bad), Err(PathError::ControlCharacter(..))),
+                "{bad:?}"
+            );
+        }
+        let e = RelPath::parse("x\n2099-01-01 INFO forged").unwrap_err().to_string();
+        assert!(!e.contains('\n'), "the message escapes the path: {e}");
+        // Printable non-ASCII is fine.
+        assert!(RelPath::parse("観測/ß-é.fits").is_ok());
         assert!(matches!(
             RelPath::parse(&"a/".repeat(3000)),
             Err(PathError::TooLong { .. })

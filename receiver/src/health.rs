@@ -3,6 +3,10 @@
 //! can look fine again the moment the failed file's partial is deleted, and an agent that
 //! resumed at once would only fill the disk again).
 //!
+//! Only the filesystem itself decides: an offer that is refused because that one file
+//! does not fit is answered on its own (`storage_full` for that file) and changes nothing
+//! here, so that one agent offering an oversize file cannot pause the fleet.
+//!
 //! After an ENOSPC the state stays `full` until one of:
 //! - free space covers the reserve plus what the failed file needed ("space returned");
 //! - a file whose session started after the ENOSPC was stored ("a write succeeded");
@@ -51,8 +55,8 @@ impl StorageHealth {
         self.mark().epoch
     }
 
-    /// A write failed with ENOSPC (or a file was refused because it cannot fit); the file
-    /// still needed `needed` bytes. Returns true when this starts a full period.
+    /// A write failed with ENOSPC/EDQUOT; the file still needed `needed` bytes. Returns
+    /// true when this starts a full period.
     pub fn note_full(&self, needed: u64, now: Instant) -> bool {
         let mut m = self.mark();
         let started = m.since.is_none();

@@ -92,4 +92,12 @@ impl Inventory {
             ])?;
         Ok(())
     }
+
+    /// Removes the row of (agent, path), if any.
+    pub fn forget(&self, agent: &str, path: &str) -> rusqlite::Result<()> {
+        self.db
+            .prepare_cached("DELETE FROM stored WHERE agent = ?1 AND path = ?2")?
+            .execute(params![agent, path])?;
+        Ok(())
+    }
 }

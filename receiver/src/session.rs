@@ -30,15 +30,15 @@ pub async fn serve(
         Ok(()) => {}
         Err(e) if e.is_peer_fault() => {
             shared.metrics.protocol_errors.inc();
-            warn!(agent = %agent, path, error = %e, "closing file stream: bad frame from agent");
+            warn!(agent = ?agent, path = ?path, error = %e, "closing file stream: bad frame from agent");
             session.fail(reject(ErrorCode::Protocol, e.to_string()));
         }
-        Err(e) => debug!(agent = %agent, path, error = %e, "file stream ended early"),
+        Err(e) => debug!(agent = ?agent, path = ?path, error = %e, "file stream ended early"),
     }
     while let Some(reply) = session.poll_transmit() {
         if let Message::Reject(r) = &reply {
             shared.metrics.rejected(r.code);
-            warn!(agent = %agent, path, code = %r.code, reason = %r.reason, "file rejected");
+            warn!(agent = ?agent, path = ?path, code = %r.code, reason = ?r.reason, "file rejected");
         }
         if writer.send(&reply).await.is_err() {
             break;
@@ -133,7 +133,20 @@ async fn drive(
     let discard = match session.handle_lookup(lookup) {
         OfferDecision::AlreadyStored => {
             shared.metrics.files_already_stored.inc();
-            info!(agent = %agent, path = %path, "already stored; acknowledged without transfer");
+            info!(agent = ?agent, path = ?path.as_str(), "already stored; acknowledged without transfer");
+            return (session, Ok(()));
+        }
+        OfferDecision::Refused { discard_partial } => {
+            // This file does not fit; that says nothing about the others, so the storage
+            // state other agents see is left alone. Nothing was created for it; a partial
+            // of another version is useless and goes.
+            if discard_partial {
+                let storage = shared.storage.clone();
+                let (a, p) = (agent.clone(), path.clone());
+                if let Err(e) = blocking(move || storage.discard_partial(&a, &p)).await {
+                    warn!(agent = ?agent, path = ?path.as_str(), error = %e, "cannot remove an outdated partial file");
+                }
+            }
             return (session, Ok(()));
         }
         OfferDecision::Receive { discard_partial } => discard_partial,
@@ -146,28 +159,11 @@ async fn drive(
             if e.is_full() {
                 note_full(shared, offer.size);
             }
-            session.fail(e.to_reject());
+            // The session queued `Resume` already: drop it, the rejection is the answer.
+            session.fail_instead(e.to_reject());
             return (session, Ok(()));
         }
     };
-    // Refuse at once a file that cannot fit, rather than fill the disk and fail halfway.
-    let needed = partial.missing_bytes();
-    let storage = shared.storage.clone();
-    let free = blocking(move || Ok::<_, StorageError>(storage.free_bytes()))
-        .await
-        .ok()
-        .flatten();
-    if let Some(free) = free.filter(|&f| f < needed) {
-        note_full(shared, needed);
-        session.fail(reject(
-            ErrorCode::StorageFull,
-            format!(
-                "storage full: {path} needs {needed} more bytes, {free} are free under {}",
-                shared.config.storage_root.display()
-            ),
-        ));
-        return (session, Ok(()));
-    }
     let epoch = shared.health.epoch();
     let resumed_from = session.have().present();
     if let Some(resume) = session.poll_transmit() {
@@ -175,7 +171,7 @@ async fn drive(
             return (session, Err(e));
         }
     }
-    debug!(agent = %agent, path = %path, size = offer.size, have = resumed_from, "receiving");
+    debug!(agent = ?agent, path = ?path.as_str(), size = offer.size, have = resumed_from, "receiving");
     reader.set_max(max_data_frame(offer.chunk_size));
 
     let mut work = Work {
@@ -225,15 +221,28 @@ async fn drive(
     let storage = shared.storage.clone();
     let a = agent.clone();
     match blocking(move || storage.publish(&a, partial)).await {
-        Ok(stored) => {
+        Ok(published) => {
             shared.metrics.files_stored.inc();
             shared.metrics.bytes_stored.inc_by(offer.size);
-            info!(agent = %agent, path = %path, size = offer.size,
+            info!(agent = ?agent, path = ?path.as_str(), size = offer.size,
                   chunks = session.chunks_received(), resumed_from, "stored");
-            if shared.health.note_stored(epoch) {
-                info!("storage accepts writes again; reporting ok to agents");
+            match &published.inventory_error {
+                // The file is durably in place: tell the agent the truth. The row heals at
+                // the next lookup of the path (the file is hashed and recorded then).
+                Some(e) => {
+                    warn!(agent = ?agent, path = ?path.as_str(), error = %e,
+                          "stored, but its inventory row could not be written; the next offer of this path re-hashes the file");
+                    if e.is_full() {
+                        note_full(shared, 0);
+                    }
+                }
+                None => {
+                    if shared.health.note_stored(epoch) {
+                        info!("storage accepts writes again; reporting ok to agents");
+                    }
+                }
             }
-            session.handle_published(Ok(stored));
+            session.handle_published(Ok(published.stored_path));
         }
         Err(e) => {
             if let PublishError::Storage(s) = &e {

@@ -41,6 +41,10 @@ pub struct Lookup {
     pub stored: Option<Hash>,
     /// The partial file for the path, if any.
     pub partial: Option<PartialState>,
+    /// Bytes a new file may still use on the storage filesystem (free space minus the
+    /// receiver's reserve), `None` when unknown. A file whose missing bytes exceed it is
+    /// refused on its own with `storage_full`, before anything is written or sent.
+    pub room: Option<u64>,
 }
 
 /// What the I/O layer must do after an offer was looked up.
@@ -51,6 +55,9 @@ pub enum OfferDecision {
     /// Receive into the partial; `discard_partial` when an existing partial belongs to
     /// another version and must be deleted first.
     Receive { discard_partial: bool },
+    /// The file cannot fit: the session queued a `storage_full` rejection (and no
+    /// `Resume`). `discard_partial` as above: a partial of another version is useless.
+    Refused { discard_partial: bool },
 }
 
 /// A chunk that passed verification: its bytes are in the caller's buffer.
@@ -130,6 +137,13 @@ impl ReceiveSession {
     pub fn fail(&mut self, r: Reject) {
         self.state = State::Done;
         self.out.push_back(Message::Reject(r));
+    }
+
+    /// Ends the session with a rejection in place of anything queued and not sent yet
+    /// (the I/O layer could not open storage after the session decided to receive).
+    pub fn fail_instead(&mut self, r: Reject) {
+        self.out.clear();
+        self.fail(r);
     }
 
     fn protocol_error(&mut self, what: String) -> Reject {
@@ -225,6 +239,17 @@ impl ReceiveSession {
             Some(_) => true,
             None => false,
         };
+        let needed = self.have.missing_bytes(&self.layout);
+        if let Some(room) = lookup.room.filter(|&room| room < needed) {
+            let r = reject(
+                ErrorCode::StorageFull,
+                format!(
+                    "storage full for this file: {path:?} needs {needed} more bytes, the receiver has room for {room}"
+                ),
+            );
+            self.fail(r);
+            return OfferDecision::Refused { discard_partial };
+        }
         self.out.push_back(Message::Resume(Resume {
             missing: coalesce(self.have.missing(), MAX_RESUME_RANGES),
         }));

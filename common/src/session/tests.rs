@@ -66,6 +66,7 @@ fn run(
                 let lookup = Lookup {
                     stored: disk.published.get(&path).map(|(_, h)| *h),
                     partial: disk.partials.get(&path).map(|(_, s)| s.clone()),
+                    room: None,
                 };
                 let o = recv.offer().expect("offered").clone();
                 if let OfferDecision::Receive { discard_partial } = recv.handle_lookup(lookup) {
@@ -265,6 +266,98 @@ fn bad_path_is_rejected() {
         );
     }
     assert!(disk.published.is_empty() && disk.partials.is_empty());
+}
+
+#[test]
+fn control_characters_in_a_path_are_a_bad_path() {
+    let mut disk = Disk::default();
+    let src = data(10, 0);
+    for bad in [
+        "x\n2099-01-01T00:00:00Z  INFO forged.fits",
+        "a\x1b[2Kb.fits",
+        "tab\there",
+        "del\u{7f}",
+        "c1\u{9b}31m",
+    ] {
+        let (outcome, sent) = run(&mut disk, offer(bad, &src), &src, &mut |_| {}, None);
+        assert_eq!(sent, 0, "{bad:?}");
+        assert!(
+            matches!(&outcome, Some(Outcome::Rejected(r)) if r.code == ErrorCode::BadPath),
+            "{bad:?}: {outcome:?}"
+        );
+    }
+    assert!(disk.published.is_empty() && disk.partials.is_empty());
+}
+
+/// An offer that does not fit is refused on its own: `storage_full` is the only reply
+/// (no `Resume` first), and it holds no per-chunk state.
+#[test]
+fn an_offer_without_room_gets_only_a_storage_full_rejection() {
+    let tib = 1u64 << 40;
+    let o = Offer {
+        path: "huge.fits".into(),
+        size: tib,
+        mtime_ns: 1,
+        file_hash: [3; 32],
+        chunk_size: MIN_CHUNK_SIZE,
+    };
+    let mut recv = ReceiveSession::new(tib);
+    let mut buf = Vec::new();
+    assert_eq!(
+        recv.handle(Message::Offer(o.clone()), &mut buf),
+        Ok(Event::Offered)
+    );
+    let lookup = Lookup {
+        room: Some(tib - 1),
+        ..Lookup::default()
+    };
+    assert_eq!(
+        recv.handle_lookup(lookup),
+        OfferDecision::Refused {
+            discard_partial: false
+        }
+    );
+    let replies: Vec<Message> = std::iter::from_fn(|| recv.poll_transmit()).collect();
+    assert!(
+        matches!(&replies[..], [Message::Reject(r)] if r.code == ErrorCode::StorageFull && r.reason.contains("needs 1099511627776 more bytes")),
+        "{replies:?}"
+    );
+    assert!(recv.is_done());
+
+    // A partial that already holds all but one chunk needs only that chunk's room.
+    let o = Offer {
+        size: 100 * u64::from(MIN_CHUNK_SIZE),
+        ..o
+    };
+    let mut recv = ReceiveSession::new(tib);
+    recv.handle(Message::Offer(o.clone()), &mut buf).unwrap();
+    let count = recv.layout().count();
+    let mut have = ChunkSet::new(count);
+    for i in 1..count {
+        have.insert(i);
+    }
+    let partial = PartialState {
+        size: o.size,
+        mtime_ns: o.mtime_ns,
+        file_hash: o.file_hash,
+        chunk_size: o.chunk_size,
+        have,
+    };
+    let lookup = Lookup {
+        partial: Some(partial),
+        room: Some(u64::from(MIN_CHUNK_SIZE)),
+        ..Lookup::default()
+    };
+    assert_eq!(
+        recv.handle_lookup(lookup),
+        OfferDecision::Receive {
+            discard_partial: false
+        }
+    );
+    assert!(matches!(
+        recv.poll_transmit(),
+        Some(Message::Resume(r)) if r.missing == vec![crate::protocol::ChunkRange { start: 0, end: 1 }]
+    ));
 }
 
 #[test]
