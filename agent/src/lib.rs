@@ -74,9 +74,10 @@ pub async fn run(
         wake.clone(),
         metrics.clone(),
     ));
-    for watch in &config.watches {
+    for (index, watch) in config.watches.iter().enumerate() {
         tasks.spawn(sources::fs::watch_root(
             watch.clone(),
+            index,
             ctx.clone(),
             sources_stop.clone(),
         ));
@@ -145,7 +146,9 @@ async fn reload_on_sighup(path: PathBuf, ctx: Arc<sources::Context>, stop: Cance
                 ctx.request_rescan("rules reloaded");
             }
             Ok(Err(e)) => {
-                tracing::warn!("SIGHUP: {e}; keeping the rules in force")
+                tracing::warn!("SIGHUP: {e}; keeping the rules in force");
+                // A SIGHUP always rescans, with the rules in force.
+                ctx.request_rescan("SIGHUP");
             }
             Err(e) => tracing::warn!(error = %e, "SIGHUP: reload task failed"),
         }

@@ -25,6 +25,21 @@ pub struct SourceKindLabels {
     pub source: &'static str,
 }
 
+/// One `[[watch]]` root, by its index in the config (`watch="0"`): bounded by the config,
+/// never a path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub watch: String,
+}
+
+/// Filesystem source errors by kind (`read_dir`: a directory could not be listed;
+/// `watch_dir`: one directory could not be watched; `watch_limit`: the inotify watch
+/// limit was reached; `watch_start`: the watch could not start at all).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FsErrorLabels {
+    pub kind: &'static str,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub files_sent: Counter,
@@ -39,6 +54,14 @@ pub struct Metrics {
     pub source_reconnects: Family<SourceKindLabels, Counter>,
     pub fs_overflows: Counter,
     pub rescans: Counter,
+    /// 1 while the root's filesystem watch runs, 0 while only rescans find its files.
+    pub fs_watch_active: Family<WatchLabels, Gauge>,
+    /// Directories under the root that the last rescan could not read.
+    pub fs_unreadable_dirs: Family<WatchLabels, Gauge>,
+    pub fs_errors: Family<FsErrorLabels, Counter>,
+    /// Files whose stream was abandoned before the commit because the source changed
+    /// under it (`reason`: deleted, moved, replaced, modified).
+    pub files_abandoned: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -104,6 +127,31 @@ impl Metrics {
             "Full rescans of a watch root",
             self.rescans.clone(),
         );
+        r.register(
+            "fs_watch_active",
+            "1 while the filesystem watch of a root runs; 0 while the root is only rescanned (every fallback_rescan_interval)",
+            self.fs_watch_active.clone(),
+        );
+        r.register(
+            "fs_unreadable_dirs",
+            "Directories under a root that the last rescan could not read (their files are not shipped)",
+            self.fs_unreadable_dirs.clone(),
+        );
+        r.register(
+            "fs_errors",
+            "Filesystem source errors, by kind (read_dir, watch_dir, watch_limit, watch_start)",
+            self.fs_errors.clone(),
+        );
+        r.register(
+            "files_abandoned",
+            "Transfers abandoned before the commit because the source was deleted, moved, replaced or modified meanwhile",
+            self.files_abandoned.clone(),
+        );
+    }
+
+    /// Counts one filesystem source error of `kind`.
+    pub fn fs_error(&self, kind: &'static str) {
+        self.fs_errors.get_or_create(&FsErrorLabels { kind }).inc();
     }
 
     /// Counts one message of a source with its outcome.

@@ -4,8 +4,8 @@
 //! of the network; memory per file is a few chunks, whatever the file size.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -40,6 +40,60 @@ pub struct UploadContext {
 struct Source {
     file: Arc<File>,
     hash: Hash,
+}
+
+/// Why a transfer was abandoned just before its commit: the source is no longer the
+/// file that was read.
+struct Abandoned {
+    finish: Finish,
+    /// Metric label and log text.
+    reason: &'static str,
+}
+
+/// Whether `file` (open since the offer) is still the journaled file at `path`: not
+/// deleted (it has a link), the very inode `path` names now (not renamed away, not
+/// replaced), and unchanged in size and mtime. Checked before the commit so that the
+/// receiver never publishes a file the source no longer has under that name: a deleted
+/// file is not published, nor a temporary file under the name it was renamed from.
+fn still_in_place(file: &File, path: &Path, job: &Job) -> Result<(), Abandoned> {
+    let abandon = |finish, reason| Err(Abandoned { finish, reason });
+    let open = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => {
+            return abandon(
+                Finish::Retry {
+                    reason: format!("cannot stat the open source {}: {e}", path.display()),
+                    forget_hash: false,
+                },
+                "stat_failed",
+            )
+        }
+    };
+    if open.nlink() == 0 {
+        return abandon(Finish::Vanished, "deleted");
+    }
+    let named = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return abandon(Finish::Vanished, "moved")
+        }
+        Err(e) => {
+            return abandon(
+                Finish::Retry {
+                    reason: format!("cannot stat {}: {e}", path.display()),
+                    forget_hash: false,
+                },
+                "stat_failed",
+            )
+        }
+    };
+    if (named.dev(), named.ino()) != (open.dev(), open.ino()) {
+        return abandon(Finish::Superseded, "replaced");
+    }
+    if open.len() != job.size || mtime_ns(&open) != job.mtime_ns {
+        return abandon(Finish::Superseded, "modified");
+    }
+    Ok(())
 }
 
 enum Prepared {
@@ -143,8 +197,19 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
     let mut session = SendSession::new(offer, ctx.window);
     let mut writer = FrameWriter::new(send);
     let replies = spawn_reader(FrameReader::new(recv, MAX_CONTROL_FRAME));
-    match exchange(ctx, &mut session, &mut writer, replies, source).await {
-        Ok(()) => {}
+    match exchange(ctx, &mut session, &mut writer, replies, source, &path, job).await {
+        Ok(None) => {}
+        Ok(Some(a)) => {
+            // No commit: the receiver keeps an unpublished partial (removed by its
+            // sweep, or discarded when a different file is offered under this path).
+            writer.reset(0);
+            ctx.metrics
+                .files_abandoned
+                .get_or_create(&crate::metrics::ReasonLabels { reason: a.reason })
+                .inc();
+            info!(path = %job.path, source = a.reason, "the source changed while it was sent; not committing it");
+            return a.finish;
+        }
         Err(e) => {
             writer.reset(0);
             if e.is_peer_fault() || conn.close_reason().is_none() {
@@ -232,13 +297,16 @@ fn session_error(e: skyferry_common::session::SessionError) -> WireError {
     WireError::Connection(format!("protocol: {e}"))
 }
 
+/// Drives the stream to its verdict; `Some` when it was abandoned before the commit.
 async fn exchange(
     ctx: &UploadContext,
     session: &mut SendSession,
     writer: &mut FrameWriter,
     mut replies: mpsc::Receiver<Result<Message, WireError>>,
     source: Source,
-) -> Result<(), WireError> {
+    path: &Path,
+    job: &Job,
+) -> Result<Option<Abandoned>, WireError> {
     while let Some(m) = session.poll_transmit() {
         writer.send(&m).await?;
     }
@@ -256,14 +324,14 @@ async fn exchange(
                     let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
                     session.handle(msg).map_err(session_error)?;
                     if session.outcome().is_some() {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
                 chunk = chunks.recv(), if session.can_send() => {
                     let Some(chunk) = chunk else { break };
                     let (msg, raw_len) = chunk.map_err(|e| WireError::Connection(format!("reading source: {e}")))?;
                     if let Err(e) = writer.send(&msg).await {
-                        return rejection_after_stop(session, &mut replies, e).await;
+                        return rejection_after_stop(session, &mut replies, e).await.map(|()| None);
                     }
                     ctx.metrics.chunks_sent.inc();
                     ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
@@ -271,6 +339,24 @@ async fn exchange(
                     tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));
                     session.handle_chunk_sent();
                 }
+            }
+        }
+    }
+    // What is left to send is the commit (unless the receiver already answered).
+    if session.outcome().is_none() {
+        let (file, p, j) = (source.file.clone(), path.to_owned(), job.clone());
+        let check = tokio::task::spawn_blocking(move || still_in_place(&file, &p, &j)).await;
+        match check {
+            Ok(Ok(())) => {}
+            Ok(Err(abandoned)) => return Ok(Some(abandoned)),
+            Err(e) => {
+                return Ok(Some(Abandoned {
+                    finish: Finish::Retry {
+                        reason: format!("source check task failed: {e}"),
+                        forget_hash: false,
+                    },
+                    reason: "stat_failed",
+                }))
             }
         }
     }
@@ -283,7 +369,7 @@ async fn exchange(
             .handle(reply(&mut replies).await?)
             .map_err(session_error)?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The receiver stops the stream when it rejects a file: its reason may already be on
@@ -347,5 +433,71 @@ pub fn record(journal: &Mutex<Journal>, job: &Job, how: &Finish) {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Err(e) = j.finish(job.id, how) {
         tracing::error!(path = %job.path, error = %e, "cannot record the transfer result in the journal");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn job_for(path: &Path) -> Job {
+        let m = std::fs::metadata(path).unwrap();
+        Job {
+            id: 1,
+            root: path.parent().unwrap().display().to_string(),
+            path: path.file_name().unwrap().to_string_lossy().into_owned(),
+            size: m.len(),
+            mtime_ns: mtime_ns(&m),
+            hash: None,
+            attempts: 0,
+        }
+    }
+
+    fn verdict(file: &File, path: &Path, job: &Job) -> &'static str {
+        match still_in_place(file, path, job) {
+            Ok(()) => "ok",
+            Err(a) => a.reason,
+        }
+    }
+
+    #[test]
+    fn the_source_must_still_be_the_file_at_its_path_before_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.fits");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let job = job_for(&path);
+        let file = File::open(&path).unwrap();
+        assert_eq!(verdict(&file, &path, &job), "ok");
+
+        // Renamed away: the open file lives on under another name.
+        let moved = dir.path().join("b.fits");
+        std::fs::rename(&path, &moved).unwrap();
+        assert_eq!(verdict(&file, &path, &job), "moved");
+        assert!(matches!(
+            still_in_place(&file, &path, &job).err().unwrap().finish,
+            Finish::Vanished
+        ));
+
+        // Replaced: another file now has the name.
+        std::fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(verdict(&file, &path, &job), "replaced");
+        std::fs::remove_file(&path).unwrap();
+
+        // Deleted: no name left at all.
+        std::fs::remove_file(&moved).unwrap();
+        assert_eq!(verdict(&file, &path, &job), "deleted");
+
+        // Appended to in place.
+        std::fs::write(&path, b"0123456789").unwrap();
+        let job = job_for(&path);
+        let file = File::open(&path).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        assert_eq!(verdict(&file, &path, &job), "modified");
     }
 }

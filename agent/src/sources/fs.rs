@@ -1,31 +1,39 @@
-//! The filesystem source: an inotify watch (via `notify`) for low latency, and a full
-//! reconciling rescan at startup, periodically, whenever the watch may have missed
-//! something (event queue overflow, watch error), and when asked (a Redis pub/sub
-//! reconnect, a SIGHUP reload). Without a watch (e.g. the inotify watch limit is reached)
-//! rescans run at least every 30 s.
+//! The filesystem source: an inotify watch (see [`super::watcher`]) for low latency, and
+//! a full reconciling rescan at startup, every `rescan_interval`, whenever the watch may
+//! have missed something (event queue overflow, watch error), and when asked (a Redis
+//! pub/sub reconnect, SIGHUP). Whatever happens to the watch, the rescans go on: while
+//! the watch is down (it could not start, or the inotify watch limit was reached) or a
+//! directory cannot be watched, they run every `fallback_rescan_interval`. A directory
+//! that cannot be read is reported (WARN when it becomes unreadable, INFO when it is
+//! readable again, `skyferry_agent_fs_unreadable_dirs`) and skipped; the rest of the tree
+//! is shipped as usual.
 //!
-//! A file is ready when it was closed after writing or renamed into place. A file the
-//! watch saw being written is waited for until it is closed (or, should the close event
-//! be lost, unchanged for [`STALE_WRITER`]); a file found by a rescan is ready when its
-//! size and mtime have not changed for the root's `settle` time. Rescans skip the files
-//! being written. A file changed after it was queued is a new version (a new journal
-//! row); the upload checks size and mtime before sending, so old and new bytes never mix.
+//! When a file is ready: one the watch saw closed after writing, or renamed into place,
+//! once no further change was seen for the root's `quiet_period` (a writer that re-opens
+//! the file and appends within it yields one version); one the watch saw being written
+//! and never closed, once unchanged for [`STALE_WRITER`]; one found by a rescan, once its
+//! size and mtime held still for `settle` (and, in a directory that just appeared, the
+//! quiet period passed without an event). Rescans leave candidates to these rules. A
+//! file changed after it was queued is a new version (a new journal row); the upload
+//! checks size and mtime before sending and the file's identity before committing, so
+//! old and new bytes never mix.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
-use notify::{RecursiveMode, Watcher};
 use skyferry_common::config::WatchConfig;
 use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::watcher::{Added, DirWatch, Seen};
 use super::{inspect, record, Context, Rejection, Rules};
 use crate::journal::Discovered;
+use crate::metrics::WatchLabels;
 
 /// A file the watch saw being written is shipped when it is closed; should the close event
 /// be lost, once it has not changed for this long (or the root's `settle`, if longer).
@@ -34,181 +42,339 @@ pub const STALE_WRITER: Duration = Duration::from_secs(60);
 /// Files per journal transaction during a rescan.
 const BATCH: usize = 2000;
 
-/// What the watch reports to the event loop.
-enum Seen {
-    /// Possibly still being written (`true`: data was written, wait for the close), or
-    /// only its metadata changed (`false`): wait for it to settle.
-    Changed(PathBuf, bool),
-    /// Closed after writing or renamed into place: ready now.
-    Complete(PathBuf),
-    /// A directory appeared: scan it (files may predate its watch).
-    Dir(PathBuf),
+/// What the watch last saw of a candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Data was written and no close seen yet.
+    Writing,
+    /// Closed after writing or renamed into place: ready after the quiet period.
+    Closed,
+    /// Found young by a rescan, found in a directory that just appeared, or only its
+    /// metadata changed: ready once settled and the watch saw nothing of it for the
+    /// quiet period.
+    Settling,
 }
 
-/// A file waiting to settle.
+/// A file waiting to be ready.
 #[derive(Clone)]
 struct Candidate {
+    /// Size and mtime at the last check.
     size: u64,
     mtime_ns: i64,
-    /// Seen being written by the watch: wait for its close event.
-    writing: bool,
+    phase: Phase,
+    /// When the watch last reported a change of it.
+    since: Instant,
 }
 
 impl Candidate {
-    fn new(writing: bool) -> Candidate {
+    fn new(phase: Phase) -> Candidate {
         Candidate {
             size: u64::MAX,
             mtime_ns: i64::MIN,
-            writing,
+            phase,
+            since: Instant::now(),
         }
     }
 }
 
-/// Watches one root until shutdown.
-pub async fn watch_root(watch: WatchConfig, ctx: Arc<Context>, shutdown: CancellationToken) {
-    let root = watch.root.clone();
+/// The state of one root's event loop besides its candidates.
+struct Root {
+    watch: WatchConfig,
+    ctx: Arc<Context>,
+    dirs: Arc<Mutex<DirWatch>>,
+    label: WatchLabels,
+    /// Directories that cannot be read (reported once each, until readable again).
+    unreadable: HashSet<PathBuf>,
+    /// Readable directories that cannot be watched (reported once each).
+    unwatched: HashSet<PathBuf>,
+    /// The current watch failure was logged at WARN.
+    failure_reported: bool,
+    /// The watch covers the root and its readable directories (and the first full
+    /// rescan that established it is done).
+    covered: bool,
+}
+
+/// Watches one root until shutdown. The watch's own problems never end this loop: it
+/// ends only on shutdown.
+pub async fn watch_root(
+    watch: WatchConfig,
+    index: usize,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
     let mut rescan_requests = ctx.rescan.subscribe();
     let (tx, mut rx) = mpsc::channel::<Seen>(8192);
     let overflow = Arc::new(AtomicBool::new(false));
-    let _watcher = start_watcher(&root, tx, overflow.clone());
-    let watching = _watcher.is_some();
-
-    let tick_every = (watch.settle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(tick_every);
-    // Without a working watch, rescans are the only source: make them frequent.
-    let rescan_every = if watching {
-        watch.rescan_interval
-    } else {
-        watch.rescan_interval.min(Duration::from_secs(30))
+    let mut root = Root {
+        dirs: Arc::new(Mutex::new(DirWatch::new(tx, overflow.clone()))),
+        label: WatchLabels {
+            watch: index.to_string(),
+        },
+        unreadable: HashSet::new(),
+        unwatched: HashSet::new(),
+        failure_reported: false,
+        covered: false,
+        watch,
+        ctx,
     };
-    let mut rescan = tokio::time::interval(rescan_every);
+    // Directories are watched by the first rescan's walk; the instance is created now.
+    let _ = root.lock_dirs().start();
+
+    let quickest = root.watch.settle.min(root.watch.quiet_period);
+    let tick_every = (quickest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(tick_every);
+    let mut period = root.rescan_period();
+    let mut rescan = tokio::time::interval(period);
+    rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut candidates: HashMap<PathBuf, Candidate> = HashMap::new();
 
     loop {
-        tokio::select! {
+        let full = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = rescan.tick() => {
-                scan(&watch, &root, &ctx, &mut candidates).await;
-            }
+            _ = rescan.tick() => true,
             changed = rescan_requests.changed() => {
                 if changed.is_err() {
                     return; // the context is gone: shutting down
                 }
-                scan(&watch, &root, &ctx, &mut candidates).await;
+                root.retry_watch();
+                true
             }
-            seen = rx.recv() => {
-                let Some(seen) = seen else { return };
-                let mut complete = Vec::new();
+            Some(seen) = rx.recv() => {
                 for seen in std::iter::once(seen).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-                    match seen {
-                        Seen::Changed(p, writing) => {
-                            candidates.entry(p).or_insert(Candidate::new(writing)).writing |= writing;
-                        }
-                        Seen::Complete(p) => {
-                            candidates.remove(&p);
-                            complete.push(p);
-                        }
-                        Seen::Dir(d) => scan(&watch, &d, &ctx, &mut candidates).await,
-                    }
+                    root.on_event(seen, &mut candidates).await;
                 }
-                if !complete.is_empty() {
-                    let (rules, r) = (ctx.rules.current(), root.clone());
-                    let ready = tokio::task::spawn_blocking(move || {
-                        complete.iter().filter_map(|p| discovered(&rules, &r, p)).collect()
-                    })
-                    .await
-                    .unwrap_or_default();
-                    enqueue(&ctx, ready).await;
-                }
+                false
             }
             _ = tick.tick() => {
                 if overflow.swap(false, Ordering::Relaxed) {
-                    ctx.metrics.fs_overflows.inc();
-                    warn!(root = %root.display(), "filesystem events were lost (event queue overflow or watch error); rescanning");
-                    scan(&watch, &root, &ctx, &mut candidates).await;
+                    root.ctx.metrics.fs_overflows.inc();
+                    warn!(root = %root.watch.root.display(), "filesystem events were lost (event queue overflow or watch error); rescanning");
+                    true
+                } else {
+                    root.settle_candidates(&mut candidates).await;
+                    false
                 }
-                if candidates.is_empty() {
-                    continue;
-                }
-                // stat() can block (slow or hung storage): keep it off the runtime.
-                let (w, rules, mut c) = (watch.clone(), ctx.rules.current(), std::mem::take(&mut candidates));
-                let (c, ready) = tokio::task::spawn_blocking(move || {
-                    let ready = settle(&w, &rules, &mut c);
-                    (c, ready)
-                })
-                .await
-                .unwrap_or_default();
-                candidates = c;
-                enqueue(&ctx, ready).await;
+            }
+        };
+        if full {
+            let dir = root.watch.root.clone();
+            root.scan(&dir, &mut candidates, true).await;
+            let p = root.rescan_period();
+            if p != period {
+                period = p;
+                rescan = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
             }
         }
     }
 }
 
-fn start_watcher(
-    root: &Path,
-    tx: mpsc::Sender<Seen>,
-    overflow: Arc<AtomicBool>,
-) -> Option<notify::RecommendedWatcher> {
-    let handler = move |res: notify::Result<notify::Event>| {
-        let event = match res {
-            Ok(e) => e,
+impl Root {
+    fn lock_dirs(&self) -> std::sync::MutexGuard<'_, DirWatch> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Rescans are the only source of files the watch does not cover: make them frequent.
+    fn rescan_period(&self) -> Duration {
+        let degraded = !self.lock_dirs().is_active() || !self.unwatched.is_empty();
+        if degraded {
+            self.watch
+                .rescan_interval
+                .min(self.watch.fallback_rescan_interval)
+        } else {
+            self.watch.rescan_interval
+        }
+    }
+
+    /// A requested rescan (SIGHUP, a Redis reconnect) also tries to start a watch that
+    /// is down, e.g. after the operator raised the inotify limit.
+    fn retry_watch(&mut self) {
+        let mut dirs = self.lock_dirs();
+        if dirs.is_active() {
+            return;
+        }
+        match dirs.start() {
+            Ok(()) => {
+                drop(dirs);
+                info!(root = %self.watch.root.display(), "starting the filesystem watch again");
+                self.covered = false;
+            }
             Err(e) => {
-                warn!(error = %e, "filesystem watch error; rescanning");
-                overflow.store(true, Ordering::Relaxed);
+                dirs.take_failure();
+                drop(dirs);
+                self.ctx.metrics.fs_error(e.kind());
+                info!(root = %self.watch.root.display(), error = %e, "the filesystem watch still cannot start; rescanning");
+            }
+        }
+    }
+
+    /// Handles one event: files become candidates, new directories are scanned.
+    async fn on_event(&mut self, seen: Seen, candidates: &mut HashMap<PathBuf, Candidate>) {
+        match seen {
+            Seen::Changed(p, writing) => {
+                let c = candidates.entry(p).or_insert(Candidate::new(if writing {
+                    Phase::Writing
+                } else {
+                    Phase::Settling
+                }));
+                if writing {
+                    c.phase = Phase::Writing;
+                    c.since = Instant::now();
+                } else if c.phase == Phase::Closed {
+                    // e.g. `cp -p` setting the mtime after the close: wait on.
+                    c.since = Instant::now();
+                }
+            }
+            Seen::Complete(p) => {
+                let c = candidates.entry(p).or_insert(Candidate::new(Phase::Closed));
+                c.phase = Phase::Closed;
+                c.since = Instant::now();
+            }
+            Seen::Gone(p) => {
+                candidates.remove(&p);
+                self.lock_dirs().forget(&p);
+            }
+            Seen::Dir(d) => self.scan(&d, candidates, false).await,
+        }
+    }
+
+    /// Queues the candidates that became ready; stat() can block (slow or hung
+    /// storage), so it runs off the runtime.
+    async fn settle_candidates(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
+        if candidates.is_empty() {
+            return;
+        }
+        let (w, rules, mut c) = (
+            self.watch.clone(),
+            self.ctx.rules.current(),
+            std::mem::take(candidates),
+        );
+        let (c, ready) = tokio::task::spawn_blocking(move || {
+            let ready = settle(&w, &rules, &mut c);
+            (c, ready)
+        })
+        .await
+        .unwrap_or_default();
+        *candidates = c;
+        enqueue(&self.ctx, ready).await;
+    }
+
+    /// Walks `dir` (the whole root when `full`, else a directory that appeared), adding
+    /// watches as it goes: files the journal does not know are enqueued if settled, or
+    /// become candidates. Candidates are left to their own rules. Then reports what the
+    /// walk found wrong.
+    async fn scan(&mut self, dir: &Path, candidates: &mut HashMap<PathBuf, Candidate>, full: bool) {
+        let busy: HashSet<PathBuf> = candidates.keys().cloned().collect();
+        let (w, d, c, dirs) = (
+            self.watch.clone(),
+            dir.to_owned(),
+            self.ctx.clone(),
+            self.dirs.clone(),
+        );
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut dirs = dirs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if full {
+                dirs.begin_full_scan();
+            }
+            let walked = walk_watching(&w, &d, &c, &busy, Some((&mut dirs, !full)));
+            if full {
+                dirs.end_full_scan();
+            }
+            walked
+        })
+        .await;
+        let w = match result {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "rescan task failed");
                 return;
             }
         };
-        tracing::trace!(?event, "fs event");
-        if event.need_rescan() {
-            overflow.store(true, Ordering::Relaxed);
-            return;
+        if w.new > 0 {
+            self.ctx.wake.notify_one();
         }
-        for path in event.paths {
-            let seen = match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => Seen::Complete(path),
-                EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
-                    if path.is_file() =>
-                {
-                    Seen::Complete(path)
-                }
-                EventKind::Create(CreateKind::Folder) => Seen::Dir(path),
-                EventKind::Create(_) | EventKind::Modify(_) if path.is_dir() => Seen::Dir(path),
-                EventKind::Create(CreateKind::File)
-                | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
-                    Seen::Changed(path, true)
-                }
-                EventKind::Create(_) | EventKind::Modify(_) => Seen::Changed(path, false),
-                _ => continue,
-            };
-            // Never block the watch thread: a full queue is an overflow, mended by a rescan.
-            if tx.try_send(seen).is_err() {
-                overflow.store(true, Ordering::Relaxed);
+        for p in w.young {
+            candidates
+                .entry(p)
+                .or_insert(Candidate::new(Phase::Settling));
+        }
+        self.report(&w.unreadable, &w.unwatched, full);
+        if full {
+            self.ctx.metrics.rescans.inc();
+        }
+        info!(dir = %dir.display(), files = w.seen, new = w.new, took = ?started.elapsed(), "rescan done");
+        let (active, watched) = {
+            let d = self.lock_dirs();
+            (d.is_active(), d.len())
+        };
+        if full && active && !self.covered {
+            self.covered = true;
+            self.failure_reported = false;
+            info!(root = %self.watch.root.display(), dirs = watched, "watching");
+        }
+    }
+
+    /// Logs and counts what a walk could not read or watch, and the watch's state.
+    fn report(
+        &mut self,
+        unreadable: &[(PathBuf, String)],
+        unwatched: &[(PathBuf, String)],
+        full: bool,
+    ) {
+        let root = self.watch.root.display().to_string();
+        let metrics = &self.ctx.metrics;
+        for (d, e) in unreadable {
+            metrics.fs_error("read_dir");
+            if self.unreadable.insert(d.clone()) {
+                warn!(root = %root, dir = %d.display(), error = %e, "cannot read directory; its files are not shipped until it is readable (check its permissions)");
             }
         }
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(w) => w,
-        Err(e) => {
-            warn!(error = %e, "cannot start the filesystem watch; relying on periodic rescans");
-            return None;
+        for (d, e) in unwatched {
+            metrics.fs_error("watch_dir");
+            if self.unwatched.insert(d.clone()) {
+                warn!(root = %root, dir = %d.display(), error = %e, "cannot watch directory; its files are found by rescans (every fallback_rescan_interval)");
+            }
         }
-    };
-    match watcher.watch(root, RecursiveMode::Recursive) {
-        Ok(()) => {
-            info!(root = %root.display(), "watching");
-            Some(watcher)
-        }
-        Err(e) => {
-            let hint = match e.kind {
-                notify::ErrorKind::MaxFilesWatch => {
-                    " (inotify watch limit reached: raise it with `sysctl fs.inotify.max_user_watches=1048576`)"
+        if full {
+            let now_unreadable: HashSet<&PathBuf> = unreadable.iter().map(|(d, _)| d).collect();
+            self.unreadable.retain(|d| {
+                let still = now_unreadable.contains(d);
+                if !still {
+                    info!(root = %root, dir = %d.display(), "directory is readable again");
                 }
-                _ => "",
-            };
-            warn!(root = %root.display(), error = %e, "cannot watch{hint}; relying on periodic rescans");
-            None
+                still
+            });
+            let now_unwatched: HashSet<&PathBuf> = unwatched.iter().map(|(d, _)| d).collect();
+            self.unwatched.retain(|d| now_unwatched.contains(d));
         }
+        metrics
+            .fs_unreadable_dirs
+            .get_or_create(&self.label)
+            .set(self.unreadable.len() as i64);
+        let (active, failure) = {
+            let mut d = self.lock_dirs();
+            (d.is_active(), d.take_failure())
+        };
+        if let Some(f) = failure {
+            metrics.fs_error(f.kind());
+            self.covered = false;
+            if self.failure_reported {
+                info!(root = %root, error = %f, "the filesystem watch failed again; rescanning instead");
+            } else {
+                self.failure_reported = true;
+                warn!(root = %root, every = ?self.watch.fallback_rescan_interval.min(self.watch.rescan_interval),
+                      "cannot watch: {f}; rescanning instead");
+            }
+        }
+        metrics
+            .fs_watch_active
+            .get_or_create(&self.label)
+            .set(i64::from(active));
     }
 }
 
@@ -225,7 +391,8 @@ fn discovered(rules: &Rules, root: &Path, path: &Path) -> Option<Discovered> {
     }
 }
 
-/// Enqueues candidates whose size and mtime held still for the settle time.
+/// Enqueues the candidates that are ready (see the module docs); drops those that are
+/// gone, filtered or not files.
 fn settle(
     watch: &WatchConfig,
     rules: &Rules,
@@ -240,8 +407,14 @@ fn settle(
             return false; // gone, filtered or not a file
         };
         let unchanged = d.size == c.size && d.mtime_ns == c.mtime_ns;
-        let wait = if c.writing { stale_ns } else { settle_ns };
-        if unchanged && now - d.mtime_ns >= wait {
+        let due = match c.phase {
+            Phase::Writing => now - d.mtime_ns >= stale_ns,
+            Phase::Closed => c.since.elapsed() >= watch.quiet_period,
+            Phase::Settling => {
+                now - d.mtime_ns >= settle_ns && c.since.elapsed() >= watch.quiet_period
+            }
+        };
+        if unchanged && due {
             ready.push(d);
             return false;
         }
@@ -264,60 +437,52 @@ async fn enqueue(ctx: &Context, files: Vec<Discovered>) {
     }
 }
 
-/// Walks `dir` (the root or a new subdirectory): files the journal does not know are
-/// enqueued if settled, or become candidates. Files being written are left alone.
-async fn scan(
-    watch: &WatchConfig,
-    dir: &Path,
-    ctx: &Arc<Context>,
-    candidates: &mut HashMap<PathBuf, Candidate>,
-) {
-    let busy: HashSet<PathBuf> = candidates
-        .iter()
-        .filter(|(_, c)| c.writing)
-        .map(|(p, _)| p.clone())
-        .collect();
-    let (w, d, c) = (watch.clone(), dir.to_owned(), ctx.clone());
-    let started = std::time::Instant::now();
-    let result = tokio::task::spawn_blocking(move || walk(&w, &d, &c, &busy)).await;
-    match result {
-        Ok(w) => {
-            if w.new > 0 {
-                ctx.wake.notify_one();
-            }
-            for p in w.young {
-                candidates.entry(p).or_insert(Candidate::new(false));
-            }
-            if dir == watch.root {
-                ctx.metrics.rescans.inc();
-            }
-            info!(dir = %dir.display(), files = w.seen, new = w.new, took = ?started.elapsed(), "rescan done");
-        }
-        Err(e) => warn!(error = %e, "rescan task failed"),
-    }
-}
-
 /// What a walk found.
 pub struct Walked {
     /// Files enqueued (new journal rows).
     pub new: usize,
-    /// Files too young to be settled: they become candidates.
+    /// Files too young to be settled, or found in a directory that just appeared: they
+    /// become candidates.
     pub young: Vec<PathBuf>,
     /// Files seen that the rules accept.
     pub seen: usize,
+    /// Directories that could not be listed, with the error.
+    pub unreadable: Vec<(PathBuf, String)>,
+    /// Directories listed but not watched, with the error.
+    pub unwatched: Vec<(PathBuf, String)>,
 }
 
-/// Blocking walk of `dir` under `watch.root`, skipping `busy` files (being written).
+/// Blocking walk of `dir` under `watch.root`, skipping `busy` files (candidates).
 /// Public for the benchmark (`skyferry-journal-bench`).
 pub fn walk(watch: &WatchConfig, dir: &Path, ctx: &Context, busy: &HashSet<PathBuf>) -> Walked {
+    walk_watching(watch, dir, ctx, busy, None)
+}
+
+/// [`walk`] that also watches every directory just before listing it, so that a file is
+/// either listed or reported by the watch. With `force` (a directory that just appeared)
+/// every directory is watched even if it was watched already, and every file found
+/// becomes a candidate. Symbolic links are not followed.
+fn walk_watching(
+    watch: &WatchConfig,
+    dir: &Path,
+    ctx: &Context,
+    busy: &HashSet<PathBuf>,
+    mut dirs: Option<(&mut DirWatch, bool)>,
+) -> Walked {
+    let appeared = dirs.as_ref().is_some_and(|(_, force)| *force);
     let rules = ctx.rules.current();
     let journal = &ctx.journal;
     let settle_ns = watch.settle.as_nanos() as i64;
     let now = skyferry_common::unix_time::now_ns();
     let mut stack = vec![dir.to_owned()];
     let mut batch = Vec::new();
-    let mut young = Vec::new();
-    let (mut new, mut seen) = (0, 0);
+    let mut walked = Walked {
+        new: 0,
+        young: Vec::new(),
+        seen: 0,
+        unreadable: Vec::new(),
+        unwatched: Vec::new(),
+    };
     let flush = |batch: &mut Vec<Discovered>, new: &mut usize| {
         let mut j = journal
             .lock()
@@ -332,14 +497,29 @@ pub fn walk(watch: &WatchConfig, dir: &Path, ctx: &Context, busy: &HashSet<PathB
         }
     };
     while let Some(d) = stack.pop() {
+        let watched = match dirs.as_mut() {
+            Some((w, force)) => w.add(&d, *force),
+            None => Added::Done,
+        };
         let entries = match std::fs::read_dir(&d) {
             Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != watch.root => continue,
             Err(e) => {
-                warn!(dir = %d.display(), error = %e, "cannot read directory");
+                walked.unreadable.push((d, e.to_string()));
                 continue;
             }
         };
-        for entry in entries.flatten() {
+        if let Added::Failed(e) = watched {
+            walked.unwatched.push((d.clone(), e));
+        }
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    walked.unreadable.push((d.clone(), e.to_string()));
+                    break;
+                }
+            };
             let path = entry.path();
             match entry.file_type() {
                 Ok(t) if t.is_dir() => stack.push(path),
@@ -350,13 +530,16 @@ pub fn walk(watch: &WatchConfig, dir: &Path, ctx: &Context, busy: &HashSet<PathB
                     let Some(found) = discovered(&rules, &watch.root, &path) else {
                         continue;
                     };
-                    seen += 1;
-                    if now - found.mtime_ns < settle_ns {
-                        young.push(path);
+                    walked.seen += 1;
+                    // In a directory that just appeared, files may have been written before
+                    // its watch existed: a writer may still be at work, so let the
+                    // candidate rules decide rather than a single look at the mtime.
+                    if now - found.mtime_ns < settle_ns || appeared {
+                        walked.young.push(path);
                     } else {
                         batch.push(found);
                         if batch.len() >= BATCH {
-                            flush(&mut batch, &mut new);
+                            flush(&mut batch, &mut walked.new);
                         }
                     }
                 }
@@ -364,6 +547,6 @@ pub fn walk(watch: &WatchConfig, dir: &Path, ctx: &Context, busy: &HashSet<PathB
             }
         }
     }
-    flush(&mut batch, &mut new);
-    Walked { new, young, seen }
+    flush(&mut batch, &mut walked.new);
+    walked
 }

@@ -10,6 +10,7 @@
 pub mod fs;
 pub mod message;
 pub mod redis;
+pub mod watcher;
 
 use skyferry_common::unix_time::mtime_ns;
 use std::path::{Path, PathBuf};
@@ -276,6 +277,36 @@ mod tests {
             r.check(Path::new("/elsewhere"), Path::new("a.fits")),
             Err(Rejection::OutsideRoots)
         );
+    }
+
+    #[test]
+    fn default_excludes_catch_temporary_names_and_nothing_else() {
+        let defaults: Vec<String> = skyferry_common::config::DEFAULT_EXCLUDES
+            .iter()
+            .map(|g| (*g).to_owned())
+            .collect();
+        let filter = PathFilter::new(&[], &defaults).unwrap();
+        for temporary in [
+            "n/a.fits.tmp",
+            "n/a.fits.part",
+            "n/a.fits.partial",
+            "n/a.fits~",
+            "n/.a.fits.swp",
+            "n/.#a.fits",
+            "n/.a.fits.Xy12Ab",
+            "a.fits.temp",
+        ] {
+            assert!(!filter.matches(Path::new(temporary)), "{temporary}");
+        }
+        for kept in [
+            "n/a.fits",
+            "n/a.fits.fz",
+            "n/a.fits.gz",
+            "2024-05-01/exp001/det07.fits",
+            "n/catalog.arrow",
+        ] {
+            assert!(filter.matches(Path::new(kept)), "{kept}");
+        }
     }
 
     #[test]

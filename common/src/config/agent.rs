@@ -198,9 +198,35 @@ pub struct TransferConfig {
 pub struct WatchConfig {
     pub root: PathBuf,
     pub filter: PathFilter,
+    /// A file found by a rescan is ready once its size and mtime held still this long.
     pub settle: Duration,
+    /// A file the watch saw closed after writing, or renamed into place, is ready once
+    /// no further change was seen for this long (a writer that re-opens it and appends
+    /// within the period yields one version, not one per close).
+    pub quiet_period: Duration,
     pub rescan_interval: Duration,
+    /// Rescan interval while the filesystem watch is down (it could not start, e.g. the
+    /// inotify watch limit): rescans are then the only source of the root's files.
+    pub fallback_rescan_interval: Duration,
 }
+
+/// Excluded when a `[[watch]]` sets no `exclude`: the temporary names writers use
+/// before renaming a finished file into place, editor leftovers, and rsync's
+/// `.<name>.XXXXXX` temporaries. An explicit `exclude` replaces the whole list
+/// (`exclude = []` excludes nothing).
+pub const DEFAULT_EXCLUDES: &[&str] = &[
+    "**/*.tmp",
+    "**/*.temp",
+    "**/*.part",
+    "**/*.partial",
+    "**/*.filepart",
+    "**/*.crdownload",
+    "**/*~",
+    "**/.*.sw?",
+    "**/.#*",
+    "**/#*#",
+    "**/.*.??????",
+];
 
 /// Include/exclude globs, matched against paths relative to the watch root.
 #[derive(Debug, Clone)]
@@ -391,7 +417,11 @@ fn watches(root: &toml::Table, base: &Path, p: &mut Problems) -> Vec<WatchConfig
             }
         });
         let include = s.strings("include", p);
-        let exclude = s.strings("exclude", p);
+        let exclude = if t.contains_key("exclude") {
+            s.strings("exclude", p)
+        } else {
+            DEFAULT_EXCLUDES.iter().map(|g| (*g).to_owned()).collect()
+        };
         let filter = PathFilter::new(&include, &exclude).map_err(|errs| {
             p.extend(
                 errs.into_iter()
@@ -399,14 +429,30 @@ fn watches(root: &toml::Table, base: &Path, p: &mut Problems) -> Vec<WatchConfig
             );
         });
         let settle = s.duration("settle", Duration::from_secs(2), p);
+        let quiet_period = s.duration("quiet_period", Duration::from_secs(1), p);
         let rescan_interval = s.duration("rescan_interval", Duration::from_secs(300), p);
+        let fallback_rescan_interval =
+            s.duration("fallback_rescan_interval", Duration::from_secs(30), p);
+        for (key, d) in [
+            ("rescan_interval", rescan_interval),
+            ("fallback_rescan_interval", fallback_rescan_interval),
+        ] {
+            if d < Duration::from_millis(100) {
+                p.push(format!(
+                    "{} = {d:?} is too short: use at least 100ms",
+                    s.key(key)
+                ));
+            }
+        }
         s.finish(p);
         if let (Some(root), Ok(filter)) = (root, filter) {
             out.push(WatchConfig {
                 root,
                 filter,
                 settle,
+                quiet_period,
                 rescan_interval,
+                fallback_rescan_interval,
             });
         }
     }

@@ -11,7 +11,7 @@ mod receiver;
 
 pub use agent::{
     AgentConfig, Blocklist, Endpoint, MessageFormat, PathFilter, RedisConfig, RedisMode,
-    TransferConfig, WatchConfig,
+    TransferConfig, WatchConfig, DEFAULT_EXCLUDES,
 };
 pub use reader::{parse_duration, parse_size};
 pub use receiver::ReceiverConfig;

@@ -103,7 +103,9 @@ fn rescan_bench(dir: &Path, tree: &Path, files: usize) -> Result<()> {
         filter: PathFilter::new(&["**/*.fits".into()], &[])
             .map_err(|e| anyhow::anyhow!("{e:?}"))?,
         settle: std::time::Duration::ZERO,
+        quiet_period: std::time::Duration::ZERO,
         rescan_interval: std::time::Duration::from_secs(300),
+        fallback_rescan_interval: std::time::Duration::from_secs(30),
     };
     let journal = Arc::new(Mutex::new(Journal::open(&dir.join("rescan.sqlite"))?));
     let ctx = Context {

@@ -20,6 +20,8 @@ pub struct PairOptions {
     pub parallel_files: u32,
     pub compression_level: u32,
     pub settle: String,
+    /// `[[watch]] quiet_period`; the agent's default when `None`.
+    pub quiet_period: Option<String>,
     pub rescan_interval: String,
     pub heartbeat_interval: String,
     pub reconnect_min: String,
@@ -36,6 +38,9 @@ pub struct PairOptions {
     pub via_relay: bool,
     /// Seed of the relay's loss and duplication draws.
     pub relay_seed: u64,
+    /// A command the agent is started through, which must `exec` it (e.g. `setpriv` to
+    /// drop capabilities, `unshare` for its own inotify limits); empty for none.
+    pub agent_wrapper: Vec<String>,
 }
 
 impl Default for PairOptions {
@@ -47,6 +52,7 @@ impl Default for PairOptions {
             parallel_files: 4,
             compression_level: 1,
             settle: "200ms".into(),
+            quiet_period: Some("200ms".into()),
             rescan_interval: "10s".into(),
             heartbeat_interval: "5s".into(),
             reconnect_min: "100ms".into(),
@@ -58,6 +64,7 @@ impl Default for PairOptions {
             partial_max_age: None,
             via_relay: false,
             relay_seed: 1,
+            agent_wrapper: Vec::new(),
         }
     }
 }
@@ -66,7 +73,7 @@ impl Pair {
     /// The agent config as rendered from the options.
     pub fn agent_config(&self) -> String {
         let o = &self.opts;
-        format!(
+        let mut text = format!(
             "[agent]\nid = {}\njournal = {}\n\n\
              [receiver]\naddress = {}\nserver_name = {}\nca = {}\ncert = {}\nkey = {}\n\n\
              [transfer]\nchunk_size = {}\nparallel_files = {}\ncompression_level = {}\n\
@@ -90,7 +97,11 @@ impl Pair {
             quote_list(&o.exclude),
             quote(&o.settle),
             quote(&o.rescan_interval),
-        )
+        );
+        if let Some(q) = &o.quiet_period {
+            text.push_str(&format!("quiet_period = {}\n", quote(q)));
+        }
+        text
     }
 
     /// The receiver config as rendered from the options.

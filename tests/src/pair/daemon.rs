@@ -19,6 +19,9 @@ pub(super) struct Daemon {
     bin: PathBuf,
     config: PathBuf,
     log: PathBuf,
+    /// A command the daemon is started through (`exec`ing it, so that its pid is the
+    /// daemon's), e.g. `setpriv ...`; empty for none.
+    wrapper: Vec<String>,
     child: Option<Child>,
 }
 
@@ -29,8 +32,14 @@ impl Daemon {
             bin,
             config,
             log,
+            wrapper: Vec::new(),
             child: None,
         }
+    }
+
+    /// Starts the daemon through `wrapper` (see the field) from the next start on.
+    pub(super) fn set_wrapper(&mut self, wrapper: Vec<String>) {
+        self.wrapper = wrapper;
     }
 
     pub(super) fn bin(&self) -> &Path {
@@ -68,7 +77,15 @@ impl Daemon {
         let stderr = log
             .try_clone()
             .with_context(|| format!("cannot reopen {}", self.log.display()))?;
-        let child = Command::new(&self.bin)
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config)

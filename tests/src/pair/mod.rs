@@ -288,6 +288,7 @@ impl Pair {
     }
 
     pub fn start_agent(&mut self) -> Result<()> {
+        self.agent.set_wrapper(self.opts.agent_wrapper.clone());
         self.agent.start()
     }
     /// SIGKILL: no chance to clean up.
