@@ -126,13 +126,23 @@ mod tests {
         for (input, err) in cases {
             assert_eq!(RelPath::parse(input), Err(err), "{input:?}");
         }
-        for bad in ["a\nb", "a\rb", "a\tb", "a\x1b[31mb", "a\u{7f}", "a\u{85}b", "a\u{9b}b"] {
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "a\tb",
+            "a\x1b[31mb",
+            "a\u{7f}",
+            "a\u{85}b",
+            "a\u{9b}b",
+        ] {
             assert!(
                 matches!(RelPath::parse(bad), Err(PathError::ControlCharacter(..))),
                 "{bad:?}"
             );
         }
-        let e = RelPath::parse("x\n2099-01-01 INFO forged").unwrap_err().to_string();
+        let e = RelPath::parse("x\n2099-01-01 INFO forged")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains('\n'), "the message escapes the path: {e}");
         // Printable non-ASCII is fine.
         assert!(RelPath::parse("観測/ß-é.fits").is_ok());

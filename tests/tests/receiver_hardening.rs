@@ -359,7 +359,10 @@ fn control_characters_in_a_path_cannot_forge_receiver_log_lines() {
     runtime().block_on(async {
         let agent = RawAgent::connect(&pair, HOSTILE, &identity).await;
         let (first, last) = agent.send_file(&path, b"tiny").await;
-        assert!(is_reject(&first, ErrorCode::BadPath), "{first:?} / {last:?}");
+        assert!(
+            is_reject(&first, ErrorCode::BadPath),
+            "{first:?} / {last:?}"
+        );
     });
     // Let the receiver write its log lines.
     std::thread::sleep(Duration::from_millis(300));

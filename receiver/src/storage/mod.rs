@@ -37,8 +37,8 @@ use crate::health::FULL_BELOW;
 use crate::inventory::{Inventory, StoredFile};
 
 pub use partial::Partial;
-pub use tree::PathLimits;
 use tree::Found;
+pub use tree::PathLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -293,7 +293,7 @@ impl Storage {
                 )
             } else {
                 format!(
-                    "{}: whole-file checksum mismatch; {} are corrupt on disk and will be fetched again",
+                    "{}: whole-file checksum mismatch; chunks {} are corrupt on disk and will be fetched again",
                     partial.rel,
                     partial::describe(&bad)
                 )
@@ -384,11 +384,17 @@ impl Storage {
                     Ok(()) => fsync_dir(&dir)?,
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                     Err(e) => {
-                        return Err(StorageError::io(format!("creating {:?}", next.display()), e))
+                        return Err(StorageError::io(
+                            format!("creating {:?}", next.display()),
+                            e,
+                        ))
                     }
                 },
                 Err(e) => {
-                    return Err(StorageError::io(format!("checking {:?}", next.display()), e))
+                    return Err(StorageError::io(
+                        format!("checking {:?}", next.display()),
+                        e,
+                    ))
                 }
             }
             dir = next;
@@ -635,7 +641,13 @@ mod tests {
     impl Tmpfs {
         fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
             let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "skyferry-unit"])
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size}"),
+                    "skyferry-unit",
+                ])
                 .arg(at)
                 .output()
                 .is_ok_and(|o| o.status.success());
@@ -695,7 +707,9 @@ mod tests {
         fs::create_dir_all(dir.path().join("kiso/n")).expect("parent");
         let filler = fill(dir.path());
         assert!(
-            File::create(dir.path().join("probe")).and_then(|mut f| f.write_all(&[0; 8192])).is_err(),
+            File::create(dir.path().join("probe"))
+                .and_then(|mut f| f.write_all(&[0; 8192]))
+                .is_err(),
             "the filesystem is full"
         );
 
@@ -704,7 +718,10 @@ mod tests {
         }
         let stored = fs::read(storage.published_path("kiso", &rel)).expect("published");
         assert!(stored == content, "published bytes equal the source");
-        let row = storage.inventory().stored("kiso", "n/b.fits").expect("query");
+        let row = storage
+            .inventory()
+            .stored("kiso", "n/b.fits")
+            .expect("query");
         assert!(
             row.is_none(),
             "the inventory write was meant to fail with ENOSPC (test setup)"
@@ -783,7 +800,11 @@ mod tests {
             };
             held.push(p);
             let grown = rss().saturating_sub(before);
-            assert!(grown < 16 << 20, "{} partials of 1 TiB cost {grown} bytes", i + 1);
+            assert!(
+                grown < 16 << 20,
+                "{} partials of 1 TiB cost {grown} bytes",
+                i + 1
+            );
         }
         assert_eq!(held[0].missing_bytes(), 1 << 40);
     }

@@ -202,22 +202,24 @@ impl Partial {
     }
 }
 
-/// A short human list of chunk ranges (`[2], [7..9], ... and 12 more`), for reasons.
+/// A short human list of chunk ranges (`[2], [7..9]`, then `and more (N in all)`), for
+/// reasons that must stay short whatever the number of chunks.
 pub(super) fn describe(set: &ChunkSet) -> String {
     const SHOWN: usize = 8;
     let ranges: Vec<ChunkRange> = set.ranges().take(SHOWN + 1).collect();
-    let mut parts: Vec<String> = ranges
+    let mut text = ranges
         .iter()
         .take(SHOWN)
         .map(|r| match r.end - r.start {
             1 => format!("[{}]", r.start),
             _ => format!("[{}..{}]", r.start, r.end - 1),
         })
-        .collect();
+        .collect::<Vec<_>>()
+        .join(", ");
     if ranges.len() > SHOWN {
-        parts.push("and more".into());
+        text.push_str(&format!(" and more ({} in all)", set.present()));
     }
-    format!("{} chunk(s): {}", set.present(), parts.join(", "))
+    text
 }
 
 fn record(index: u32, hash: &Hash) -> [u8; LOG_RECORD] {
@@ -270,7 +272,8 @@ struct LogReader {
 
 impl LogReader {
     fn open(path: &Path) -> std::io::Result<LogReader> {
-        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
         let mut reader = BufReader::new(File::open(path)?);
         let mut h = [0u8; LOG_HEADER];
         reader
@@ -372,9 +375,10 @@ pub(super) fn sweep<G>(
                 continue;
             }
             let modified = meta.modified().unwrap_or(now);
-            let slot = by_key
-                .entry(key.to_owned())
-                .or_insert((Vec::new(), std::time::UNIX_EPOCH, 0));
+            let slot =
+                by_key
+                    .entry(key.to_owned())
+                    .or_insert((Vec::new(), std::time::UNIX_EPOCH, 0));
             slot.0.push(entry.path());
             slot.1 = slot.1.max(modified);
             slot.2 += meta.blocks() * 512;
