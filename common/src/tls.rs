@@ -16,6 +16,7 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use crate::config::PeerLimits;
 use crate::protocol::ALPN;
 
 #[derive(Debug, thiserror::Error)]
@@ -257,7 +258,7 @@ pub fn transport(heartbeat: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((16u32 << 20).into());
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW as u32));
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
     // Three missed heartbeats close the connection at the QUIC level too.
@@ -271,6 +272,31 @@ pub fn transport(heartbeat: Duration) -> quinn::TransportConfig {
     t.mtu_discovery_config(Some(mtu));
     t
 }
+
+/// The receiver's transport: [`transport`] with the windows and stream limit sized from
+/// `limits`, so that what peers can make the receiver buffer is bounded by configuration
+/// whatever they send: at most `limits.receive_window` of unread data per connection
+/// (each stream at most 16 MiB of it) and `limits.max_streams_per_connection` streams.
+/// The receiver only sends small frames (acknowledgements, `Resume`, heartbeats), so its
+/// send window is small too. docs/protocol.md ("Limits and timeouts") gives the bound.
+pub fn receiver_transport(heartbeat: Duration, limits: &PeerLimits) -> quinn::TransportConfig {
+    let mut t = transport(heartbeat);
+    let window = limits.receive_window.min(u64::from(u32::MAX));
+    t.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
+    t.receive_window(quinn::VarInt::from_u32(window as u32));
+    t.stream_receive_window(quinn::VarInt::from_u32(window.min(STREAM_WINDOW) as u32));
+    t.send_window(RECEIVER_SEND_WINDOW);
+    // No unreliable datagrams are used: accept none rather than buffer them.
+    t.datagram_receive_buffer_size(None);
+    t
+}
+
+/// Largest stream receive window (either side): one stream cannot hold a whole
+/// connection's window.
+const STREAM_WINDOW: u64 = 16 << 20;
+
+/// Receiver's send window per connection (bytes sent and not yet acknowledged).
+const RECEIVER_SEND_WINDOW: u64 = 2 << 20;
 
 /// Largest UDP payload sent or accepted: a 9000-byte MTU less IPv6 and UDP headers.
 pub const MAX_UDP_PAYLOAD: u16 = 8952;

@@ -6,6 +6,9 @@
 //! ([`WireError::Connection`]), because the first is counted and logged as a protocol
 //! violation and the second is an ordinary outage to retry.
 
+use std::future::Future;
+use std::time::Duration;
+
 use bytes::BytesMut;
 
 use crate::protocol::{decode_body, frame_len, FrameError, Message};
@@ -20,6 +23,10 @@ pub enum WireError {
     Truncated,
     #[error("connection lost: {0}")]
     Connection(String),
+    /// The peer sent no frame, or took no reply, for this long (see
+    /// [`FrameReader::set_timeout`], [`FrameWriter::set_timeout`]).
+    #[error("nothing moved on the stream for {0:?}")]
+    Timeout(Duration),
 }
 
 impl WireError {
@@ -41,15 +48,52 @@ impl From<quinn::WriteError> for WireError {
     }
 }
 
+/// Runs `f` within `limit`, if there is one.
+async fn bounded<T>(
+    limit: Option<Duration>,
+    f: impl Future<Output = Result<T, WireError>>,
+) -> Result<T, WireError> {
+    match limit {
+        None => f.await,
+        Some(d) => tokio::time::timeout(d, f)
+            .await
+            .unwrap_or(Err(WireError::Timeout(d))),
+    }
+}
+
 /// Reads whole frames from a QUIC receive stream.
 pub struct FrameReader {
     stream: quinn::RecvStream,
     max: usize,
+    timeout: Option<Duration>,
+    peeked: Option<Message>,
 }
 
 impl FrameReader {
     pub fn new(stream: quinn::RecvStream, max: usize) -> Self {
-        FrameReader { stream, max }
+        FrameReader {
+            stream,
+            max,
+            timeout: None,
+            peeked: None,
+        }
+    }
+
+    /// Bounds each [`FrameReader::read`]: a whole frame must arrive within `limit` of the
+    /// call, or the read fails with [`WireError::Timeout`] (a slow or idle peer cannot
+    /// hold the stream). A timed-out read may have consumed part of a frame: the stream
+    /// is then unusable and must be abandoned. `None` (the default) waits for ever.
+    pub fn set_timeout(&mut self, limit: Option<Duration>) {
+        self.timeout = limit;
+    }
+
+    /// Reads the next frame and keeps it: the following [`FrameReader::read`] returns it
+    /// again. Lets a caller look at a stream's first frame before handing the stream on.
+    pub async fn peek(&mut self) -> Result<Option<&Message>, WireError> {
+        if self.peeked.is_none() {
+            self.peeked = self.read().await?;
+        }
+        Ok(self.peeked.as_ref())
     }
 
     /// Raises or lowers the frame size limit (e.g. once an offer set the chunk size).
@@ -59,6 +103,14 @@ impl FrameReader {
 
     /// The next frame, or `None` when the peer finished the stream at a frame boundary.
     pub async fn read(&mut self) -> Result<Option<Message>, WireError> {
+        if let Some(m) = self.peeked.take() {
+            return Ok(Some(m));
+        }
+        let limit = self.timeout;
+        bounded(limit, self.read_frame()).await
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<Message>, WireError> {
         let mut header = [0u8; 4];
         match self.stream.read_exact(&mut header).await {
             Ok(()) => {}
@@ -90,6 +142,7 @@ impl FrameReader {
 pub struct FrameWriter {
     stream: quinn::SendStream,
     buf: BytesMut,
+    timeout: Option<Duration>,
 }
 
 impl FrameWriter {
@@ -97,11 +150,24 @@ impl FrameWriter {
         FrameWriter {
             stream,
             buf: BytesMut::new(),
+            timeout: None,
         }
+    }
+
+    /// Bounds each [`FrameWriter::send`]: a peer that does not read (so that flow control
+    /// never lets the frame out) fails the send with [`WireError::Timeout`] after `limit`.
+    /// `None` (the default) waits for ever.
+    pub fn set_timeout(&mut self, limit: Option<Duration>) {
+        self.timeout = limit;
     }
 
     /// Sends one frame. A chunk's payload is handed to QUIC by reference, not copied.
     pub async fn send(&mut self, msg: &Message) -> Result<(), WireError> {
+        let limit = self.timeout;
+        bounded(limit, self.send_frame(msg)).await
+    }
+
+    async fn send_frame(&mut self, msg: &Message) -> Result<(), WireError> {
         self.buf.clear();
         let payload = msg
             .encode_header(&mut self.buf)

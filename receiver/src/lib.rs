@@ -33,13 +33,18 @@ pub async fn run(
     let storage = tokio::task::spawn_blocking(move || storage::Storage::open(&root))
         .await?
         .with_context(|| format!("opening storage at {}", config.storage_root.display()))?;
-    let server_config = skyferry_common::tls::server_config(
+    let mut server_config = skyferry_common::tls::server_config(
         &config.ca,
         &config.cert,
         &config.key,
         config.heartbeat_interval,
     )
     .context("loading TLS identity")?;
+    // Windows and stream limit from `[limits]`: what peers can make us buffer is bounded.
+    server_config.transport_config(Arc::new(skyferry_common::tls::receiver_transport(
+        config.heartbeat_interval,
+        &config.peer_limits,
+    )));
     let endpoint = skyferry_common::tls::endpoint(config.listen, Some(server_config))
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = endpoint.local_addr()?;

@@ -18,6 +18,12 @@ pub struct AgentLabels {
     pub agent: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// A fixed set: see [`Metrics::register`].
+    pub reason: &'static str,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub files_stored: Counter,
@@ -31,6 +37,9 @@ pub struct Metrics {
     pub connections: Gauge,
     pub files_in_progress: Gauge,
     pub partials_removed: Counter,
+    pub streams_refused: Family<RefusalLabels, Counter>,
+    pub connections_refused: Family<RefusalLabels, Counter>,
+    pub connections_superseded: Family<AgentLabels, Counter>,
 }
 
 impl Metrics {
@@ -91,6 +100,37 @@ impl Metrics {
             "Abandoned partial files removed after limits.partial_max_age",
             self.partials_removed.clone(),
         );
+        r.register(
+            "streams_refused",
+            "File streams refused or closed by a limit, by reason: agent_files \
+             (limits.max_files_per_agent), agent_bytes (limits.max_bytes_in_flight_per_agent), \
+             receiver_busy (no global file slot in time), offer_timeout, idle_timeout",
+            self.streams_refused.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused by a limit, by reason: max_connections, \
+             agent_connections (limits.max_connections_per_agent)",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "connections_superseded",
+            "Connections closed because a newer one of the same agent id arrived (after an \
+             agent crash; a steady rise means two agents run with one id)",
+            self.connections_superseded.clone(),
+        );
+    }
+
+    pub fn stream_refused(&self, reason: &'static str) {
+        self.streams_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 
     pub fn rejected(&self, code: skyferry_common::protocol::ErrorCode) {

@@ -2,7 +2,7 @@
 //! with heartbeats, and hands each file stream to a session.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use skyferry_common::config::validate_agent_id;
 use skyferry_common::protocol::{
@@ -15,12 +15,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-use crate::shared::Shared;
+use crate::metrics::AgentLabels;
+use crate::shared::{ConnectionGuard, LiveConnection, Shared};
 
 /// Application close codes on the connection.
 pub const CLOSE_SHUTDOWN: u32 = 0;
 pub const CLOSE_REFUSED: u32 = 1;
 pub const CLOSE_HEARTBEAT_LOST: u32 = 2;
+/// A newer connection of the same agent id took over.
+pub const CLOSE_SUPERSEDED: u32 = 3;
+
+/// How long a new connection waits for the file sessions of the connection it
+/// supersedes to end (and release their claims) before it serves its own streams.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Accepts connections until `shutdown`, then drains open sessions for up to `grace`.
 pub async fn serve(
@@ -36,8 +43,17 @@ pub async fn serve(
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let remote = incoming.remote_address();
+                let Some(counted) = shared.admit_connection() else {
+                    shared.metrics.connection_refused("max_connections");
+                    if let Some(suppressed) = shared.warn_allowed("max_connections", Instant::now()) {
+                        warn!(%remote, max = shared.config.peer_limits.max_connections, suppressed,
+                              "connection refused: limits.max_connections are open");
+                    }
+                    incoming.refuse();
+                    continue;
+                };
                 let span = tracing::info_span!("conn", %remote);
-                tracker.spawn(connection(incoming, shared.clone(), shutdown.clone()).instrument(span));
+                tracker.spawn(connection(incoming, counted, shared.clone(), shutdown.clone()).instrument(span));
             }
         }
     }
@@ -50,7 +66,12 @@ pub async fn serve(
     endpoint.wait_idle().await;
 }
 
-async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn connection(
+    incoming: quinn::Incoming,
+    mut counted: ConnectionGuard,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -59,6 +80,21 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: Ca
             return;
         }
     };
+    // Counted per certificate from here on, before the hello: one agent cannot hold more
+    // than its share of connections, whatever it sends or withholds.
+    if let Some(certificate) = peer_certificate(&conn) {
+        if let Err(open) = shared.admit_certificate(&mut counted, certificate) {
+            shared.metrics.connection_refused("agent_connections");
+            let reason = format!(
+                "this agent already has {open} connections open (limits.max_connections_per_agent)"
+            );
+            if let Some(suppressed) = shared.warn_allowed("agent_connections", Instant::now()) {
+                warn!(reason, suppressed, "connection refused");
+            }
+            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            return;
+        }
+    }
     let (agent, reader, writer) = match hello(&conn, &shared).await {
         Ok(a) => a,
         Err(reason) => {
@@ -69,11 +105,26 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: Ca
         }
     };
     shared.metrics.connections.inc();
+    let generation = shared.next_generation();
+    let finished = CancellationToken::new();
+    // Cancelled when this function returns, i.e. after every file session has ended.
+    let _finished = finished.clone().drop_guard();
+    let previous = shared.make_live(
+        &agent,
+        LiveConnection {
+            generation,
+            conn: conn.clone(),
+            finished,
+        },
+    );
     let streams = TaskTracker::new();
     let lost = CancellationToken::new();
     let control = tokio::spawn(
         control_loop(shared.clone(), agent.clone(), reader, writer, lost.clone()).in_current_span(),
     );
+    if let Some(previous) = previous {
+        supersede(&shared, &agent, &conn, previous, &shutdown).await;
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -95,7 +146,58 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, shutdown: Ca
     if lost.is_cancelled() {
         conn.close(CLOSE_HEARTBEAT_LOST.into(), b"heartbeat lost");
     }
+    shared.connection_ended(&agent, generation);
     shared.metrics.connections.dec();
+}
+
+/// The end-entity certificate the agent presented (already verified against the CA).
+fn peer_certificate(conn: &quinn::Connection) -> Option<Arc<[u8]>> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().map(|c| Arc::from(c.as_ref()))
+}
+
+/// A newer connection of `agent` arrived while `previous` was still open: after a crash
+/// the previous one is dead but not yet timed out, or two agents run with one id. Either
+/// way the newer one wins: the previous is closed at once, and its file sessions are
+/// given up to [`TAKEOVER_WAIT`] to end, so that their per-file claims are free when this
+/// connection's streams are served (instead of answering `busy` until the previous one
+/// times out).
+async fn supersede(
+    shared: &Shared,
+    agent: &str,
+    conn: &quinn::Connection,
+    previous: LiveConnection,
+    shutdown: &CancellationToken,
+) {
+    shared
+        .metrics
+        .connections_superseded
+        .get_or_create(&AgentLabels {
+            agent: agent.to_owned(),
+        })
+        .inc();
+    warn!(
+        agent = %agent,
+        previous = %previous.conn.remote_address(),
+        new = %conn.remote_address(),
+        "agent connected again while its previous connection was open; closing the previous one \
+         (superseded). If this repeats, two agents are running with the same agent id"
+    );
+    previous.conn.close(
+        CLOSE_SUPERSEDED.into(),
+        b"superseded by a newer connection of the same agent id",
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = previous.finished.cancelled() => {}
+        _ = tokio::time::sleep(TAKEOVER_WAIT) => {
+            warn!(agent = %agent, waited = ?TAKEOVER_WAIT,
+                  "file sessions of the superseded connection are still running; their files answer busy until they end");
+        }
+    }
 }
 
 /// The first stream carries the hello; the agent id it claims must be a name in its
@@ -171,6 +273,7 @@ async fn control_loop(
     lost: CancellationToken,
 ) {
     let interval = shared.config.heartbeat_interval;
+    writer.set_timeout(Some(interval * 3));
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;
@@ -191,7 +294,10 @@ async fn control_loop(
                     .await
                     .unwrap_or((StorageState::Ok, 0));
                 let hb = Message::ReceiverHeartbeat(ReceiverHeartbeat { seq, storage, free_bytes });
-                if writer.send(&hb).await.is_err() {
+                if let Err(e) = writer.send(&hb).await {
+                    // An agent that does not read its control stream is as good as gone.
+                    warn!(agent = %agent, error = %e, "cannot send a heartbeat to the agent; closing the connection");
+                    lost.cancel();
                     return;
                 }
             }

@@ -12,19 +12,69 @@ use crate::shared::Shared;
 use crate::storage::{Partial, PublishError, StorageError};
 
 /// Serves one file stream from `agent` to completion.
+///
+/// Limits (docs/protocol.md, "Limits and timeouts"): the first frame must arrive within
+/// `limits.offer_timeout`; only an `Offer` takes a file slot, an agent at its cap is
+/// refused with `busy` at once, and a global slot is waited for at most
+/// `limits.stream_idle_timeout`. From then on every frame must arrive, and every reply be
+/// taken, within `limits.stream_idle_timeout`, or the stream is closed with `busy` and
+/// the reason.
 pub async fn serve(
     shared: Arc<Shared>,
     agent: Arc<str>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
+    let limits = &shared.config.peer_limits;
     let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
     let mut writer = FrameWriter::new(send);
-    let _slot = shared.file_slots.acquire().await;
-    shared.metrics.files_in_progress.inc();
+    writer.set_timeout(Some(limits.stream_idle_timeout));
+    reader.set_timeout(Some(limits.offer_timeout));
     let session = ReceiveSession::new(shared.config.max_file_size);
-    let (mut session, result) = drive(&shared, &agent, &mut reader, &mut writer, session).await;
-    shared.metrics.files_in_progress.dec();
+    let first = reader.peek().await.map(|m| match m {
+        Some(Message::Offer(o)) => Some(o.chunk_size),
+        _ => None,
+    });
+    reader.set_timeout(Some(limits.stream_idle_timeout));
+    // Refusals by a limit are logged (throttled) by `refused`, not once more below.
+    let mut limited = false;
+    let (mut session, result) = match first {
+        Err(WireError::Timeout(waited)) => {
+            let reason = format!(
+                "no offer within {waited:?} of opening the stream (limits.offer_timeout); stream closed"
+            );
+            refused(&shared, &agent, "offer_timeout", &reason);
+            limited = true;
+            let mut session = session;
+            session.fail(reject(ErrorCode::Busy, reason));
+            reader.stop(0);
+            (session, Ok(()))
+        }
+        Err(e) => (session, Err(e)),
+        Ok(Some(chunk_size)) => {
+            let wait = limits.stream_idle_timeout;
+            match shared.acquire_slot(&agent, chunk_size, wait).await {
+                Ok(_slot) => {
+                    shared.metrics.files_in_progress.inc();
+                    let out = drive(&shared, &agent, &mut reader, &mut writer, session).await;
+                    shared.metrics.files_in_progress.dec();
+                    out
+                }
+                Err(refusal) => {
+                    let reason = refusal.to_string();
+                    refused(&shared, &agent, refusal.label(), &reason);
+                    limited = true;
+                    let mut session = session;
+                    session.fail(reject(ErrorCode::Busy, reason));
+                    reader.stop(0);
+                    (session, Ok(()))
+                }
+            }
+        }
+        // Not an offer, or no frame at all: the session rejects it (or ends) without a
+        // slot and without touching storage.
+        Ok(None) => drive(&shared, &agent, &mut reader, &mut writer, session).await,
+    };
     let path = session.path().map(ToString::to_string).unwrap_or_default();
     match result {
         Ok(()) => {}
@@ -33,18 +83,45 @@ pub async fn serve(
             warn!(agent = ?agent, path = ?path, error = %e, "closing file stream: bad frame from agent");
             session.fail(reject(ErrorCode::Protocol, e.to_string()));
         }
+        Err(WireError::Timeout(waited)) => {
+            let reason = format!(
+                "{path:?}: nothing moved on the stream for {waited:?} (limits.stream_idle_timeout): \
+                 no frame from the agent, or it did not read the replies; stream closed"
+            );
+            refused(&shared, &agent, "idle_timeout", &reason);
+            limited = true;
+            session.fail(reject(ErrorCode::Busy, reason));
+            reader.stop(0);
+        }
         Err(e) => debug!(agent = ?agent, path = ?path, error = %e, "file stream ended early"),
     }
     while let Some(reply) = session.poll_transmit() {
         if let Message::Reject(r) = &reply {
             shared.metrics.rejected(r.code);
-            warn!(agent = ?agent, path = ?path, code = %r.code, reason = ?r.reason, "file rejected");
+            if limited {
+                debug!(agent = ?agent, path = ?path, code = %r.code, reason = ?r.reason, "file rejected");
+            } else {
+                warn!(agent = ?agent, path = ?path, code = %r.code, reason = ?r.reason, "file rejected");
+            }
         }
         if writer.send(&reply).await.is_err() {
             break;
         }
     }
     writer.finish();
+}
+
+/// A stream refused or closed by a limit: counted by reason, and logged as a WARN at most
+/// once per 10 s per reason (an attack must not flood the log).
+fn refused(shared: &Shared, agent: &str, label: &'static str, reason: &str) {
+    shared.metrics.stream_refused(label);
+    match shared.warn_allowed(label, std::time::Instant::now()) {
+        Some(suppressed) => warn!(
+            agent = %agent, limit = label, reason, suppressed,
+            "file stream refused by a limit (suppressed: similar refusals not logged in the last 10s)"
+        ),
+        None => debug!(agent = %agent, limit = label, reason, "file stream refused by a limit"),
+    }
 }
 
 /// The state a file session carries to the blocking pool and back for each frame, so

@@ -1,13 +1,22 @@
 //! State shared by the accept loop, every connection and every file session: the
-//! configuration, storage, health, metrics, the file-slot semaphore and the set of
-//! (agent, path) claims. Its own module so that `server` and `session` both use it
-//! without importing each other.
+//! configuration, storage, health, metrics, the (agent, path) claims, and what each agent
+//! holds of the receiver (connections, file slots, bytes in flight). Its own module so
+//! that `server` and `session` both use it without importing each other.
+//!
+//! Fairness: a file session holds one of the agent's own slots *and* one of the global
+//! `max_concurrent_files`. An agent at its own cap is refused at once (`busy`), so it
+//! never takes more of the global slots than its cap, and the rest stay for the others;
+//! below its cap it waits its turn for a global slot (first come, first served).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use skyferry_common::config::ReceiverConfig;
-use tokio::sync::Semaphore;
+use skyferry_common::protocol::{max_data_frame, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio_util::sync::CancellationToken;
 
 use crate::health::StorageHealth;
 use crate::metrics::Metrics;
@@ -19,8 +28,118 @@ pub struct Shared {
     pub storage: Arc<Storage>,
     pub health: StorageHealth,
     pub metrics: Metrics,
-    pub file_slots: Semaphore,
+    /// `limits.max_concurrent_files`, over all agents.
+    pub file_slots: Arc<Semaphore>,
     busy: Mutex<HashSet<(Arc<str>, String)>>,
+    agents: Mutex<HashMap<Arc<str>, AgentState>>,
+    /// Connections per peer certificate (DER), while they last.
+    per_certificate: Mutex<HashMap<Arc<[u8]>, usize>>,
+    connections: AtomicUsize,
+    next_generation: AtomicU64,
+    /// Per refusal reason: when a WARN was last logged, and how many were not since.
+    throttle: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+/// What one agent id holds, over all its connections.
+struct AgentState {
+    files: Arc<Semaphore>,
+    /// Units of [`BYTES_UNIT`].
+    bytes: Arc<Semaphore>,
+    live: Option<LiveConnection>,
+}
+
+/// An agent's current connection, which a newer one of the same agent id supersedes.
+#[derive(Clone)]
+pub struct LiveConnection {
+    pub generation: u64,
+    pub conn: quinn::Connection,
+    /// Cancelled once the connection's file sessions have all ended (their claims and
+    /// slots are released).
+    pub finished: CancellationToken,
+}
+
+/// Bytes in flight are counted in KiB (semaphore permits are `u32`).
+const BYTES_UNIT: u64 = 1024;
+
+/// Frame memory one file session may hold: its largest frame plus the decompressed chunk.
+pub fn session_bytes(chunk_size: u32) -> u64 {
+    let cs = chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
+    max_data_frame(cs) as u64 + u64::from(cs)
+}
+
+/// Why a file stream did not get a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotRefusal {
+    /// The agent holds `limits.max_files_per_agent` sessions.
+    AgentFiles { cap: usize },
+    /// The agent's sessions hold `limits.max_bytes_in_flight_per_agent`.
+    AgentBytes { needed: u64, cap: u64 },
+    /// No global slot came free within the wait.
+    ReceiverBusy { slots: usize, waited: Duration },
+}
+
+impl SlotRefusal {
+    /// Metric label (a fixed set).
+    pub fn label(&self) -> &'static str {
+        match self {
+            SlotRefusal::AgentFiles { .. } => "agent_files",
+            SlotRefusal::AgentBytes { .. } => "agent_bytes",
+            SlotRefusal::ReceiverBusy { .. } => "receiver_busy",
+        }
+    }
+}
+
+impl std::fmt::Display for SlotRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlotRefusal::AgentFiles { cap } => write!(
+                f,
+                "this agent already has {cap} files in progress (limits.max_files_per_agent); retry when one ends"
+            ),
+            SlotRefusal::AgentBytes { needed, cap } => write!(
+                f,
+                "this agent's files in progress hold its {cap} bytes in flight (limits.max_bytes_in_flight_per_agent; this file needs {needed}); retry when one ends"
+            ),
+            SlotRefusal::ReceiverBusy { slots, waited } => write!(
+                f,
+                "receiver busy: all {slots} file slots stayed in use for {waited:?} (limits.max_concurrent_files)"
+            ),
+        }
+    }
+}
+
+/// A file session's hold on the agent's and the global slots; released on drop.
+pub struct Slot {
+    _agent: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+}
+
+/// One open connection, counted in the totals; uncounted on drop.
+pub struct ConnectionGuard {
+    shared: Arc<Shared>,
+    certificate: Option<Arc<[u8]>>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(cert) = self.certificate.take() {
+            let mut map = lock(&self.shared.per_certificate);
+            if let Some(n) = map.get_mut(&cert) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&cert);
+                }
+            }
+        }
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (plain maps and
+/// counters, each changed in one step).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Marks (agent, path) as being received; released on drop.
@@ -38,20 +157,22 @@ impl Drop for BusyGuard<'_> {
 impl Shared {
     pub fn new(config: ReceiverConfig, storage: Storage) -> Shared {
         Shared {
-            file_slots: Semaphore::new(config.max_concurrent_files),
+            file_slots: Arc::new(Semaphore::new(config.max_concurrent_files)),
             config,
             storage: Arc::new(storage),
             health: StorageHealth::default(),
             metrics: Metrics::default(),
             busy: Mutex::new(HashSet::new()),
+            agents: Mutex::new(HashMap::new()),
+            per_certificate: Mutex::new(HashMap::new()),
+            connections: AtomicUsize::new(0),
+            next_generation: AtomicU64::new(1),
+            throttle: Mutex::new(HashMap::new()),
         }
     }
 
-    fn busy_set(&self) -> std::sync::MutexGuard<'_, HashSet<(Arc<str>, String)>> {
-        // The set holds plain keys; a panic elsewhere cannot leave it inconsistent.
-        self.busy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn busy_set(&self) -> MutexGuard<'_, HashSet<(Arc<str>, String)>> {
+        lock(&self.busy)
     }
 
     /// Claims a path so that two streams never write the same partial at once.
@@ -62,11 +183,266 @@ impl Shared {
         // release the other holder's claim (and take the lock while it is still held).
         inserted.then(|| BusyGuard { shared: self, key })
     }
+
+    /// Counts a new connection, or `None` when `limits.max_connections` are open.
+    pub fn admit_connection(self: &Arc<Self>) -> Option<ConnectionGuard> {
+        let max = self.config.peer_limits.max_connections;
+        let admitted = self
+            .connections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        admitted.then(|| ConnectionGuard {
+            shared: self.clone(),
+            certificate: None,
+        })
+    }
+
+    /// Counts the connection against its peer certificate; `Err(open)` when that
+    /// certificate already has `limits.max_connections_per_agent` connections.
+    pub fn admit_certificate(
+        &self,
+        guard: &mut ConnectionGuard,
+        certificate: Arc<[u8]>,
+    ) -> Result<(), usize> {
+        let max = self.config.peer_limits.max_connections_per_agent;
+        let mut map = lock(&self.per_certificate);
+        let n = map.entry(certificate.clone()).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        guard.certificate = Some(certificate);
+        Ok(())
+    }
+
+    /// A number that orders connections (newer is larger).
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes `conn` the agent's live connection and returns the one it supersedes.
+    pub fn make_live(&self, agent: &Arc<str>, conn: LiveConnection) -> Option<LiveConnection> {
+        let mut agents = lock(&self.agents);
+        let state = self.agent_state(&mut agents, agent);
+        state.live.replace(conn)
+    }
+
+    /// Forgets `generation` as the agent's live connection (if it still is).
+    pub fn connection_ended(&self, agent: &Arc<str>, generation: u64) {
+        let mut agents = lock(&self.agents);
+        if let Some(state) = agents.get_mut(agent) {
+            if state.live.as_ref().map(|l| l.generation) == Some(generation) {
+                state.live = None;
+            }
+        }
+    }
+
+    fn agent_state<'m>(
+        &self,
+        agents: &'m mut HashMap<Arc<str>, AgentState>,
+        agent: &Arc<str>,
+    ) -> &'m mut AgentState {
+        let limits = &self.config.peer_limits;
+        // One entry per agent id that ever connected: ids are names in certificates
+        // signed by the deployment's CA, so the map is as small as the fleet.
+        agents.entry(agent.clone()).or_insert_with(|| AgentState {
+            files: Arc::new(Semaphore::new(limits.max_files_per_agent)),
+            bytes: Arc::new(Semaphore::new(
+                (limits.max_bytes_in_flight_per_agent / BYTES_UNIT).min(u64::from(u32::MAX))
+                    as usize,
+            )),
+            live: None,
+        })
+    }
+
+    /// Takes a slot for a file session of `agent` with chunks of `chunk_size`: one of the
+    /// agent's own (refused at once when it holds its cap of files or bytes), then one of
+    /// the global slots (waiting up to `wait` for one to come free).
+    pub async fn acquire_slot(
+        &self,
+        agent: &Arc<str>,
+        chunk_size: u32,
+        wait: Duration,
+    ) -> Result<Slot, SlotRefusal> {
+        let limits = &self.config.peer_limits;
+        let (files, bytes) = {
+            let mut agents = lock(&self.agents);
+            let state = self.agent_state(&mut agents, agent);
+            (state.files.clone(), state.bytes.clone())
+        };
+        let refused_files = |_: TryAcquireError| SlotRefusal::AgentFiles {
+            cap: limits.max_files_per_agent,
+        };
+        let agent_permit = files.try_acquire_owned().map_err(refused_files)?;
+        let needed = session_bytes(chunk_size);
+        let units = needed.div_ceil(BYTES_UNIT).min(u64::from(u32::MAX)) as u32;
+        let bytes_permit =
+            bytes
+                .try_acquire_many_owned(units)
+                .map_err(|_| SlotRefusal::AgentBytes {
+                    needed,
+                    cap: limits.max_bytes_in_flight_per_agent,
+                })?;
+        let busy = || SlotRefusal::ReceiverBusy {
+            slots: self.config.max_concurrent_files,
+            waited: wait,
+        };
+        let global = match tokio::time::timeout(wait, self.file_slots.clone().acquire_owned()).await
+        {
+            Ok(Ok(permit)) => permit,
+            // Timed out, or the semaphore was closed (never done): busy either way.
+            Ok(Err(_)) | Err(_) => return Err(busy()),
+        };
+        Ok(Slot {
+            _agent: agent_permit,
+            _bytes: bytes_permit,
+            _global: global,
+        })
+    }
+
+    /// Whether a WARN for refusals of kind `reason` may be logged now: at most one per
+    /// 10 s per reason, so that an attack cannot flood the log. Returns how many were
+    /// not logged since the last one.
+    pub fn warn_allowed(&self, reason: &'static str, now: Instant) -> Option<u64> {
+        let mut t = lock(&self.throttle);
+        match t.get_mut(reason) {
+            Some((last, skipped)) if now.duration_since(*last) < WARN_EVERY => {
+                *skipped = skipped.saturating_add(1);
+                None
+            }
+            Some(entry) => {
+                let skipped = entry.1;
+                *entry = (now, 0);
+                Some(skipped)
+            }
+            None => {
+                t.insert(reason, (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
+
+/// At most one WARN per refusal reason this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Shared` over a temporary storage, with `limits` as the `[limits]` table.
+    fn shared_with(limits: &str) -> (tempfile::TempDir, Shared) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "r.pem", "r.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let text = format!(
+            "[receiver]\nlisten = \"127.0.0.1:7443\"\nstorage_root = \".\"\n\
+             ca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n[limits]\n{limits}\n"
+        );
+        let config = ReceiverConfig::from_table(&text.parse().unwrap(), dir.path()).unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        (dir, Shared::new(config, storage))
+    }
+
+    const CHUNK: u32 = 4 << 20;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_at_its_cap_is_refused_at_once_and_leaves_slots_for_the_others() {
+        let (_dir, shared) = shared_with("max_concurrent_files = 4\nmax_files_per_agent = 2");
+        let (hostile, good): (Arc<str>, Arc<str>) = (Arc::from("hostile"), Arc::from("good"));
+        let wait = Duration::from_secs(60);
+        let held: Vec<Slot> = vec![
+            shared.acquire_slot(&hostile, CHUNK, wait).await.unwrap(),
+            shared.acquire_slot(&hostile, CHUNK, wait).await.unwrap(),
+        ];
+        let started = tokio::time::Instant::now();
+        let refused = shared.acquire_slot(&hostile, CHUNK, wait).await.err();
+        assert_eq!(refused, Some(SlotRefusal::AgentFiles { cap: 2 }));
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+        // The other agent gets the two global slots the first one could not take.
+        let a = shared.acquire_slot(&good, CHUNK, wait).await.unwrap();
+        let b = shared.acquire_slot(&good, CHUNK, wait).await.unwrap();
+        drop((a, b, held));
+        assert!(shared.acquire_slot(&hostile, CHUNK, wait).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_receiver_makes_a_stream_wait_its_turn_then_answers_busy() {
+        let (_dir, shared) = shared_with("max_concurrent_files = 1");
+        let (one, two): (Arc<str>, Arc<str>) = (Arc::from("one"), Arc::from("two"));
+        let wait = Duration::from_secs(60);
+        let held = shared.acquire_slot(&one, CHUNK, wait).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let refused = shared.acquire_slot(&two, CHUNK, wait).await.err();
+        assert_eq!(
+            refused,
+            Some(SlotRefusal::ReceiverBusy { slots: 1, waited: wait })
+        );
+        assert_eq!(started.elapsed(), wait);
+        // A slot freed while waiting goes to the waiter.
+        let shared = Arc::new(shared);
+        let s = shared.clone();
+        let waiter = tokio::spawn(async move { s.acquire_slot(&two, CHUNK, wait).await.is_ok() });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(held);
+        assert!(waiter.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_in_flight_bound_an_agent_with_large_chunks() {
+        let (_dir, shared) = shared_with("max_bytes_in_flight_per_agent = \"100 MiB\"");
+        let agent: Arc<str> = Arc::from("kiso");
+        let wait = Duration::from_secs(60);
+        let big = 16 << 20; // each session reserves a 16 MiB frame and chunk: ~32.2 MiB
+        let held: Vec<Slot> = vec![
+            shared.acquire_slot(&agent, big, wait).await.unwrap(),
+            shared.acquire_slot(&agent, big, wait).await.unwrap(),
+            shared.acquire_slot(&agent, big, wait).await.unwrap(),
+        ];
+        let refused = shared.acquire_slot(&agent, big, wait).await.err();
+        assert!(
+            matches!(refused, Some(SlotRefusal::AgentBytes { cap, .. }) if cap == 100 << 20),
+            "{refused:?}"
+        );
+        // Smaller chunks still fit in what is left.
+        assert!(shared.acquire_slot(&agent, 64 << 10, wait).await.is_ok());
+        drop(held);
+    }
+
+    #[test]
+    fn refusal_warnings_are_throttled_per_reason() {
+        let (_dir, shared) = shared_with("");
+        let t0 = Instant::now();
+        assert_eq!(shared.warn_allowed("offer_timeout", t0), Some(0));
+        assert_eq!(shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(1)), None);
+        assert_eq!(shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(2)), None);
+        assert_eq!(shared.warn_allowed("agent_files", t0), Some(0), "per reason");
+        assert_eq!(
+            shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(11)),
+            Some(2),
+            "the next WARN says how many were not logged"
+        );
+    }
+
+    #[test]
+    fn connections_are_capped_in_total_and_per_certificate() {
+        let (_dir, shared) = shared_with("max_connections = 3\nmax_connections_per_agent = 2");
+        let shared = Arc::new(shared);
+        let cert: Arc<[u8]> = Arc::from(&b"agent-a"[..]);
+        let mut a1 = shared.admit_connection().unwrap();
+        let mut a2 = shared.admit_connection().unwrap();
+        let mut a3 = shared.admit_connection().unwrap();
+        assert!(shared.admit_connection().is_none(), "total cap");
+        shared.admit_certificate(&mut a1, cert.clone()).unwrap();
+        shared.admit_certificate(&mut a2, cert.clone()).unwrap();
+        assert_eq!(shared.admit_certificate(&mut a3, cert.clone()), Err(2));
+        drop(a1);
+        assert!(shared.admit_connection().is_some(), "a closed connection frees its place");
+        shared.admit_certificate(&mut a3, cert).unwrap();
+    }
 
     #[test]
     fn a_contested_claim_is_refused_and_leaves_the_holder_alone() {

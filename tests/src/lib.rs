@@ -6,13 +6,15 @@
 //! - [`tree`] hashes and compares a source tree with its replica;
 //! - [`pair`] runs one agent and one receiver on loopback in a temporary directory;
 //! - [`relay`] is a UDP relay that drops, delays, duplicates and black-holes datagrams;
-//! - [`faults`] holds what fault tests share: a seeded RNG, contents, a small tmpfs.
+//! - [`faults`] holds what fault tests share: a seeded RNG, contents, a small tmpfs;
+//! - [`hostile`] is a hostile agent (a QUIC client of its own) for attack tests.
 //!
 //! The `skyferry-demo` and `skyferry-bench` binaries are built on these modules.
 
 pub mod binaries;
 pub mod faults;
 pub mod fits;
+pub mod hostile;
 pub mod pair;
 pub mod redis;
 pub mod relay;

@@ -14,7 +14,7 @@ pub use agent::{
     TransferConfig, WatchConfig, DEFAULT_EXCLUDES,
 };
 pub use reader::{parse_duration, parse_size};
-pub use receiver::ReceiverConfig;
+pub use receiver::{PeerLimits, ReceiverConfig, MIN_BYTES_IN_FLIGHT_PER_AGENT};
 
 use std::path::{Path, PathBuf};
 

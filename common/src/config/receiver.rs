@@ -24,6 +24,117 @@ pub struct ReceiverConfig {
     pub partial_max_age: Duration,
     /// After SIGTERM, how long file sessions in progress may take to finish.
     pub shutdown_grace: Duration,
+    /// What one agent, and all of them together, may hold of the receiver.
+    pub peer_limits: PeerLimits,
+}
+
+/// Per-agent and total limits on connections, streams, file slots, buffered bytes and
+/// time (the `[limits]` keys below; docs/protocol.md, "Limits and timeouts", states
+/// them and the memory bound they give).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLimits {
+    /// `limits.max_connections`: QUIC connections at once over all agents, counted from
+    /// the first packet (handshakes included); more are refused at once.
+    pub max_connections: usize,
+    /// `limits.max_connections_per_agent`: connections at once with one agent
+    /// certificate (hello pending, live, or being superseded).
+    pub max_connections_per_agent: usize,
+    /// `limits.max_streams_per_connection`: bidirectional streams a connection may have
+    /// open at once (QUIC stream limit; the control stream is one of them).
+    pub max_streams_per_connection: u32,
+    /// `limits.receive_window`: QUIC connection receive window, i.e. the most a
+    /// connection can make the receiver buffer of data it has not read yet.
+    pub receive_window: u64,
+    /// `limits.max_files_per_agent`: file sessions one agent may hold at once (of the
+    /// `max_concurrent_files` shared by all).
+    pub max_files_per_agent: usize,
+    /// `limits.max_bytes_in_flight_per_agent`: frame memory one agent's file sessions
+    /// may hold at once (each session reserves room for one chunk frame and its
+    /// decompressed chunk).
+    pub max_bytes_in_flight_per_agent: u64,
+    /// `limits.offer_timeout`: a file stream's first frame must arrive within this.
+    pub offer_timeout: Duration,
+    /// `limits.stream_idle_timeout`: each later frame must arrive whole, and each reply
+    /// be taken by the agent, within this; otherwise the stream is closed.
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for PeerLimits {
+    fn default() -> PeerLimits {
+        PeerLimits {
+            max_connections: 64,
+            max_connections_per_agent: 4,
+            max_streams_per_connection: 256,
+            receive_window: 32 << 20,
+            max_files_per_agent: 32,
+            max_bytes_in_flight_per_agent: 256 << 20,
+            offer_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Smallest `limits.max_bytes_in_flight_per_agent`: one session with the largest chunk
+/// size must fit (a 16 MiB chunk frame plus its 16 MiB decompressed chunk).
+pub const MIN_BYTES_IN_FLIGHT_PER_AGENT: u64 = 33 << 20;
+
+impl PeerLimits {
+    /// Reads the keys of `[limits]` that belong to peer limits.
+    fn read(s: &mut Section<'_>, p: &mut Problems) -> PeerLimits {
+        let d = PeerLimits::default();
+        let count = |s: &mut Section<'_>, key, default: usize, max, p: &mut Problems| {
+            s.integer_in(key, default as i64, (1, max), p) as usize
+        };
+        let limits = PeerLimits {
+            max_connections: count(s, "max_connections", d.max_connections, 65_536, p),
+            max_connections_per_agent: count(
+                s,
+                "max_connections_per_agent",
+                d.max_connections_per_agent,
+                1024,
+                p,
+            ),
+            max_streams_per_connection: count(
+                s,
+                "max_streams_per_connection",
+                d.max_streams_per_connection as usize,
+                4096,
+                p,
+            ) as u32,
+            receive_window: s.size("receive_window", d.receive_window, p),
+            max_files_per_agent: count(s, "max_files_per_agent", d.max_files_per_agent, 4096, p),
+            max_bytes_in_flight_per_agent: s.size(
+                "max_bytes_in_flight_per_agent",
+                d.max_bytes_in_flight_per_agent,
+                p,
+            ),
+            offer_timeout: s.duration("offer_timeout", d.offer_timeout, p),
+            stream_idle_timeout: s.duration("stream_idle_timeout", d.stream_idle_timeout, p),
+        };
+        if !(1 << 20..=1 << 30).contains(&limits.receive_window) {
+            p.push(format!(
+                "limits.receive_window: {} bytes is out of range (1 MiB ..= 1 GiB; the default is \"32 MiB\")",
+                limits.receive_window
+            ));
+        }
+        if limits.max_bytes_in_flight_per_agent < MIN_BYTES_IN_FLIGHT_PER_AGENT {
+            p.push(format!(
+                "limits.max_bytes_in_flight_per_agent: {} bytes is too small (at least \"33 MiB\", one session with 16 MiB chunks; the default is \"256 MiB\")",
+                limits.max_bytes_in_flight_per_agent
+            ));
+        }
+        for (key, t) in [
+            ("offer_timeout", limits.offer_timeout),
+            ("stream_idle_timeout", limits.stream_idle_timeout),
+        ] {
+            if t < Duration::from_secs(1) {
+                p.push(format!(
+                    "limits.{key}: {t:?} is too short (at least \"1s\")"
+                ));
+            }
+        }
+        limits
+    }
 }
 
 /// Default of `limits.partial_max_age`: a week covers any outage the agent's journal
@@ -78,6 +189,7 @@ impl ReceiverConfig {
         let heartbeat_interval = s.duration("heartbeat_interval", Duration::from_secs(5), p);
         let partial_max_age = s.duration("partial_max_age", DEFAULT_PARTIAL_MAX_AGE, p);
         let shutdown_grace = s.duration("shutdown_grace", Duration::from_secs(20), p);
+        let peer_limits = PeerLimits::read(&mut s, p);
         if partial_max_age < Duration::from_secs(1) {
             p.push(format!(
                 "limits.partial_max_age: {partial_max_age:?} is too short (at least \"1s\"; the default is \"7d\")"
@@ -99,6 +211,7 @@ impl ReceiverConfig {
                     heartbeat_interval,
                     partial_max_age,
                     shutdown_grace,
+                    peer_limits,
                 })
             }
             _ => Err(std::mem::take(p)),
@@ -157,5 +270,54 @@ mod tests {
             problems.join("\n").contains("partial_max_age"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn peer_limits_have_documented_defaults_and_bad_values_are_all_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "r.pem", "r.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let base = "[receiver]\nlisten = \"127.0.0.1:7443\"\nstorage_root = \".\"\n\
+                    ca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n";
+        let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.peer_limits, PeerLimits::default());
+        assert_eq!(c.peer_limits.max_files_per_agent, 32);
+        assert_eq!(c.peer_limits.offer_timeout, Duration::from_secs(10));
+        let set = format!(
+            "{base}[limits]\nmax_connections = 8\nmax_files_per_agent = 3\n\
+             receive_window = \"8 MiB\"\nstream_idle_timeout = \"30s\"\n"
+        );
+        let c = ReceiverConfig::from_table(&set.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.peer_limits.max_connections, 8);
+        assert_eq!(c.peer_limits.max_files_per_agent, 3);
+        assert_eq!(c.peer_limits.receive_window, 8 << 20);
+        assert_eq!(c.peer_limits.stream_idle_timeout, Duration::from_secs(30));
+        let bad = format!(
+            "{base}[limits]\nmax_connections = 0\nreceive_window = \"64 KiB\"\n\
+             max_bytes_in_flight_per_agent = \"1 MiB\"\noffer_timeout = \"0s\"\n"
+        );
+        let all = ReceiverConfig::from_table(&bad.parse().unwrap(), dir.path())
+            .unwrap_err()
+            .join("\n");
+        for key in [
+            "max_connections = 0 is out of range",
+            "limits.receive_window",
+            "limits.max_bytes_in_flight_per_agent",
+            "limits.offer_timeout",
+        ] {
+            assert!(all.contains(key), "{key} not in: {all}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_sets_every_limit_to_its_default() {
+        let text = include_str!("../../../systemd/receiver.toml.example");
+        let table: toml::Table = text.parse().unwrap();
+        let mut p = Problems::new();
+        let mut s = Section::of(&table, "limits", &mut p);
+        let limits = PeerLimits::read(&mut s, &mut p);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(limits, PeerLimits::default());
     }
 }
