@@ -365,3 +365,24 @@ pub async fn send_frame(send: &mut quinn::SendStream, msg: &Message) -> Result<(
         .await
         .with_context(|| format!("hostile agent: sending a {}", msg.kind()))
 }
+
+/// Offers `path` (`size` bytes, 64 KiB chunks) on a new stream of `conn` and returns the
+/// receiver's first answer (`Resume`, `Reject`, `Ack`) with the stream, held open.
+pub async fn offer_and_answer(
+    conn: &quinn::Connection,
+    path: &str,
+    size: u64,
+) -> Result<(Message, quinn::SendStream, skyferry_common::wire::FrameReader)> {
+    let (mut send, recv) = conn.open_bi().await.context("hostile agent: open a stream")?;
+    send_frame(&mut send, &offer(path, size, 64 << 10, size)).await?;
+    let mut reader = skyferry_common::wire::FrameReader::new(
+        recv,
+        skyferry_common::protocol::MAX_CONTROL_FRAME,
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(5), reader.read())
+        .await
+        .context("hostile agent: no answer to the offer within 5 s")?
+        .context("hostile agent: reading the answer")?
+        .context("hostile agent: the stream ended without an answer")?;
+    Ok((answer, send, reader))
+}

@@ -13,6 +13,9 @@
 //! docs/protocol.md, "Limits and timeouts", derives for one agent with the default
 //! limits), and the receiver never dies. The receiver runs with its default limits.
 //!
+//! A second test checks that a newer connection of an agent id supersedes the older one
+//! (closed with code 3 and the reason) and takes over its per-file claims.
+//!
 //! `SKYFERRY_ATTACKS=idle,huge,unread,oversize` (any subset) runs only those attacks,
 //! to see which one hurts. The attack is stopped at once if the receiver's RSS passes
 //! the bound, so that a receiver without limits cannot take the machine down with it.
@@ -226,4 +229,56 @@ fn a_second_agent_is_served_while_one_agent_attacks_the_receiver() {
     let report = skyferry_tests::compare_trees(&pair.source(), &pair.published())
         .expect("compare trees");
     report.ensure_identical().expect("the good agent's files are identical");
+}
+
+/// Two live connections claim one agent id: the receiver says so (WARN naming the id),
+/// closes the older with the reason, and the newer takes over the older one's file
+/// claims at once instead of getting `busy`.
+#[test]
+fn a_newer_connection_of_an_agent_id_supersedes_the_older_and_takes_its_claims() {
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let identity = pair.issue_agent_identity("kiso-02").expect("identity");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], pair.port()));
+    let ca = pair.certs_dir().join("ca.pem");
+    let stop = CancellationToken::new();
+    runtime.block_on(async {
+        let agent = Hostile::new(server, &ca, &identity, "kiso-02").expect("client");
+        let older = agent.connect(&stop).await.expect("older connection");
+        let (answer, _send, _reader) =
+            skyferry_tests::hostile::offer_and_answer(&older, "n/a.fits", 1 << 20)
+                .await
+                .expect("offer on the older connection");
+        assert_eq!(answer.kind(), "resume", "the older connection holds the claim: {answer:?}");
+
+        let newer = agent.connect(&stop).await.expect("newer connection");
+        let closed = tokio::time::timeout(Duration::from_secs(2), older.closed())
+            .await
+            .expect("the older connection is closed within 2 s of the newer one's hello");
+        match &closed {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, quinn::VarInt::from_u32(3), "{closed:?}");
+                let reason = String::from_utf8_lossy(&c.reason);
+                assert!(reason.contains("superseded by a newer connection"), "{reason}");
+            }
+            other => panic!("the older connection ended otherwise: {other:?}"),
+        }
+        // The same file on the newer connection: served, not `busy`.
+        let (answer, _send, _reader) =
+            skyferry_tests::hostile::offer_and_answer(&newer, "n/a.fits", 1 << 20)
+                .await
+                .expect("offer on the newer connection");
+        assert_eq!(answer.kind(), "resume", "the newer connection took the claim over: {answer:?}");
+        stop.cancel();
+    });
+    let log = pair.receiver_log().expect("receiver log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("superseded") && l.contains("agent=kiso-02")),
+        "a WARN names the agent id:\n{log}"
+    );
 }
