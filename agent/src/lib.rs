@@ -23,16 +23,75 @@ pub mod upload;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use skyferry_common::config::AgentConfig;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use journal::JournalError;
 
-/// Opens the journal (refusing a corrupt one) and returns interrupted transfers to the
-/// queue.
+/// Why the agent could not start; [`StartError::exit_code`] is what `main` exits with.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TLS identity cannot be loaded: a configuration problem (exit 64).
+    #[error("agent TLS identity: {0}")]
+    Identity(skyferry_common::tls::TlsError),
+    /// The journal is corrupt (exit 65), locked by another agent or unusable (exit 1).
+    #[error("{0}")]
+    Journal(JournalError),
+    /// The tally beside the journal cannot be opened (exit 1).
+    #[error("cannot open the tally file {path}: {error}")]
+    Tally { path: String, error: std::io::Error },
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Identity(_) => skyferry_common::daemon::EXIT_USAGE as u8,
+            StartError::Journal(JournalError::Corrupt { .. }) => journal::EXIT_JOURNAL_CORRUPT,
+            StartError::Journal(_) | StartError::Tally { .. } => {
+                skyferry_common::daemon::EXIT_FAILURE as u8
+            }
+        }
+    }
+}
+
+/// Everything the daemon needs that can fail for reasons an operator must fix, loaded
+/// before any task starts: the TLS identity, the journal (locked for this process, checked,
+/// interrupted transfers requeued) and the tally.
+pub struct Prepared {
+    pub config: AgentConfig,
+    pub journal: journal::Journal,
+    pub tally: Arc<tally::Tally>,
+    pub client: quinn::ClientConfig,
+}
+
+/// Loads the TLS identity, opens the journal and the tally; see [`Prepared`].
+pub fn prepare(config: AgentConfig) -> Result<Prepared, StartError> {
+    let r = &config.receiver;
+    let client = skyferry_common::tls::client_config(
+        &r.ca,
+        &r.cert,
+        &r.key,
+        config.transfer.heartbeat_interval,
+    )
+    .map_err(StartError::Identity)?;
+    let journal = open_journal(&config).map_err(StartError::Journal)?;
+    let tally = tally::Tally::open(&config.journal).map_err(|error| StartError::Tally {
+        path: tally::path_for(&config.journal).display().to_string(),
+        error,
+    })?;
+    Ok(Prepared {
+        config,
+        journal,
+        tally: Arc::new(tally),
+        client,
+    })
+}
+
+/// Opens the journal (refusing a corrupt one or one another agent holds) and returns
+/// interrupted transfers to the queue.
 pub fn open_journal(config: &AgentConfig) -> Result<journal::Journal, JournalError> {
     let mut j = journal::Journal::open(&config.journal)?;
     let requeued = j.requeue_inflight()?;
@@ -45,28 +104,39 @@ pub fn open_journal(config: &AgentConfig) -> Result<journal::Journal, JournalErr
     Ok(j)
 }
 
-/// Runs the agent until `shutdown` is cancelled. With `config_path`, SIGHUP re-reads
-/// it and applies the include/exclude globs and the blocklist without a restart.
+/// Runs the agent until `shutdown` (the root token) is cancelled, or until a component
+/// fails: then every task is stopped at once and the error is returned, so that the
+/// process exits with it instead of sitting "running" while shipping nothing. With
+/// `config_path`, SIGHUP re-reads it and applies the include/exclude globs and the
+/// blocklist without a restart.
 pub async fn run(
-    config: AgentConfig,
+    prepared: Prepared,
     config_path: Option<PathBuf>,
-    journal: journal::Journal,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Prepared {
+        config,
+        journal,
+        tally,
+        client,
+    } = prepared;
+    let journal_path = config.journal.clone();
     let journal = Arc::new(Mutex::new(journal));
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(metrics::Metrics::default());
-    let sources_stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
+    // Every task is in this set and awaited below: a task whose failure is fatal returns
+    // an error, which ends the daemon. Sources and the reload task end only at shutdown
+    // or when they give up on their own (they log why; the rest keeps running).
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     if let Some(addr) = config.metrics_listen {
         let listener = metrics_endpoint::bind(addr).await?;
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
-        tasks.spawn(metrics_endpoint::serve(
-            listener,
-            Arc::new(registry),
-            shutdown.clone(),
-        ));
+        let (registry, stop) = (Arc::new(registry), shutdown.clone());
+        tasks.spawn(async move {
+            metrics_endpoint::serve(listener, registry, stop).await;
+            Ok(())
+        });
     }
     let ctx = Arc::new(sources::Context::new(
         &config,
@@ -74,47 +144,72 @@ pub async fn run(
         wake.clone(),
         metrics.clone(),
     ));
+    let sources_stop = shutdown.child_token();
     for (index, watch) in config.watches.iter().enumerate() {
-        tasks.spawn(sources::fs::watch_root(
-            watch.clone(),
-            index,
-            ctx.clone(),
-            sources_stop.clone(),
-        ));
+        let source =
+            sources::fs::watch_root(watch.clone(), index, ctx.clone(), sources_stop.clone());
+        tasks.spawn(async move {
+            source.await;
+            Ok(())
+        });
     }
     for source in &config.redis {
-        tasks.spawn(sources::redis::run(
-            source.clone(),
-            ctx.clone(),
-            sources_stop.clone(),
-        ));
+        let source = sources::redis::run(source.clone(), ctx.clone(), sources_stop.clone());
+        tasks.spawn(async move {
+            source.await;
+            Ok(())
+        });
     }
     if let Some(path) = config_path {
-        tasks.spawn(reload_on_sighup(path, ctx.clone(), sources_stop.clone()));
+        let reload = reload_on_sighup(path, ctx.clone(), sources_stop.clone());
+        tasks.spawn(async move {
+            reload.await;
+            Ok(())
+        });
     }
-    let tally = Arc::new(
-        tally::Tally::open(&config.journal).context("opening the tally file beside the journal")?,
-    );
     let sender = sender::Sender {
         grace: config.transfer.shutdown_grace,
         config,
+        client,
         journal,
         wake,
         metrics,
         tally,
     };
-    // Stop the sources first so that nothing new is claimed while draining.
     let stop = shutdown.clone();
-    let stopper = sources_stop.clone();
+    tasks.spawn(async move { sender.run(stop).await.context("sender failed") });
+    // The full check takes minutes on a large journal: run it while the agent works.
+    // Damage ends the daemon (exit 65); a rescan meanwhile re-checks what it relies on.
+    let path = journal_path;
     tasks.spawn(async move {
-        stop.cancelled().await;
-        stopper.cancel();
+        let started = std::time::Instant::now();
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || journal::check_integrity(&p))
+            .await
+            .context("journal check task failed")??;
+        tracing::info!(journal = %path.display(), took = ?started.elapsed(), "journal integrity check passed");
+        Ok(())
     });
-    let result = sender.run(shutdown).await.context("sender failed");
-    sources_stop.cancel();
-    tasks.close();
-    tasks.wait().await;
-    result
+
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        let error = match joined {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) if e.is_panic() => anyhow!("an agent task panicked: {e}"),
+            Err(_) => continue, // aborted: only after a failure, below
+        };
+        failure = Some(error);
+        break;
+    }
+    let Some(error) = failure else {
+        return Ok(());
+    };
+    // A fatal error: stop everything now. Files in flight stay `inflight` in the journal
+    // and are requeued at the next start, as after a kill -9.
+    shutdown.cancel();
+    tasks.shutdown().await;
+    Err(error)
 }
 
 /// On SIGHUP: re-reads the config and swaps in its include/exclude globs and blocklist,

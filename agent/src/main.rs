@@ -1,18 +1,19 @@
 //! `skyferry-agent`: command line of the agent daemon.
+//!
+//! Exit codes (docs/operations.md): 0 ok, 64 bad configuration or usage (every problem
+//! is listed; an unloadable TLS identity is one), 65 corrupt journal, 1 runtime failure
+//! (including a journal another agent holds).
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use skyferry_agent::journal::{Journal, State};
+use skyferry_agent::journal::{Journal, State, EXIT_JOURNAL_CORRUPT};
 use skyferry_common::config::AgentConfig;
 use skyferry_common::daemon::{self, EXIT_FAILURE, EXIT_USAGE};
 use tokio_util::sync::CancellationToken;
-
-/// Exit code when the journal is corrupt (sysexits EX_DATAERR): the operator must rebuild
-/// it (docs/operations.md), a restart alone will not help.
-pub const EXIT_JOURNAL_CORRUPT: u8 = 65;
 
 #[derive(Parser)]
 #[command(name = "skyferry-agent", version, about = "skyferry site-side agent")]
@@ -28,7 +29,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file and report every problem.
+    /// Validate a config file (syntax, TLS identity, journal directory) and report every
+    /// problem.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
@@ -44,60 +46,104 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let (Command::Run { config }
-    | Command::CheckConfig { config }
-    | Command::Status { config, .. }) = &cli.command;
-    let config_path = config.clone();
-    let config = match AgentConfig::load(&config_path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_USAGE as u8);
-        }
+    let cli = match daemon::parse_args::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
     };
     match cli.command {
-        Command::CheckConfig { .. } => {
-            println!("config {} is valid", config_path.display());
-            for w in &config.watches {
-                println!("  watch {}", w.root.display());
+        Command::CheckConfig { config: path } => match AgentConfig::load_checked(&path) {
+            Ok(config) => daemon::print_out(&check_report(&path, &config)),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_USAGE as u8)
             }
-            for r in &config.redis {
-                println!("  {} {}", r.name, r.redacted_url());
+        },
+        Command::Status { config, json } => match AgentConfig::load(&config) {
+            Ok(c) => match status(&c, json) {
+                Ok(text) => daemon::print_out(&text),
+                Err(e) => failure(e),
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_USAGE as u8)
             }
-            if let Some((file, list)) = &config.blocklist {
-                println!("  blocklist {} ({} patterns)", file.display(), list.len());
-            }
-            ExitCode::SUCCESS
-        }
-        Command::Status { json, .. } => exit(status(&config, json)),
-        Command::Run { .. } => {
-            daemon::init_logging();
-            let journal = match skyferry_agent::open_journal(&config) {
-                Ok(j) => j,
-                Err(e @ skyferry_agent::JournalError::Corrupt { .. }) => {
-                    tracing::error!("{e}");
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_JOURNAL_CORRUPT);
+        },
+        Command::Run { config: path } => {
+            let (config, warnings) = match AgentConfig::load_for_run(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_USAGE as u8);
                 }
-                Err(e) => return exit(Err(e.into())),
             };
-            exit(run(config, config_path, journal))
+            daemon::init_logging();
+            for w in warnings {
+                tracing::warn!(config = %path.display(), "the receiver will refuse this agent: {w}");
+            }
+            // The identity, the journal (and its lock) and the tally, before any task.
+            let prepared = match skyferry_agent::prepare(config) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(e.exit_code());
+                }
+            };
+            match run(prepared, path) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let corrupt = e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<skyferry_agent::JournalError>(),
+                            Some(skyferry_agent::JournalError::Corrupt { .. })
+                        )
+                    });
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(if corrupt {
+                        EXIT_JOURNAL_CORRUPT
+                    } else {
+                        EXIT_FAILURE as u8
+                    })
+                }
+            }
         }
     }
 }
 
-fn exit(r: anyhow::Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_FAILURE as u8)
-        }
-    }
+fn failure(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::from(EXIT_FAILURE as u8)
 }
 
-fn run(config: AgentConfig, config_path: PathBuf, journal: Journal) -> anyhow::Result<()> {
+fn check_report(path: &Path, config: &AgentConfig) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "config {} is valid", path.display());
+    let r = &config.receiver;
+    let _ = writeln!(
+        out,
+        "  agent {} -> {} (server name {})",
+        config.id, r.address, r.server_name
+    );
+    let _ = writeln!(out, "  journal {}", config.journal.display());
+    for w in &config.watches {
+        let _ = writeln!(out, "  watch {}", w.root.display());
+    }
+    for r in &config.redis {
+        let _ = writeln!(out, "  {} {}", r.name, r.redacted_url());
+    }
+    if let Some((file, list)) = &config.blocklist {
+        let _ = writeln!(
+            out,
+            "  blocklist {} ({} patterns)",
+            file.display(),
+            list.len()
+        );
+    }
+    out
+}
+
+fn run(prepared: skyferry_agent::Prepared, config_path: PathBuf) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,17 +151,21 @@ fn run(config: AgentConfig, config_path: PathBuf, journal: Journal) -> anyhow::R
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         daemon::cancel_on_signals(shutdown.clone());
-        skyferry_agent::run(config, Some(config_path), journal, shutdown).await
+        skyferry_agent::run(prepared, Some(config_path), shutdown).await
     })
 }
 
-fn status(config: &AgentConfig, json: bool) -> anyhow::Result<()> {
-    let counts = if config.journal.exists() {
-        Journal::open_read_only(&config.journal)?.counts()?
-    } else {
-        Default::default()
-    };
+/// The status report, or an error when there is no journal to report on.
+fn status(config: &AgentConfig, json: bool) -> anyhow::Result<String> {
+    if !config.journal.is_file() {
+        anyhow::bail!(
+            "no journal at {} (agent.journal): the agent has not run with this config yet, or the path is wrong",
+            config.journal.display()
+        );
+    }
+    let counts = Journal::open_read_only(&config.journal)?.counts()?;
     let tally = skyferry_agent::tally::read(&config.journal);
+    let mut out = Vec::new();
     if json {
         let mut obj = serde_json::Map::new();
         for s in State::ALL {
@@ -124,13 +174,18 @@ fn status(config: &AgentConfig, json: bool) -> anyhow::Result<()> {
         obj.insert("pending_bytes".into(), counts.pending_bytes.into());
         obj.insert("sent_bytes".into(), tally.sent_bytes.into());
         obj.insert("sent_chunks".into(), tally.sent_chunks.into());
-        println!("{}", serde_json::Value::Object(obj));
+        writeln!(out, "{}", serde_json::Value::Object(obj))?;
     } else {
         for s in State::ALL {
-            println!("{:<11} {}", s.name(), counts.get(s));
+            writeln!(out, "{:<11} {}", s.name(), counts.get(s))?;
         }
-        println!("{:<11} {}", "pending MB", counts.pending_bytes / 1_000_000);
-        println!("{:<11} {}", "sent MB", tally.sent_bytes / 1_000_000);
+        writeln!(
+            out,
+            "{:<11} {}",
+            "pending MB",
+            counts.pending_bytes / 1_000_000
+        )?;
+        writeln!(out, "{:<11} {}", "sent MB", tally.sent_bytes / 1_000_000)?;
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }

@@ -23,6 +23,8 @@ use crate::upload::{record, upload, UploadContext};
 
 pub struct Sender {
     pub config: AgentConfig,
+    /// The TLS identity, loaded and checked before the daemon started.
+    pub client: quinn::ClientConfig,
     pub journal: Arc<Mutex<Journal>>,
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
@@ -33,17 +35,10 @@ pub struct Sender {
 impl Sender {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let t = &self.config.transfer;
-        let client = skyferry_common::tls::client_config(
-            &self.config.receiver.ca,
-            &self.config.receiver.cert,
-            &self.config.receiver.key,
-            t.heartbeat_interval,
-        )
-        .context("loading TLS identity")?;
         let mut endpoint = skyferry_common::tls::endpoint(SocketAddr::from(([0u16; 8], 0)), None)
             .or_else(|_| skyferry_common::tls::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None))
             .context("opening a UDP socket")?;
-        endpoint.set_default_client_config(client);
+        endpoint.set_default_client_config(self.client.clone());
 
         let mut backoff = t.reconnect_min;
         while !shutdown.is_cancelled() {

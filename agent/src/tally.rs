@@ -27,7 +27,8 @@ pub struct Tally {
     sent_chunks: AtomicU64,
 }
 
-fn path_for(journal: &Path) -> PathBuf {
+/// `<journal>.tally`.
+pub fn path_for(journal: &Path) -> PathBuf {
     let mut p = journal.as_os_str().to_owned();
     p.push(".tally");
     PathBuf::from(p)

@@ -19,17 +19,19 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use crate::config::PeerLimits;
 use crate::protocol::ALPN;
 
+// Display carries the cause and no variant has a `source()`: printed with `{:#}` through
+// anyhow, a cause that is both in the text and the source would be stated twice.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
@@ -38,11 +40,23 @@ pub enum TlsError {
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(String),
     #[error("tls setup failed: {0}")]
-    Rustls(#[from] rustls::Error),
+    Rustls(String),
     #[error("tls setup failed: {0}")]
     Verifier(String),
+}
+
+impl From<rcgen::Error> for TlsError {
+    fn from(e: rcgen::Error) -> TlsError {
+        TlsError::Generate(e.to_string())
+    }
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> TlsError {
+        TlsError::Rustls(e.to_string())
+    }
 }
 
 /// Files written by [`init_ca`].
@@ -81,15 +95,15 @@ pub fn init_ca(dir: &Path, receiver_names: &[String]) -> Result<CaFiles, TlsErro
     if files.ca_key.exists() {
         return Err(TlsError::Write {
             path: files.ca_key,
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 "a CA already exists here; refusing to overwrite it (use another --out)",
             ),
         });
     }
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+    std::fs::create_dir_all(dir).map_err(|error| TlsError::Write {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
 
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -139,9 +153,9 @@ pub fn issue_agent(
         &[agent_id.to_owned()],
         ExtendedKeyUsagePurpose::ClientAuth,
     )?;
-    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
+    std::fs::create_dir_all(out).map_err(|error| TlsError::Write {
         path: out.to_owned(),
-        source,
+        error,
     })?;
     let cert_path = out.join(format!("{agent_id}.pem"));
     let key_path = out.join(format!("{agent_id}.key"));
@@ -169,16 +183,16 @@ fn leaf(
 }
 
 fn read_string(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+    std::fs::read_to_string(path).map_err(|error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), TlsError> {
-    std::fs::write(path, text).map_err(|source| TlsError::Write {
+    std::fs::write(path, text).map_err(|error| TlsError::Write {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -191,27 +205,27 @@ fn write_secret(path: &Path, text: &str) -> Result<(), TlsError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| TlsError::Write {
+        .map_err(|error| TlsError::Write {
             path: path.to_owned(),
-            source,
+            error,
         })?;
     f.write_all(text.as_bytes())
-        .map_err(|source| TlsError::Write {
+        .map_err(|error| TlsError::Write {
             path: path.to_owned(),
-            source,
+            error,
         })
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+    let data = std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Invalid {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason: format!("not valid PEM ({e})"),
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -222,14 +236,14 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let data = std::fs::read(path).map_err(|source| TlsError::Read {
+    let data = std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     rustls_pemfile::private_key(&mut data.as_slice())
         .map_err(|e| TlsError::Invalid {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason: format!("not valid PEM ({e})"),
         })?
         .ok_or_else(|| TlsError::NoKey {
             path: path.to_owned(),
@@ -384,6 +398,166 @@ pub fn certificate_names(cert: &CertificateDer<'_>, agent_id: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Which end a certificate identifies, for the extended key usage it must allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Receiver,
+}
+
+/// What [`identity_problems`] checks: the CA file, a certificate, optionally its key, and
+/// optionally a name the certificate must carry.
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityCheck<'a> {
+    pub ca: &'a Path,
+    pub cert: &'a Path,
+    pub key: Option<&'a Path>,
+    pub role: Role,
+    /// A DNS name the certificate must be valid for (`agent.id`, `receiver.server_name`)
+    /// and the config key it comes from.
+    pub name: Option<(&'a str, &'a str)>,
+}
+
+/// Every problem that would stop this identity from working, each naming its file: see
+/// [`identity_findings`], both kinds together. Empty when all is well.
+pub fn identity_problems(check: &IdentityCheck<'_>) -> Vec<String> {
+    let found = identity_findings(check);
+    found.unusable.into_iter().chain(found.refused).collect()
+}
+
+/// What is wrong with a TLS identity, in two kinds.
+#[derive(Debug, Default)]
+pub struct IdentityFindings {
+    /// The identity cannot be loaded at all: a file is not PEM or unreadable, the CA is
+    /// not a CA certificate, the key does not belong to the certificate.
+    pub unusable: Vec<String>,
+    /// It loads, but the other end will refuse it: the certificate does not chain to
+    /// the CA, has expired, is not for this role, or does not carry the name.
+    pub refused: Vec<String>,
+}
+
+/// Reads the files (no network) and reports, each problem naming its file, whether the
+/// identity loads and whether the other end would accept it; see [`IdentityFindings`].
+pub fn identity_findings(check: &IdentityCheck<'_>) -> IdentityFindings {
+    let mut refused = Vec::new();
+    let unusable = loadable(check, &mut refused);
+    IdentityFindings { unusable, refused }
+}
+
+fn loadable(check: &IdentityCheck<'_>, refused: &mut Vec<String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let ca_certs = load_certs(check.ca)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    let mut anchors = Vec::new();
+    for (i, der) in ca_certs.iter().flatten().enumerate() {
+        match webpki::anchor_from_trusted_cert(der) {
+            Ok(a) => anchors.push(a),
+            Err(e) => problems.push(format!(
+                "{}: certificate {} is not a valid CA certificate ({e})",
+                check.ca.display(),
+                i + 1
+            )),
+        }
+    }
+    let chain = load_certs(check.cert)
+        .map_err(|e| problems.push(e.to_string()))
+        .ok();
+    let key = check
+        .key
+        .and_then(|k| load_key(k).map_err(|e| problems.push(e.to_string())).ok());
+    if let (Some(chain), Some(key), Some(key_path)) = (&chain, key, check.key) {
+        if let Some(p) = key_mismatch(chain, key, check.cert, key_path) {
+            problems.push(p);
+        }
+    }
+    let Some(chain) = chain else {
+        return problems;
+    };
+    let Some(leaf) = chain.first() else {
+        return problems;
+    };
+    let ee = match webpki::EndEntityCert::try_from(leaf) {
+        Ok(ee) => ee,
+        Err(e) => {
+            problems.push(format!(
+                "{}: not a valid X.509 certificate ({e})",
+                check.cert.display()
+            ));
+            return problems;
+        }
+    };
+    if ca_certs.is_some() && !anchors.is_empty() {
+        let algs = provider().signature_verification_algorithms.all;
+        let now = rustls::pki_types::UnixTime::now();
+        let usage = match check.role {
+            Role::Agent => webpki::KeyUsage::client_auth(),
+            Role::Receiver => webpki::KeyUsage::server_auth(),
+        };
+        if let Err(e) = ee.verify_for_usage(algs, &anchors, &chain[1..], now, usage, None, None) {
+            refused.push(format!(
+                "{} does not verify against the CA in {} ({e}); issue it from that CA \
+                 (skyferry-receiver certs {})",
+                check.cert.display(),
+                check.ca.display(),
+                match check.role {
+                    Role::Agent => "issue-agent",
+                    Role::Receiver => "init",
+                }
+            ));
+        }
+    }
+    if let Some((name, key)) = check.name {
+        let valid = ServerName::try_from(name)
+            .ok()
+            .is_some_and(|n| ee.verify_is_valid_for_subject_name(&n).is_ok());
+        if !valid {
+            let names: Vec<String> = ee.valid_dns_names().map(|n| format!("{n:?}")).collect();
+            refused.push(format!(
+                "{key} = {name:?} is not a name in the certificate {} (it names {})",
+                check.cert.display(),
+                if names.is_empty() {
+                    "no DNS name".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            ));
+        }
+    }
+    problems
+}
+
+/// A problem when `key` is unusable or is not the private key of `chain`'s first
+/// certificate.
+fn key_mismatch(
+    chain: &[CertificateDer<'static>],
+    key: PrivateKeyDer<'static>,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Option<String> {
+    let signing = match provider().key_provider.load_private_key(key) {
+        Ok(k) => k,
+        Err(e) => {
+            return Some(format!(
+                "{}: unsupported private key ({e})",
+                key_path.display()
+            ))
+        }
+    };
+    let certified = rustls::sign::CertifiedKey::new(chain.to_vec(), signing);
+    match certified.keys_match() {
+        Ok(()) => None,
+        // The provider cannot tell for this key type: the handshake will.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => None,
+        Err(_) => Some(format!(
+            "{} is not the private key of {}: key and certificate do not match \
+             (use the .key written together with that .pem by certs issue-agent/init)",
+            key_path.display(),
+            cert_path.display()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,5 +582,66 @@ mod tests {
             init_ca(dir.path(), &[]).is_err(),
             "refuses to overwrite a CA"
         );
+    }
+
+    #[test]
+    fn identity_problems_name_the_file_and_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        init_ca(d, &["archive.example.org".into()]).unwrap();
+        let (cert, key) = issue_agent(d, "kiso-01", d).unwrap();
+        let (_, other_key) = issue_agent(d, "kiso-02", d).unwrap();
+        let ca = d.join("ca.pem");
+        let agent = |cert: &Path, key: &Path, name: &str| {
+            identity_problems(&IdentityCheck {
+                ca: &ca,
+                cert,
+                key: Some(key),
+                role: Role::Agent,
+                name: Some((name, "agent.id")),
+            })
+        };
+        assert!(agent(&cert, &key, "kiso-01").is_empty());
+        let p = agent(&cert, &other_key, "kiso-01").join("\n");
+        assert!(p.contains("kiso-02.key is not the private key of"), "{p}");
+        let p = agent(&cert, &key, "kiso-03").join("\n");
+        assert!(p.contains("agent.id = \"kiso-03\" is not a name in"), "{p}");
+        assert!(p.contains("\"kiso-01\""), "lists the names it has: {p}");
+        // The receiver's certificate is for servers, not for agents.
+        let p = agent(
+            &d.join("receiver.pem"),
+            &d.join("receiver.key"),
+            "archive.example.org",
+        );
+        assert!(
+            p.join("").contains("does not verify against the CA"),
+            "{p:?}"
+        );
+        // Signed by another CA.
+        let other = tempfile::tempdir().unwrap();
+        init_ca(other.path(), &[]).unwrap();
+        let (foreign, foreign_key) = issue_agent(other.path(), "kiso-01", other.path()).unwrap();
+        let p = agent(&foreign, &foreign_key, "kiso-01").join("\n");
+        assert!(p.contains("does not verify against the CA"), "{p}");
+        // Not PEM at all.
+        let junk = d.join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let p = identity_problems(&IdentityCheck {
+            ca: &junk,
+            cert: &cert,
+            key: Some(&key),
+            role: Role::Agent,
+            name: None,
+        });
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("junk.pem holds no PEM certificate"), "{p:?}");
+        let receiver = identity_problems(&IdentityCheck {
+            ca: &ca,
+            cert: &d.join("receiver.pem"),
+            key: Some(&d.join("receiver.key")),
+            role: Role::Receiver,
+            name: Some(("archive.example.org", "receiver.server_name")),
+        });
+        assert!(receiver.is_empty(), "{receiver:?}");
     }
 }

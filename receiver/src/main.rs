@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
 use skyferry_common::config::{validate_agent_id, ReceiverConfig};
 use skyferry_common::daemon::{self, EXIT_FAILURE, EXIT_USAGE};
 use tokio_util::sync::CancellationToken;
@@ -62,24 +63,32 @@ enum Certs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match daemon::parse_args::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let code = match cli.command {
-        Command::CheckConfig { config } => match ReceiverConfig::load(&config) {
-            Ok(_) => {
-                println!("config {} is valid", config.display());
-                0
+        Command::CheckConfig { config: path } => match ReceiverConfig::load_checked(&path) {
+            Ok(c) => {
+                return daemon::print_out(&format!(
+                    "config {} is valid\n  receiver {} on {}\n  storage {}\n",
+                    path.display(),
+                    c.id,
+                    c.listen,
+                    c.storage_root.display()
+                ))
             }
             Err(e) => {
                 eprintln!("{e}");
                 EXIT_USAGE
             }
         },
-        Command::Run { config } => match ReceiverConfig::load(&config) {
+        Command::Run { config } => match ReceiverConfig::load_for_run(&config) {
             Err(e) => {
                 eprintln!("{e}");
                 EXIT_USAGE
             }
-            Ok(config) => report(run(config)),
+            Ok((config, warnings)) => report(run(config, warnings)),
         },
         Command::Certs(Certs::Init { out, name, san }) => {
             let mut names = vec![name, "localhost".to_owned()];
@@ -132,8 +141,11 @@ fn report(r: anyhow::Result<()>) -> i32 {
     }
 }
 
-fn run(config: ReceiverConfig) -> anyhow::Result<()> {
+fn run(config: ReceiverConfig, warnings: Vec<String>) -> anyhow::Result<()> {
     daemon::init_logging();
+    for w in warnings {
+        tracing::warn!("agents will refuse this receiver: {w}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

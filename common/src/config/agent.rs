@@ -6,7 +6,7 @@ use std::time::Duration;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use super::reader::{unknown_tables, Problems, Section};
-use super::{read_table, validate_agent_id, ConfigError};
+use super::{read_table, validate_agent_id, ConfigError, Depth};
 use crate::protocol::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 #[derive(Debug, Clone)]
@@ -175,6 +175,9 @@ pub struct Endpoint {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `receiver.server_cert`: the receiver's certificate, when the agent host has a
+    /// copy; only `check-config` reads it.
+    pub server_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -268,19 +271,47 @@ impl PathFilter {
 }
 
 impl AgentConfig {
+    /// Reads and validates the file's syntax and values (used by a SIGHUP reload).
     pub fn load(file: &Path) -> Result<AgentConfig, ConfigError> {
+        Self::load_with(file, Depth::Syntax)
+    }
+
+    /// [`AgentConfig::load`], and also checks that the config can run (the TLS identity,
+    /// the journal directory: see `check.rs`); every problem of both kinds is listed.
+    /// What `check-config` and `run` use.
+    pub fn load_checked(file: &Path) -> Result<AgentConfig, ConfigError> {
+        Self::load_with(file, Depth::Check)
+    }
+
+    /// What `run` uses: [`AgentConfig::load_checked`], except that an identity the other end
+    /// would refuse (it loads, but does not chain to the CA or lacks the name) is
+    /// returned as warnings, not refused: see `check.rs`.
+    pub fn load_for_run(file: &Path) -> Result<(AgentConfig, Vec<String>), ConfigError> {
+        let mut warnings = Vec::new();
+        let config = Self::load_with(file, Depth::Run(&mut warnings))?;
+        Ok((config, warnings))
+    }
+
+    fn load_with(file: &Path, depth: Depth<'_>) -> Result<AgentConfig, ConfigError> {
         let root = read_table(file)?;
-        Self::from_table(&root, file.parent().unwrap_or(Path::new("."))).map_err(|problems| {
-            ConfigError {
-                file: file.to_owned(),
-                problems,
-            }
+        let base = file.parent().unwrap_or(Path::new("."));
+        Self::from_table_with(&root, base, depth).map_err(|problems| ConfigError {
+            file: file.to_owned(),
+            problems,
         })
     }
 
     /// Validates a parsed TOML table. Relative paths are taken relative to `base` (the
     /// config file's directory).
     pub fn from_table(root: &toml::Table, base: &Path) -> Result<AgentConfig, Problems> {
+        Self::from_table_with(root, base, Depth::Syntax)
+    }
+
+    fn from_table_with(
+        root: &toml::Table,
+        base: &Path,
+        depth: Depth<'_>,
+    ) -> Result<AgentConfig, Problems> {
         let p = &mut Problems::new();
         unknown_tables(
             root,
@@ -331,7 +362,31 @@ impl AgentConfig {
         let ca = existing_file(&mut s, "ca", base, p);
         let cert = existing_file(&mut s, "cert", base, p);
         let key = existing_file(&mut s, "key", base, p);
+        // Optional, for check-config only: the receiver's certificate, to check that it
+        // carries `server_name` and chains to `ca`.
+        let server_cert = s.string("server_cert", p).map(|c| base.join(c));
+        if let Some(c) = server_cert.as_ref().filter(|c| !c.is_file()) {
+            p.push(format!(
+                "receiver.server_cert: file {} does not exist",
+                c.display()
+            ));
+        }
         s.finish(p);
+        if let Some(refused) = depth.refused() {
+            super::check::agent(
+                &super::check::AgentFiles {
+                    id: id.as_deref(),
+                    journal: journal.as_deref(),
+                    ca: ca.as_deref(),
+                    cert: cert.as_deref(),
+                    key: key.as_deref(),
+                    server_name: server_name.as_deref(),
+                    server_cert: server_cert.as_deref(),
+                },
+                p,
+                refused,
+            );
+        }
 
         let mut s = Section::of(root, "transfer", p);
         let chunk_size = s.size("chunk_size", 4 << 20, p);
@@ -380,6 +435,7 @@ impl AgentConfig {
                     ca,
                     cert,
                     key,
+                    server_cert,
                 },
                 transfer,
                 watches,

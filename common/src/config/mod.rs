@@ -6,6 +6,7 @@
 //! itself rather than going through serde, because serde stops at the first error.
 
 mod agent;
+mod check;
 mod reader;
 mod receiver;
 
@@ -38,6 +39,25 @@ impl std::fmt::Display for ConfigError {
             write!(f, "\n  - {p}")?;
         }
         Ok(())
+    }
+}
+
+/// How far loading a config goes beyond its syntax (see `check.rs`).
+enum Depth<'a> {
+    Syntax,
+    /// For `run`: identity findings the other end would refuse go to the warnings.
+    Run(&'a mut Vec<String>),
+    /// For `check-config`: everything is a problem.
+    Check,
+}
+
+impl<'a> Depth<'a> {
+    fn refused(self) -> Option<check::Refused<'a>> {
+        match self {
+            Depth::Syntax => None,
+            Depth::Run(w) => Some(check::Refused::Warnings(w)),
+            Depth::Check => Some(check::Refused::Problems),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::agent::existing_file_in;
 use super::reader::{unknown_tables, Problems, Section};
-use super::{read_table, ConfigError};
+use super::{read_table, ConfigError, Depth};
 
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -142,17 +142,45 @@ impl PeerLimits {
 pub const DEFAULT_PARTIAL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ReceiverConfig {
+    /// Reads and validates the file's syntax and values.
     pub fn load(file: &Path) -> Result<ReceiverConfig, ConfigError> {
+        Self::load_with(file, Depth::Syntax)
+    }
+
+    /// [`ReceiverConfig::load`], and also checks that the config can run (the TLS
+    /// identity, a writable storage root: see `check.rs`); every problem of both kinds is
+    /// listed. What `check-config` and `run` use.
+    pub fn load_checked(file: &Path) -> Result<ReceiverConfig, ConfigError> {
+        Self::load_with(file, Depth::Check)
+    }
+
+    /// What `run` uses: [`ReceiverConfig::load_checked`], except that an identity the other end
+    /// would refuse (it loads, but does not chain to the CA or lacks the name) is
+    /// returned as warnings, not refused: see `check.rs`.
+    pub fn load_for_run(file: &Path) -> Result<(ReceiverConfig, Vec<String>), ConfigError> {
+        let mut warnings = Vec::new();
+        let config = Self::load_with(file, Depth::Run(&mut warnings))?;
+        Ok((config, warnings))
+    }
+
+    fn load_with(file: &Path, depth: Depth<'_>) -> Result<ReceiverConfig, ConfigError> {
         let root = read_table(file)?;
-        Self::from_table(&root, file.parent().unwrap_or(Path::new("."))).map_err(|problems| {
-            ConfigError {
-                file: file.to_owned(),
-                problems,
-            }
+        let base = file.parent().unwrap_or(Path::new("."));
+        Self::from_table_with(&root, base, depth).map_err(|problems| ConfigError {
+            file: file.to_owned(),
+            problems,
         })
     }
 
     pub fn from_table(root: &toml::Table, base: &Path) -> Result<ReceiverConfig, Problems> {
+        Self::from_table_with(root, base, Depth::Syntax)
+    }
+
+    fn from_table_with(
+        root: &toml::Table,
+        base: &Path,
+        depth: Depth<'_>,
+    ) -> Result<ReceiverConfig, Problems> {
         let p = &mut Problems::new();
         unknown_tables(root, &["receiver", "limits"], p);
 
@@ -182,6 +210,16 @@ impl ReceiverConfig {
         let cert = existing_file_in(&mut s, "cert", base, p);
         let key = existing_file_in(&mut s, "key", base, p);
         s.finish(p);
+        if let Some(refused) = depth.refused() {
+            super::check::receiver(
+                ca.as_deref(),
+                cert.as_deref(),
+                key.as_deref(),
+                storage_root.as_deref(),
+                p,
+                refused,
+            );
+        }
 
         let mut s = Section::of(root, "limits", p);
         let max_file_size = s.size("max_file_size", 1 << 40, p);
