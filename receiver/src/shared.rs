@@ -379,7 +379,10 @@ mod tests {
         let refused = shared.acquire_slot(&two, CHUNK, wait).await.err();
         assert_eq!(
             refused,
-            Some(SlotRefusal::ReceiverBusy { slots: 1, waited: wait })
+            Some(SlotRefusal::ReceiverBusy {
+                slots: 1,
+                waited: wait
+            })
         );
         assert_eq!(started.elapsed(), wait);
         // A slot freed while waiting goes to the waiter.
@@ -417,9 +420,19 @@ mod tests {
         let (_dir, shared) = shared_with("");
         let t0 = Instant::now();
         assert_eq!(shared.warn_allowed("offer_timeout", t0), Some(0));
-        assert_eq!(shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(1)), None);
-        assert_eq!(shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(2)), None);
-        assert_eq!(shared.warn_allowed("agent_files", t0), Some(0), "per reason");
+        assert_eq!(
+            shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(1)),
+            None
+        );
+        assert_eq!(
+            shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(2)),
+            None
+        );
+        assert_eq!(
+            shared.warn_allowed("agent_files", t0),
+            Some(0),
+            "per reason"
+        );
         assert_eq!(
             shared.warn_allowed("offer_timeout", t0 + Duration::from_secs(11)),
             Some(2),
@@ -440,7 +453,10 @@ mod tests {
         shared.admit_certificate(&mut a2, cert.clone()).unwrap();
         assert_eq!(shared.admit_certificate(&mut a3, cert.clone()), Err(2));
         drop(a1);
-        assert!(shared.admit_connection().is_some(), "a closed connection frees its place");
+        assert!(
+            shared.admit_connection().is_some(),
+            "a closed connection frees its place"
+        );
         shared.admit_certificate(&mut a3, cert).unwrap();
     }
 

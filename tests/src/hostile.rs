@@ -119,7 +119,10 @@ impl Hostile {
             .context("hostile agent: no welcome")?
             .context("hostile agent: no welcome")?;
         if header[4] != 0x02 {
-            bail!("hostile agent: the receiver answered the hello with frame type {:#04x}", header[4]);
+            bail!(
+                "hostile agent: the receiver answered the hello with frame type {:#04x}",
+                header[4]
+            );
         }
         let stop = stop.clone();
         let keep = conn.clone();
@@ -194,7 +197,9 @@ impl Hostile {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
-                    let Ok((mut send, mut recv)) = conn.open_bi().await else { return };
+                    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                        return;
+                    };
                     if send.write_all(&[0, 0]).await.is_err() {
                         return;
                     }
@@ -233,7 +238,9 @@ impl Hostile {
                         tokio::time::sleep(pace).await;
                         continue;
                     }
-                    let Ok((mut send, mut recv)) = conn.open_bi().await else { return };
+                    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                        return;
+                    };
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     let offer = offer(&format!("attack/held-{n}.fits"), size, chunk_size, n);
                     if send_frame(&mut send, &offer).await.is_err() {
@@ -262,7 +269,9 @@ impl Hostile {
             let (tally, next) = (tally.clone(), next.clone());
             async move {
                 loop {
-                    let Ok((mut send, mut recv)) = conn.open_bi().await else { return };
+                    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                        return;
+                    };
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     let offer = offer(&format!("attack/oversize-{n}.fits"), size, 4 << 20, n);
                     if send_frame(&mut send, &offer).await.is_err() {
@@ -320,11 +329,15 @@ impl Hostile {
     async fn flood(&self, conn: &quinn::Connection, streams: usize, bytes_per_stream: usize) {
         // Stream 0 (where the hello belongs) is opened but carries nothing until the
         // next stream's data makes it exist for the receiver.
-        let Ok(_control) = conn.open_bi().await else { return };
+        let Ok(_control) = conn.open_bi().await else {
+            return;
+        };
         let junk = vec![0x5a_u8; 64 << 10];
         let mut writers = tokio::task::JoinSet::new();
         for _ in 0..streams {
-            let Ok((mut send, recv)) = conn.open_bi().await else { break };
+            let Ok((mut send, recv)) = conn.open_bi().await else {
+                break;
+            };
             Tally::add(&self.tally.streams, 1);
             let (junk, tally) = (junk.clone(), self.tally.clone());
             writers.spawn(async move {
@@ -372,13 +385,18 @@ pub async fn offer_and_answer(
     conn: &quinn::Connection,
     path: &str,
     size: u64,
-) -> Result<(Message, quinn::SendStream, skyferry_common::wire::FrameReader)> {
-    let (mut send, recv) = conn.open_bi().await.context("hostile agent: open a stream")?;
+) -> Result<(
+    Message,
+    quinn::SendStream,
+    skyferry_common::wire::FrameReader,
+)> {
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .context("hostile agent: open a stream")?;
     send_frame(&mut send, &offer(path, size, 64 << 10, size)).await?;
-    let mut reader = skyferry_common::wire::FrameReader::new(
-        recv,
-        skyferry_common::protocol::MAX_CONTROL_FRAME,
-    );
+    let mut reader =
+        skyferry_common::wire::FrameReader::new(recv, skyferry_common::protocol::MAX_CONTROL_FRAME);
     let answer = tokio::time::timeout(Duration::from_secs(5), reader.read())
         .await
         .context("hostile agent: no answer to the offer within 5 s")?

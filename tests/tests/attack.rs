@@ -64,7 +64,9 @@ fn chosen_attacks() -> Vec<Attack> {
             "huge" => Attack::Huge,
             "unread" => Attack::Unread,
             "oversize" => Attack::Oversize,
-            other => panic!("SKYFERRY_ATTACKS: unknown attack {other:?} (idle, huge, unread, oversize)"),
+            other => {
+                panic!("SKYFERRY_ATTACKS: unknown attack {other:?} (idle, huge, unread, oversize)")
+            }
         })
         .collect()
 }
@@ -98,7 +100,8 @@ fn wait_stored(
         if std::fs::metadata(published).is_ok_and(|m| m.len() == len) {
             return written.elapsed();
         }
-        pair.ensure_alive().expect("the receiver and the agent stay alive");
+        pair.ensure_alive()
+            .expect("the receiver and the agent stay alive");
         assert!(
             !over.load(Ordering::Relaxed),
             "the receiver's RSS passed {} MiB (attack stopped)\n{}",
@@ -130,7 +133,13 @@ fn a_second_agent_is_served_while_one_agent_attacks_the_receiver() {
     write_atomic(&warm, &content(FILE_SIZE, 1));
     let start = Instant::now();
     let published = pair.published().join("good/warm-up.fits");
-    wait_stored(&mut pair, &published, FILE_SIZE as u64, start, &AtomicBool::new(false));
+    wait_stored(
+        &mut pair,
+        &published,
+        FILE_SIZE as u64,
+        start,
+        &AtomicBool::new(false),
+    );
 
     // Memory watch: the peak so far, and a stop of the attack if it passes the bound.
     let stop = CancellationToken::new();
@@ -189,7 +198,10 @@ fn a_second_agent_is_served_while_one_agent_attacks_the_receiver() {
     let mut latencies = Vec::new();
     for i in 0..FILES {
         let rel = format!("good/f{i}.fits");
-        write_atomic(&pair.source().join(&rel), &content(FILE_SIZE, 100 + i as u64));
+        write_atomic(
+            &pair.source().join(&rel),
+            &content(FILE_SIZE, 100 + i as u64),
+        );
         let written = Instant::now();
         let published = pair.published().join(&rel);
         let took = wait_stored(&mut pair, &published, FILE_SIZE as u64, written, &over);
@@ -210,13 +222,18 @@ fn a_second_agent_is_served_while_one_agent_attacks_the_receiver() {
         );
         std::thread::sleep(FILE_EVERY.saturating_sub(took));
     }
-    eprintln!("good agent's files stored after {latencies:?}; hostile: {}", hostile.tally);
+    eprintln!(
+        "good agent's files stored after {latencies:?}; hostile: {}",
+        hostile.tally
+    );
 
     stop.cancel();
     runtime.shutdown_timeout(Duration::from_secs(2));
     watching.store(false, Ordering::Relaxed);
     watch.join().expect("memory watch");
-    let hwm = status_bytes(pid, "VmHWM").unwrap_or(0).max(peak.load(Ordering::Relaxed));
+    let hwm = status_bytes(pid, "VmHWM")
+        .unwrap_or(0)
+        .max(peak.load(Ordering::Relaxed));
     eprintln!("receiver peak RSS (VmHWM): {} MiB", hwm >> 20);
     assert!(
         hwm <= RSS_BOUND,
@@ -225,10 +242,13 @@ fn a_second_agent_is_served_while_one_agent_attacks_the_receiver() {
         RSS_BOUND >> 20,
         pair.diagnostics()
     );
-    pair.ensure_alive().expect("the receiver survived the attack");
-    let report = skyferry_tests::compare_trees(&pair.source(), &pair.published())
-        .expect("compare trees");
-    report.ensure_identical().expect("the good agent's files are identical");
+    pair.ensure_alive()
+        .expect("the receiver survived the attack");
+    let report =
+        skyferry_tests::compare_trees(&pair.source(), &pair.published()).expect("compare trees");
+    report
+        .ensure_identical()
+        .expect("the good agent's files are identical");
 }
 
 /// Two live connections claim one agent id: the receiver says so (WARN naming the id),
@@ -253,7 +273,11 @@ fn a_newer_connection_of_an_agent_id_supersedes_the_older_and_takes_its_claims()
             skyferry_tests::hostile::offer_and_answer(&older, "n/a.fits", 1 << 20)
                 .await
                 .expect("offer on the older connection");
-        assert_eq!(answer.kind(), "resume", "the older connection holds the claim: {answer:?}");
+        assert_eq!(
+            answer.kind(),
+            "resume",
+            "the older connection holds the claim: {answer:?}"
+        );
 
         let newer = agent.connect(&stop).await.expect("newer connection");
         let closed = tokio::time::timeout(Duration::from_secs(2), older.closed())
@@ -263,7 +287,10 @@ fn a_newer_connection_of_an_agent_id_supersedes_the_older_and_takes_its_claims()
             quinn::ConnectionError::ApplicationClosed(c) => {
                 assert_eq!(c.error_code, quinn::VarInt::from_u32(3), "{closed:?}");
                 let reason = String::from_utf8_lossy(&c.reason);
-                assert!(reason.contains("superseded by a newer connection"), "{reason}");
+                assert!(
+                    reason.contains("superseded by a newer connection"),
+                    "{reason}"
+                );
             }
             other => panic!("the older connection ended otherwise: {other:?}"),
         }
@@ -272,7 +299,11 @@ fn a_newer_connection_of_an_agent_id_supersedes_the_older_and_takes_its_claims()
             skyferry_tests::hostile::offer_and_answer(&newer, "n/a.fits", 1 << 20)
                 .await
                 .expect("offer on the newer connection");
-        assert_eq!(answer.kind(), "resume", "the newer connection took the claim over: {answer:?}");
+        assert_eq!(
+            answer.kind(),
+            "resume",
+            "the newer connection took the claim over: {answer:?}"
+        );
         stop.cancel();
     });
     let log = pair.receiver_log().expect("receiver log");
