@@ -15,9 +15,9 @@ use skyferry_common::protocol::{
     AgentHeartbeat, Chunk, Codec, Commit, ErrorCode, Hello, Message, Offer, StorageState,
     MAX_CONTROL_FRAME, MIN_CHUNK_SIZE, PROTOCOL_VERSION,
 };
-use skyferry_common::tls;
 use skyferry_common::wire::{FrameReader, FrameWriter};
 use skyferry_tests::faults::{files_under, must_write, Tmpfs};
+use skyferry_tests::hostile::Hostile;
 use skyferry_tests::{Identity, Pair, PairOptions};
 
 const MIB: u64 = 1 << 20;
@@ -27,7 +27,7 @@ const HOSTILE: &str = "evil-01";
 /// A connected hostile agent: the connection, and the storage states of the receiver's
 /// heartbeats as they arrive (it answers with heartbeats of its own, so it stays alive).
 struct RawAgent {
-    _endpoint: quinn::Endpoint,
+    _hostile: Hostile,
     conn: quinn::Connection,
     storage_states: Arc<Mutex<Vec<StorageState>>>,
 }
@@ -35,22 +35,16 @@ struct RawAgent {
 impl RawAgent {
     async fn connect(pair: &Pair, id: &str, identity: &Identity) -> RawAgent {
         let heartbeat = Duration::from_secs(1);
-        let client = tls::client_config(
+        // The TLS handshake is the attack client's; what follows is this test's own
+        // well-behaved hello and heartbeats, so that the receiver keeps the connection.
+        let hostile = Hostile::new(
+            SocketAddr::from(([127, 0, 0, 1], pair.port())),
             &pair.certs_dir().join("ca.pem"),
-            &identity.cert,
-            &identity.key,
-            heartbeat,
+            identity,
+            id,
         )
-        .expect("client config");
-        let mut endpoint =
-            tls::endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None).expect("endpoint");
-        endpoint.set_default_client_config(client);
-        let target = SocketAddr::from(([127, 0, 0, 1], pair.port()));
-        let conn = endpoint
-            .connect(target, "skyferry-receiver")
-            .expect("connect")
-            .await
-            .expect("handshake");
+        .expect("hostile agent");
+        let conn = hostile.handshake().await.expect("handshake");
         let (send, recv) = conn.open_bi().await.expect("control stream");
         let (mut writer, mut reader) = (
             FrameWriter::new(send),
@@ -93,7 +87,7 @@ impl RawAgent {
             }
         });
         RawAgent {
-            _endpoint: endpoint,
+            _hostile: hostile,
             conn,
             storage_states,
         }
