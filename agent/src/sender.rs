@@ -11,6 +11,7 @@ use skyferry_common::config::AgentConfig;
 use skyferry_common::protocol::{
     AgentHeartbeat, Hello, Message, StorageState, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
+use skyferry_common::udp;
 use skyferry_common::wire::{FrameReader, FrameWriter};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -35,14 +36,25 @@ pub struct Sender {
 impl Sender {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let t = &self.config.transfer;
-        let mut endpoint = skyferry_common::tls::endpoint(SocketAddr::from(([0u16; 8], 0)), None)
-            .or_else(|_| skyferry_common::tls::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None))
-            .context("opening a UDP socket")?;
-        endpoint.set_default_client_config(self.client.clone());
+        let bound = skyferry_common::tls::endpoint(
+            SocketAddr::from(([0u16; 8], 0)),
+            None,
+            udp::WAN_UDP_PAYLOAD,
+        )
+        .or_else(|_| {
+            skyferry_common::tls::endpoint(
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+                None,
+                udp::WAN_UDP_PAYLOAD,
+            )
+        })
+        .context("opening a UDP socket")?;
+        bound.buffers.log();
+        let (endpoint, socket) = (bound.endpoint, bound.socket);
 
         let mut backoff = t.reconnect_min;
         while !shutdown.is_cancelled() {
-            match self.connect(&endpoint).await {
+            match self.connect(&endpoint, &socket).await {
                 Ok((conn, control)) => {
                     backoff = t.reconnect_min;
                     self.metrics.connects.inc();
@@ -87,6 +99,7 @@ impl Sender {
     async fn connect(
         &self,
         endpoint: &quinn::Endpoint,
+        socket: &udp::Socket,
     ) -> anyhow::Result<(quinn::Connection, (FrameReader, FrameWriter))> {
         let r = &self.config.receiver;
         let addr = tokio::net::lookup_host(&r.address)
@@ -94,8 +107,21 @@ impl Sender {
             .with_context(|| format!("resolving {}", r.address))?
             .next()
             .ok_or_else(|| anyhow!("{} resolves to no address", r.address))?;
+        // The MTU upper bound of this connection, and GSO batches sized to match.
+        let t = &self.config.transfer;
+        let max_payload = t.max_udp_payload.unwrap_or(if addr.ip().is_loopback() {
+            udp::MAX_UDP_PAYLOAD
+        } else {
+            udp::WAN_UDP_PAYLOAD
+        });
+        socket.set_max_payload(max_payload);
+        let mut client = self.client.clone();
+        client.transport_config(Arc::new(skyferry_common::tls::transport(
+            t.heartbeat_interval,
+            max_payload,
+        )));
         let conn = endpoint
-            .connect(addr, &r.server_name)
+            .connect_with(client, addr, &r.server_name)
             .context("starting the connection")?
             .await
             .map_err(|e| explain(e.to_string(), &r.address))?;
@@ -156,7 +182,7 @@ impl Sender {
             journal: self.journal.clone(),
             chunk_size: self.config.transfer.chunk_size,
             compression_level: self.config.transfer.compression_level,
-            window: self.config.transfer.chunks_in_flight,
+            window: self.config.transfer.chunks_in_flight(),
             metrics: self.metrics.clone(),
             tally: self.tally.clone(),
         });

@@ -13,5 +13,6 @@ pub mod protocol;
 pub mod relpath;
 pub mod session;
 pub mod tls;
+pub mod udp;
 pub mod unix_time;
 pub mod wire;

@@ -18,6 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::PeerLimits;
 use crate::protocol::ALPN;
+use crate::udp;
 
 // Display carries the cause and no variant has a `source()`: printed with `{:#}` through
 // anyhow, a cause that is both in the text and the source would be stated twice.
@@ -266,9 +267,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// QUIC transport tuned for a long fat pipe (10 Gbit/s × 15 ms ≈ 19 MB in flight): the
-/// connection window covers the bandwidth-delay product with headroom, and each stream's
-/// window is large enough that a few parallel files can fill the link.
-pub fn transport(heartbeat: Duration) -> quinn::TransportConfig {
+/// connection window covers the bandwidth-delay product with headroom, and so does each
+/// stream's, so that one file alone can fill the link. Path MTU discovery climbs up to
+/// `max_udp_payload` bytes per datagram (see [`crate::udp`] for the defaults).
+pub fn transport(heartbeat: Duration, max_udp_payload: u16) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());
@@ -279,10 +281,8 @@ pub fn transport(heartbeat: Duration) -> quinn::TransportConfig {
     let idle = heartbeat * 3;
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some(heartbeat));
-    // Probe for jumbo frames (research networks such as SINET carry 9000-byte MTUs); a
-    // path that does not carry them stays at what it does carry.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(max_udp_payload.clamp(udp::MIN_UDP_PAYLOAD, udp::MAX_UDP_PAYLOAD));
     t.mtu_discovery_config(Some(mtu));
     t
 }
@@ -290,13 +290,13 @@ pub fn transport(heartbeat: Duration) -> quinn::TransportConfig {
 /// The receiver's transport: [`transport`] with the windows and stream limit sized from
 /// `limits`, so that what peers can make the receiver buffer is bounded by configuration
 /// whatever they send: at most `limits.receive_window` of unread data per connection
-/// (each stream at most 16 MiB of it) and `limits.max_streams_per_connection` streams.
-/// The receiver only sends small frames (acknowledgements, `Resume`, heartbeats), so its
+/// (and per stream the smaller of that and the stream window), and streams capped at
+/// `limits.max_streams_per_connection`. The receiver only sends small frames, so its
 /// send window is small too. docs/protocol.md ("Limits and timeouts") gives the bound.
 pub fn receiver_transport(heartbeat: Duration, limits: &PeerLimits) -> quinn::TransportConfig {
-    let mut t = transport(heartbeat);
+    let mut t = transport(heartbeat, udp::MAX_UDP_PAYLOAD);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(limits.max_streams_per_connection));
     let window = limits.receive_window.min(u64::from(u32::MAX));
-    t.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
     t.receive_window(quinn::VarInt::from_u32(window as u32));
     t.stream_receive_window(quinn::VarInt::from_u32(window.min(STREAM_WINDOW) as u32));
     t.send_window(RECEIVER_SEND_WINDOW);
@@ -305,43 +305,43 @@ pub fn receiver_transport(heartbeat: Duration, limits: &PeerLimits) -> quinn::Tr
     t
 }
 
-/// Largest stream receive window (either side): one stream cannot hold a whole
-/// connection's window.
-const STREAM_WINDOW: u64 = 16 << 20;
+/// Largest stream receive window (either side): one file's bandwidth-delay product at
+/// 10 Gbit/s × 15 ms (19 MB) with headroom.
+const STREAM_WINDOW: u64 = 32 << 20;
 
 /// Receiver's send window per connection (bytes sent and not yet acknowledged).
 const RECEIVER_SEND_WINDOW: u64 = 2 << 20;
 
-/// Largest UDP payload sent or accepted: a 9000-byte MTU less IPv6 and UDP headers.
-pub const MAX_UDP_PAYLOAD: u16 = 8952;
+/// A bound QUIC endpoint and the socket under it.
+pub struct Bound {
+    pub endpoint: quinn::Endpoint,
+    /// Lets the owner resize GSO batches when it changes the MTU upper bound.
+    pub socket: Arc<udp::Socket>,
+    /// What the kernel granted for the socket buffers (to be logged by the daemon).
+    pub buffers: udp::Buffers,
+}
 
-/// Socket buffers asked of the kernel: a burst at 10 Gbit/s is a few MB, far more than
-/// the usual 208 KiB default. The kernel caps the request at `net.core.rmem_max` /
-/// `wmem_max` (docs/operations.md says how to raise them).
-const SOCKET_BUFFER: usize = 16 << 20;
-
-/// A QUIC endpoint on `addr` with large socket buffers and jumbo-capable payload size;
-/// a server when `server` is given.
+/// A QUIC endpoint on `addr` (a server when `server` is given) that accepts datagrams of
+/// up to [`udp::MAX_UDP_PAYLOAD`] bytes and sends GSO batches sized for `max_udp_payload`.
 pub fn endpoint(
     addr: std::net::SocketAddr,
     server: Option<quinn::ServerConfig>,
-) -> std::io::Result<quinn::Endpoint> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        // Accept IPv4-mapped peers too on a wildcard IPv6 socket.
-        let _ = socket.set_only_v6(false);
-    }
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.bind(&addr.into())?;
+    max_udp_payload: u16,
+) -> std::io::Result<Bound> {
+    let (socket, buffers) = udp::Socket::bind(addr, max_udp_payload)?;
     let mut config = quinn::EndpointConfig::default();
     config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .max_udp_payload_size(udp::MAX_UDP_PAYLOAD)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(config, server, socket.into(), runtime)
+    let endpoint =
+        quinn::Endpoint::new_with_abstract_socket(config, server, socket.clone(), runtime)?;
+    Ok(Bound {
+        endpoint,
+        socket,
+        buffers,
+    })
 }
 
 /// Receiver side: requires a client certificate chaining to `ca`.
@@ -365,7 +365,7 @@ pub fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport(heartbeat)));
+    server.transport_config(Arc::new(transport(heartbeat, udp::MAX_UDP_PAYLOAD)));
     Ok(server)
 }
 
@@ -384,7 +384,7 @@ pub fn client_config(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport(heartbeat)));
+    client.transport_config(Arc::new(transport(heartbeat, udp::WAN_UDP_PAYLOAD)));
     Ok(client)
 }
 

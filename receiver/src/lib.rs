@@ -45,8 +45,14 @@ pub async fn run(
         config.heartbeat_interval,
         &config.peer_limits,
     )));
-    let endpoint = skyferry_common::tls::endpoint(config.listen, Some(server_config))
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let bound = skyferry_common::tls::endpoint(
+        config.listen,
+        Some(server_config),
+        skyferry_common::udp::MAX_UDP_PAYLOAD,
+    )
+    .with_context(|| format!("listening on {}", config.listen))?;
+    bound.buffers.log();
+    let endpoint = bound.endpoint;
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
     ready(addr);

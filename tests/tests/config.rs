@@ -40,7 +40,7 @@ fn agent_config_problems_are_listed_together() {
     let cfg = dir.path().join("agent.toml");
     std::fs::write(
         &cfg,
-        "[agent]\nid = \"Kiso 01\"\njournal = \"j.sqlite\"\n[receiver]\naddress = \"nowhere\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[transfer]\nchunk_size = \"1 GiB\"\n[[watch]]\nroot = \"missing-dir\"\ninclude = [\"[unclosed\"]\n",
+        "[agent]\nid = \"Kiso 01\"\njournal = \"j.sqlite\"\n[receiver]\naddress = \"nowhere\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[transfer]\nchunk_size = \"1 GiB\"\nchunks_in_flight = 4\nwindow = \"2 GiB\"\nmax_udp_payload = 9000\n[[watch]]\nroot = \"missing-dir\"\ninclude = [\"[unclosed\"]\n",
     )
     .expect("write config");
     let out = Command::new(binary("skyferry-agent").expect("binary"))
@@ -54,6 +54,9 @@ fn agent_config_problems_are_listed_together() {
         "agent id \"Kiso 01\" is not valid",
         "\"nowhere\" is not a host:port address",
         "transfer.chunk_size",
+        "transfer.chunks_in_flight was replaced by transfer.window",
+        "transfer.window = 2147483648 bytes is out of range",
+        "transfer.max_udp_payload = 9000 is out of range",
         "missing-dir is not a directory",
         "bad glob \"[unclosed\"",
     ] {

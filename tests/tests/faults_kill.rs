@@ -15,10 +15,13 @@ const MB: u64 = 1_000_000;
 /// The kill tests' chunk size: 1 MiB, so that 1 GiB moves in reasonable time in a debug
 /// build while every kill still lands in the middle of files.
 const CHUNK: u64 = 1 << 20;
+/// The kill tests' per-file window: two chunks, smaller than most files (1..4 MB), so that
+/// the re-send bound below is tighter than "the whole file again".
+const WINDOW: u64 = 2 * CHUNK;
 
 /// Kills `side` at seeded random moments while files are being sent (20 kills over 1 GiB
 /// unless SKYFERRY_KILLS / SKYFERRY_KILL_MB say otherwise), restarting it each time, then
-/// checks that everything arrived byte for byte and that each kill cost at most one chunk
+/// checks that everything arrived byte for byte and that each kill cost at most one window
 /// re-sent per file in flight, by the agent's own lifetime counter.
 fn kill_repeatedly(side: Side, name: &str) {
     let kills = env_count("SKYFERRY_KILLS", 20);
@@ -30,6 +33,7 @@ fn kill_repeatedly(side: Side, name: &str) {
     let mut pair = Pair::start(PairOptions {
         heartbeat_interval: "1s".into(),
         chunk_size: "1 MiB".into(),
+        window: "2 MiB".into(),
         ..PairOptions::default()
     })
     .expect("start pair");
@@ -52,7 +56,7 @@ fn kill_repeatedly(side: Side, name: &str) {
     let started = Instant::now();
     let mut mid_transfer = 0;
     // Files in flight at each kill: the bound on what the kill may cost in re-sends (one
-    // chunk each, the acknowledgement window). After an agent kill the journal's
+    // window each). After an agent kill the journal's
     // `inflight` rows are exactly those; while the receiver dies the agent keeps at most
     // `parallel_files` in flight.
     let parallel = u64::from(PairOptions::default().parallel_files);
@@ -123,18 +127,18 @@ fn kill_repeatedly(side: Side, name: &str) {
     };
     assert_eq!(status["done"], files, "journal: {status}");
     // The agent's own lifetime counter (bytes of chunks sent, re-sends included): every
-    // kill costs at most one chunk per file in flight.
+    // kill costs at most one window per file in flight.
     let sent = status["sent_bytes"]
         .as_u64()
         .expect("status reports sent_bytes");
     let resent = sent.saturating_sub(report.bytes);
     eprintln!(
-        "{name}: the agent counted {sent} bytes sent, {resent} re-sent ({:.1} chunks per kill; bound {in_flight_at_kills} chunks for the files in flight at the kills)",
+        "{name}: the agent counted {sent} bytes sent, {resent} re-sent ({:.1} chunks per kill; bound {in_flight_at_kills} windows of {WINDOW} bytes for the files in flight at the kills)",
         resent as f64 / CHUNK as f64 / kills.max(1) as f64
     );
     assert!(
-        resent <= in_flight_at_kills * CHUNK,
-        "{name}: {resent} bytes re-sent, more than one {CHUNK}-byte chunk for each of the \
+        resent <= in_flight_at_kills * WINDOW,
+        "{name}: {resent} bytes re-sent, more than one {WINDOW}-byte window for each of the \
          {in_flight_at_kills} files in flight at the kills"
     );
     assert!(

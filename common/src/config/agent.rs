@@ -180,13 +180,24 @@ pub struct Endpoint {
     pub server_cert: Option<PathBuf>,
 }
 
+/// Default per-file window: one file fills 10 Gbit/s at 15 ms RTT (a bandwidth-delay
+/// product of 19 MB) with headroom.
+pub const DEFAULT_WINDOW: u64 = 24 << 20;
+
+/// Largest per-file window accepted.
+pub const MAX_WINDOW: u64 = 1 << 30;
+
 #[derive(Debug, Clone)]
 pub struct TransferConfig {
     pub chunk_size: u32,
     pub parallel_files: usize,
     pub compression_level: i32,
-    /// Chunks per file sent ahead of the receiver's acknowledgement.
-    pub chunks_in_flight: u32,
+    /// Bytes per file sent ahead of the receiver's acknowledgement (`transfer.window`):
+    /// what lets one file fill a long fat link, and what an interruption may send twice.
+    pub window: u64,
+    /// Upper bound of path MTU discovery (`transfer.max_udp_payload`); `None` for auto:
+    /// jumbo-sized datagrams to a loopback receiver, 1500-byte-MTU-safe ones otherwise.
+    pub max_udp_payload: Option<u16>,
     /// Files whose source mtime is within this window are live: shipped before the
     /// backlog, newest first.
     pub live_window: Duration,
@@ -195,6 +206,15 @@ pub struct TransferConfig {
     pub heartbeat_interval: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+}
+
+impl TransferConfig {
+    /// Chunks per file sent ahead of the acknowledgement: as many whole chunks as fit in
+    /// the window, at least one.
+    pub fn chunks_in_flight(&self) -> u32 {
+        let n = self.window / u64::from(self.chunk_size.max(1));
+        u32::try_from(n).unwrap_or(u32::MAX).max(1)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -399,13 +419,42 @@ impl AgentConfig {
             chunk_size: chunk_size as u32,
             parallel_files: s.integer_in("parallel_files", 8, (1, 256), p) as usize,
             compression_level: s.integer_in("compression_level", 1, (0, 19), p) as i32,
-            chunks_in_flight: s.integer_in("chunks_in_flight", 1, (1, 64), p) as u32,
+            window: s.size("window", DEFAULT_WINDOW, p),
+            max_udp_payload: s.integer("max_udp_payload", p).and_then(|v| {
+                let (min, max) = (crate::udp::MIN_UDP_PAYLOAD, crate::udp::MAX_UDP_PAYLOAD);
+                match u16::try_from(v) {
+                    Ok(v) if (min..=max).contains(&v) => Some(v),
+                    _ => {
+                        p.push(format!(
+                            "transfer.max_udp_payload = {v} is out of range ({min}..={max} bytes; \
+                             leave it out for auto: {} on a 1500-byte-MTU path, {max} to a loopback receiver)",
+                            crate::udp::WAN_UDP_PAYLOAD
+                        ));
+                        None
+                    }
+                }
+            }),
             live_window: s.duration("live_window", Duration::from_secs(12 * 3600), p),
             shutdown_grace: s.duration("shutdown_grace", Duration::from_secs(20), p),
             heartbeat_interval: s.duration("heartbeat_interval", Duration::from_secs(5), p),
             reconnect_min: s.duration("reconnect_min", Duration::from_millis(500), p),
             reconnect_max: s.duration("reconnect_max", Duration::from_secs(30), p),
         };
+        if s.integer("chunks_in_flight", p).is_some() {
+            p.push(
+                "transfer.chunks_in_flight was replaced by transfer.window, in bytes \
+                 (default \"24 MiB\"): remove it"
+                    .into(),
+            );
+        }
+        if !(u64::from(chunk_size.min(u64::from(MAX_CHUNK_SIZE)) as u32)..=MAX_WINDOW)
+            .contains(&transfer.window)
+        {
+            p.push(format!(
+                "transfer.window = {} bytes is out of range (at least transfer.chunk_size, at most 1 GiB)",
+                transfer.window
+            ));
+        }
         if transfer.heartbeat_interval < Duration::from_millis(100) {
             p.push("transfer.heartbeat_interval must be at least 100ms".into());
         }

@@ -17,6 +17,8 @@ const RECEIVER_NAME: &str = "skyferry-receiver";
 pub struct PairOptions {
     pub agent_id: String,
     pub chunk_size: String,
+    /// `[transfer] window`: bytes per file in flight before an acknowledgement.
+    pub window: String,
     pub parallel_files: u32,
     pub compression_level: u32,
     pub settle: String,
@@ -49,6 +51,7 @@ impl Default for PairOptions {
         PairOptions {
             agent_id: "kiso-01".into(),
             chunk_size: "64 KiB".into(),
+            window: "24 MiB".into(),
             parallel_files: 4,
             compression_level: 1,
             settle: "200ms".into(),
@@ -76,7 +79,7 @@ impl Pair {
         let mut text = format!(
             "[agent]\nid = {}\njournal = {}\n\n\
              [receiver]\naddress = {}\nserver_name = {}\nca = {}\ncert = {}\nkey = {}\n\n\
-             [transfer]\nchunk_size = {}\nparallel_files = {}\ncompression_level = {}\n\
+             [transfer]\nchunk_size = {}\nwindow = {}\nparallel_files = {}\ncompression_level = {}\n\
              heartbeat_interval = {}\nreconnect_min = {}\nreconnect_max = {}\n\n\
              [[watch]]\nroot = {}\ninclude = {}\nexclude = {}\nsettle = {}\nrescan_interval = {}\n",
             quote(&o.agent_id),
@@ -87,6 +90,7 @@ impl Pair {
             quote_path(&self.agent_identity.cert),
             quote_path(&self.agent_identity.key),
             quote(&o.chunk_size),
+            quote(&o.window),
             o.parallel_files,
             o.compression_level,
             quote(&o.heartbeat_interval),
