@@ -35,8 +35,8 @@ pub struct Sender {
 impl Sender {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let t = &self.config.transfer;
-        let mut endpoint = skyferry_common::tls::endpoint(SocketAddr::from(([0u16; 8], 0)), None)
-            .or_else(|_| skyferry_common::tls::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None))
+        let mut endpoint = skyferry_common::tls::client_endpoint(SocketAddr::from(([0u16; 8], 0)))
+            .or_else(|_| skyferry_common::tls::client_endpoint(SocketAddr::from(([0, 0, 0, 0], 0))))
             .context("opening a UDP socket")?;
         endpoint.set_default_client_config(self.client.clone());
 

@@ -45,8 +45,10 @@ pub async fn run(
         config.heartbeat_interval,
         &config.peer_limits,
     )));
-    let endpoint = skyferry_common::tls::endpoint(config.listen, Some(server_config))
-        .with_context(|| format!("listening on {}", config.listen))?;
+    // Stateless resets keyed by the TLS key file: agents of a previous process of this
+    // receiver learn at their next packet that their connection is gone.
+    let endpoint =
+        skyferry_common::tls::server_endpoint(config.listen, server_config, &config.key)?;
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
     ready(addr);

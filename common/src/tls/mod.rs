@@ -1,5 +1,7 @@
 //! TLS identities: creating the CA and certificates (rcgen), loading them, and building
-//! the mutually authenticated QUIC configs for both ends.
+//! the mutually authenticated QUIC configs for both ends. [`endpoint`] holds the QUIC
+//! transport settings and endpoints (with the receiver's restart-proof stateless
+//! resets), [`handshake`] the one place that turns a failed handshake into advice.
 //!
 //! Trust model: one CA per deployment (kept by the receiver's operators). The receiver
 //! accepts only client certificates that chain to it; the agent trusts only that CA (no
@@ -16,8 +18,15 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::config::PeerLimits;
 use crate::protocol::ALPN;
+
+pub mod endpoint;
+pub mod handshake;
+
+pub use endpoint::{
+    client_endpoint, receiver_transport, reset_key, server_endpoint, transport, MAX_UDP_PAYLOAD,
+};
+pub use handshake::{alert_name, handshake_failure, Viewpoint};
 
 // Display carries the cause and no variant has a `source()`: printed with `{:#}` through
 // anyhow, a cause that is both in the text and the source would be stated twice.
@@ -45,6 +54,11 @@ pub enum TlsError {
     Rustls(String),
     #[error("tls setup failed: {0}")]
     Verifier(String),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 impl From<rcgen::Error> for TlsError {
@@ -263,85 +277,6 @@ fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// QUIC transport tuned for a long fat pipe (10 Gbit/s × 15 ms ≈ 19 MB in flight): the
-/// connection window covers the bandwidth-delay product with headroom, and each stream's
-/// window is large enough that a few parallel files can fill the link.
-pub fn transport(heartbeat: Duration) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(1024u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW as u32));
-    t.receive_window((64u32 << 20).into());
-    t.send_window(64 << 20);
-    // Three missed heartbeats close the connection at the QUIC level too.
-    let idle = heartbeat * 3;
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
-    t.keep_alive_interval(Some(heartbeat));
-    // Probe for jumbo frames (research networks such as SINET carry 9000-byte MTUs); a
-    // path that does not carry them stays at what it does carry.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
-    t
-}
-
-/// The receiver's transport: [`transport`] with the windows and stream limit sized from
-/// `limits`, so that what peers can make the receiver buffer is bounded by configuration
-/// whatever they send: at most `limits.receive_window` of unread data per connection
-/// (each stream at most 16 MiB of it) and `limits.max_streams_per_connection` streams.
-/// The receiver only sends small frames (acknowledgements, `Resume`, heartbeats), so its
-/// send window is small too. docs/protocol.md ("Limits and timeouts") gives the bound.
-pub fn receiver_transport(heartbeat: Duration, limits: &PeerLimits) -> quinn::TransportConfig {
-    let mut t = transport(heartbeat);
-    let window = limits.receive_window.min(u64::from(u32::MAX));
-    t.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
-    t.receive_window(quinn::VarInt::from_u32(window as u32));
-    t.stream_receive_window(quinn::VarInt::from_u32(window.min(STREAM_WINDOW) as u32));
-    t.send_window(RECEIVER_SEND_WINDOW);
-    // No unreliable datagrams are used: accept none rather than buffer them.
-    t.datagram_receive_buffer_size(None);
-    t
-}
-
-/// Largest stream receive window (either side): one stream cannot hold a whole
-/// connection's window.
-const STREAM_WINDOW: u64 = 16 << 20;
-
-/// Receiver's send window per connection (bytes sent and not yet acknowledged).
-const RECEIVER_SEND_WINDOW: u64 = 2 << 20;
-
-/// Largest UDP payload sent or accepted: a 9000-byte MTU less IPv6 and UDP headers.
-pub const MAX_UDP_PAYLOAD: u16 = 8952;
-
-/// Socket buffers asked of the kernel: a burst at 10 Gbit/s is a few MB, far more than
-/// the usual 208 KiB default. The kernel caps the request at `net.core.rmem_max` /
-/// `wmem_max` (docs/operations.md says how to raise them).
-const SOCKET_BUFFER: usize = 16 << 20;
-
-/// A QUIC endpoint on `addr` with large socket buffers and jumbo-capable payload size;
-/// a server when `server` is given.
-pub fn endpoint(
-    addr: std::net::SocketAddr,
-    server: Option<quinn::ServerConfig>,
-) -> std::io::Result<quinn::Endpoint> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        // Accept IPv4-mapped peers too on a wildcard IPv6 socket.
-        let _ = socket.set_only_v6(false);
-    }
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    socket.bind(&addr.into())?;
-    let mut config = quinn::EndpointConfig::default();
-    config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(config, server, socket.into(), runtime)
 }
 
 /// Receiver side: requires a client certificate chaining to `ca`.
