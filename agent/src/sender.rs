@@ -6,11 +6,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use skyferry_common::config::AgentConfig;
 use skyferry_common::protocol::{
-    AgentHeartbeat, Hello, Message, StorageState, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    AgentHeartbeat, Hello, Message, Refuse, StorageState, CLOSE_HEARTBEAT_LOST, CLOSE_REFUSED,
+    CLOSE_SHUTDOWN, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
+use skyferry_common::tls::{handshake_failure, Viewpoint};
 use skyferry_common::udp;
 use skyferry_common::wire::{FrameReader, FrameWriter};
 use tokio::sync::Notify;
@@ -36,15 +38,13 @@ pub struct Sender {
 impl Sender {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let t = &self.config.transfer;
-        let bound = skyferry_common::tls::endpoint(
+        let bound = skyferry_common::tls::client_endpoint(
             SocketAddr::from(([0u16; 8], 0)),
-            None,
             udp::WAN_UDP_PAYLOAD,
         )
         .or_else(|_| {
-            skyferry_common::tls::endpoint(
+            skyferry_common::tls::client_endpoint(
                 SocketAddr::from(([0, 0, 0, 0], 0)),
-                None,
                 udp::WAN_UDP_PAYLOAD,
             )
         })
@@ -75,14 +75,25 @@ impl Sender {
                         "connection ended"
                     );
                     if shutdown.is_cancelled() {
-                        conn.close(0u32.into(), b"agent shutting down");
+                        conn.close(CLOSE_SHUTDOWN.into(), b"agent shutting down");
                         break;
                     }
                     self.metrics.disconnects.inc();
                     warn!(reason = %why, "disconnected from the receiver; reconnecting");
                 }
                 Err(e) => {
-                    warn!(error = format!("{e:#}"), retry_in = ?backoff, "cannot connect to the receiver");
+                    match e {
+                        // An operator must act (certificate, agent id, protocol version):
+                        // retrying changes nothing until then.
+                        ConnectFailure::Refused { refuse, via } => error!(
+                            code = %refuse.code, reason = ?refuse.reason, via, retry_in = ?backoff,
+                            "the receiver refused this agent"
+                        ),
+                        ConnectFailure::Other(e) => warn!(
+                            error = format!("{e:#}"), retry_in = ?backoff,
+                            "cannot connect to the receiver"
+                        ),
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
@@ -95,12 +106,20 @@ impl Sender {
         Ok(())
     }
 
+    /// How this agent explains a failed handshake or connection.
+    fn viewpoint(&self) -> Viewpoint<'_> {
+        Viewpoint::Agent {
+            server_name: &self.config.receiver.server_name,
+            ca: &self.config.receiver.ca,
+        }
+    }
+
     /// Connects, authenticates and exchanges hello/welcome.
     async fn connect(
         &self,
         endpoint: &quinn::Endpoint,
         socket: &udp::Socket,
-    ) -> anyhow::Result<(quinn::Connection, (FrameReader, FrameWriter))> {
+    ) -> Result<(quinn::Connection, (FrameReader, FrameWriter)), ConnectFailure> {
         let r = &self.config.receiver;
         let addr = tokio::net::lookup_host(&r.address)
             .await
@@ -124,8 +143,21 @@ impl Sender {
             .connect_with(client, addr, &r.server_name)
             .context("starting the connection")?
             .await
-            .map_err(|e| explain(e.to_string(), &r.address))?;
-        let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
+            .map_err(|e| {
+                anyhow!(
+                    "connecting to {}: {}",
+                    r.address,
+                    handshake_failure(&e, &self.viewpoint())
+                )
+            })?;
+        // With TLS 1.3 the receiver checks this agent's certificate after our side of
+        // the handshake is done: a refusal of it, like any refusal of the hello, shows
+        // as the connection's end while the hello is under way.
+        let ended = |doing: &str, e: &dyn std::fmt::Display| self.ended(&conn, doing, e);
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ended("opening the control stream", &e))?;
         let mut writer = FrameWriter::new(send);
         let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
         writer
@@ -135,25 +167,63 @@ impl Sender {
                 capabilities: 0,
             }))
             .await
-            .context("sending hello")?;
+            .map_err(|e| ended("sending hello", &e))?;
         let reply = tokio::time::timeout(Duration::from_secs(10), reader.read())
             .await
-            .context("no welcome from the receiver within 10s")?
-            .map_err(|e| {
-                let text = conn.close_reason().map_or(e.to_string(), |r| r.to_string());
-                explain(text, &r.address)
-            })?;
+            .map_err(|_| anyhow!("no welcome from {} within 10s", r.address))?
+            .map_err(|e| ended("waiting for the welcome", &e))?;
         match reply {
             Some(Message::Welcome(w)) => {
-                info!(receiver = %w.receiver_id, addr = %addr, "connected");
+                info!(receiver = ?w.receiver_id, addr = %addr, "connected");
                 Ok((conn, (reader, writer)))
             }
-            Some(Message::Refuse(r)) => {
-                error!(code = %r.code, reason = %r.reason, "the receiver refused this agent");
-                bail!("receiver refused this agent: {} ({})", r.reason, r.code)
+            Some(Message::Refuse(refuse)) => {
+                // The receiver keeps the connection open until we have the frame.
+                conn.close(CLOSE_REFUSED.into(), b"refusal received");
+                Err(ConnectFailure::Refused {
+                    refuse,
+                    via: "refuse frame",
+                })
             }
-            Some(other) => bail!("receiver answered hello with a {} frame", other.kind()),
-            None => bail!("receiver closed the control stream during hello"),
+            Some(other) => {
+                Err(anyhow!("receiver answered hello with a {} frame", other.kind()).into())
+            }
+            None => Err(ended(
+                "waiting for the welcome",
+                &"the control stream ended",
+            )),
+        }
+    }
+
+    /// Why the connection failed while `doing` something during the hello: its close
+    /// reason when it is closed (a refusal in it is recovered), else `error`.
+    fn ended(
+        &self,
+        conn: &quinn::Connection,
+        doing: &str,
+        error: &dyn std::fmt::Display,
+    ) -> ConnectFailure {
+        let address = &self.config.receiver.address;
+        match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == CLOSE_REFUSED.into() =>
+            {
+                match Refuse::from_close_reason(&close.reason) {
+                    Some(refuse) => ConnectFailure::Refused {
+                        refuse,
+                        via: "close reason",
+                    },
+                    None => ConnectFailure::Other(anyhow!(
+                        "connecting to {address}: the receiver refused this agent (reason {:?})",
+                        String::from_utf8_lossy(&close.reason)
+                    )),
+                }
+            }
+            Some(reason) => ConnectFailure::Other(anyhow!(
+                "connecting to {address}: {}",
+                handshake_failure(&reason, &self.viewpoint())
+            )),
+            None => ConnectFailure::Other(anyhow!("connecting to {address}: {doing}: {error}")),
         }
     }
 
@@ -229,7 +299,7 @@ impl Sender {
             tokio::select! {
                 _ = shutdown.cancelled() => break "shutdown".to_string(),
                 _ = lost.cancelled() => break "no heartbeat from the receiver for three intervals, or its control stream ended".to_string(),
-                e = conn.closed() => break e.to_string(),
+                e = conn.closed() => break handshake_failure(&e, &self.viewpoint()),
                 Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
                 _ = self.wake.notified() => {}
                 // Retries become due with time even when nothing new arrives.
@@ -247,7 +317,7 @@ impl Sender {
             }
         }
         if lost.is_cancelled() {
-            conn.close(2u32.into(), b"heartbeat lost");
+            conn.close(CLOSE_HEARTBEAT_LOST.into(), b"heartbeat lost");
         }
         uploads.shutdown().await;
         heartbeat.abort();
@@ -361,17 +431,16 @@ async fn heartbeat(
     read_task.abort();
 }
 
-/// Turns a failed handshake into a message an operator can act on. With TLS 1.3 the
-/// receiver checks the agent's certificate after the agent's side of the handshake is
-/// complete, so a refusal can surface while connecting or while waiting for the welcome.
-fn explain(text: String, address: &str) -> anyhow::Error {
-    let lower = text.to_lowercase();
-    let hint = if lower.contains("certificate") || lower.contains("handshake failed") {
-        "; the TLS handshake failed: either the receiver's certificate is not signed by the configured CA, or the receiver does not accept this agent's certificate (it must be issued by the receiver's CA: skyferry-receiver certs issue-agent)"
-    } else if lower.contains("timed out") {
-        "; no answer: is the receiver running and reachable over UDP?"
-    } else {
-        ""
-    };
-    anyhow!("connecting to {address}: {text}{hint}")
+/// Why a connection attempt failed.
+enum ConnectFailure {
+    /// The receiver refused this agent (a `Refuse` frame, or its close reason).
+    Refused { refuse: Refuse, via: &'static str },
+    /// Anything else: unreachable, TLS, a broken hello.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ConnectFailure {
+    fn from(e: anyhow::Error) -> Self {
+        ConnectFailure::Other(e)
+    }
 }

@@ -14,12 +14,98 @@ pub const MIN_SAVING: f64 = 0.03;
 /// Longest run of chunks sent raw without a compression attempt.
 pub const MAX_SKIP: u32 = 32;
 
+/// Why a chunk payload was not accepted. Every variant means the payload is not what
+/// the protocol allows (docs/protocol.md §6); the receiver answers `chunk_mismatch`.
 #[derive(Debug, thiserror::Error)]
 pub enum CompressError {
     #[error("zstd decompression failed: {0}")]
     Corrupt(std::io::Error),
     #[error("decompressed to {actual} bytes, expected {expected}")]
     WrongLength { expected: u32, actual: usize },
+    #[error("payload of {len} bytes is too short for a zstd frame header")]
+    ShortHeader { len: usize },
+    #[error("payload is a zstd skippable frame (magic {magic:#010x}); a chunk is exactly one zstd frame")]
+    Skippable { magic: u32 },
+    #[error("payload does not start with the zstd frame magic (found {magic:#010x})")]
+    NotZstd { magic: u32 },
+    #[error("zstd frame uses dictionary {id}; chunks are compressed without dictionaries")]
+    Dictionary { id: u32 },
+    #[error("zstd frame header does not declare its decompressed size; it must declare raw_len ({expected})")]
+    NoContentSize { expected: u32 },
+    #[error("zstd frame header declares {declared} decompressed bytes, raw_len is {expected}")]
+    DeclaredLength { declared: u64, expected: u32 },
+    #[error("zstd frame is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("payload holds {extra} bytes after its zstd frame of {frame} bytes; a chunk is exactly one zstd frame")]
+    Trailing { frame: usize, extra: usize },
+}
+
+/// The zstd frame magic number (RFC 8878 §3.1.1), little-endian on the wire.
+const ZSTD_MAGIC: u32 = 0xFD2F_B528;
+/// Skippable frames have magic numbers 0x184D2A50..=0x184D2A5F (RFC 8878 §3.1.2).
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+
+/// What a zstd frame header (RFC 8878 §3.1.1.1) declares, as far as acceptance goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FrameHeader {
+    /// `Frame_Content_Size`, when the header carries one.
+    content_size: Option<u64>,
+    /// `Dictionary_ID`; 0 when absent (no dictionary).
+    dictionary: u32,
+}
+
+/// Parses the header at the start of `payload`, refusing anything that is not a plain
+/// zstd frame. Reads only the header (at most 18 bytes): nothing is decompressed yet.
+fn frame_header(payload: &[u8]) -> Result<FrameHeader, CompressError> {
+    let short = || CompressError::ShortHeader { len: payload.len() };
+    let magic_bytes: [u8; 4] = payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(short)?;
+    let magic = u32::from_le_bytes(magic_bytes);
+    if magic & 0xFFFF_FFF0 == SKIPPABLE_MAGIC {
+        return Err(CompressError::Skippable { magic });
+    }
+    if magic != ZSTD_MAGIC {
+        return Err(CompressError::NotZstd { magic });
+    }
+    let descriptor = *payload.get(4).ok_or_else(short)?;
+    if descriptor & 0x08 != 0 {
+        return Err(CompressError::Malformed(
+            "reserved bit of the frame header descriptor is set",
+        ));
+    }
+    let single_segment = descriptor & 0x20 != 0;
+    let dictionary_len = [0, 1, 2, 4][usize::from(descriptor & 0x03)];
+    let content_size_len = match descriptor >> 6 {
+        0 if single_segment => 1,
+        0 => 0,
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    // Magic, descriptor, then the window descriptor unless the frame is single-segment.
+    let mut at = 5 + usize::from(!single_segment);
+    let mut field = |len: usize| -> Result<u64, CompressError> {
+        let bytes = payload.get(at..at + len).ok_or_else(short)?;
+        at += len;
+        Ok(bytes
+            .iter()
+            .rev()
+            .fold(0u64, |v, &b| (v << 8) | u64::from(b)))
+    };
+    // At most 4 bytes: fits in u32.
+    let dictionary = field(dictionary_len)? as u32;
+    let content_size = match content_size_len {
+        0 => None,
+        // The 2-byte form is offset by 256 (RFC 8878 §3.1.1.1.4).
+        2 => Some(field(2)? + 256),
+        n => Some(field(n)?),
+    };
+    Ok(FrameHeader {
+        content_size,
+        dictionary,
+    })
 }
 
 /// Compression decisions for one file's chunks, in order. Holds one zstd context that is
@@ -104,8 +190,16 @@ impl std::fmt::Debug for Decoder {
 
 impl Decoder {
     /// Decodes a payload into `out` (cleared first), which must end up exactly `raw_len`
-    /// bytes long. The output is bounded by `raw_len` (which the caller checked against
-    /// the chunk size): a hostile payload cannot inflate memory beyond it.
+    /// bytes long (the caller checked `raw_len` against the chunk size).
+    ///
+    /// A `zstd` payload must be exactly one zstd frame (RFC 8878), checked before any
+    /// byte is decompressed: not a skippable frame, no dictionary, a header that declares
+    /// the decompressed size and declares `raw_len`, and no bytes after the frame. A
+    /// content checksum in the frame is optional and verified by zstd when present. Then
+    /// zstd decodes into `out`'s capacity, which is what bounds memory, and itself checks
+    /// that the output is the declared size. One frame per chunk also bounds the CPU a
+    /// payload can cost: many tiny frames in one payload would each pay zstd's per-frame
+    /// set-up.
     pub fn decode(
         &mut self,
         codec: Codec,
@@ -117,6 +211,33 @@ impl Decoder {
         match codec {
             Codec::Raw => out.extend_from_slice(payload),
             Codec::Zstd => {
+                let header = frame_header(payload)?;
+                if header.dictionary != 0 {
+                    return Err(CompressError::Dictionary {
+                        id: header.dictionary,
+                    });
+                }
+                match header.content_size {
+                    None => return Err(CompressError::NoContentSize { expected: raw_len }),
+                    Some(n) if n != u64::from(raw_len) => {
+                        return Err(CompressError::DeclaredLength {
+                            declared: n,
+                            expected: raw_len,
+                        })
+                    }
+                    Some(_) => {}
+                }
+                // Walks the block headers only (no decompression).
+                let frame =
+                    zstd::zstd_safe::find_frame_compressed_size(payload).map_err(|code| {
+                        CompressError::Malformed(zstd::zstd_safe::get_error_name(code))
+                    })?;
+                if frame != payload.len() {
+                    return Err(CompressError::Trailing {
+                        frame,
+                        extra: payload.len().saturating_sub(frame),
+                    });
+                }
                 if self.zstd.is_none() {
                     self.zstd =
                         Some(zstd::bulk::Decompressor::new().map_err(CompressError::Corrupt)?);
@@ -213,5 +334,134 @@ mod tests {
         let big = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
         assert!(d.decode(Codec::Zstd, &big, 1000, &mut out).is_err());
         assert!(out.capacity() < 1 << 20);
+    }
+
+    /// One chunk's worth of compressible bytes and its single zstd frame.
+    fn frame(len: usize) -> (Vec<u8>, Vec<u8>) {
+        let raw = b"DATE-OBS= '2024-05-01'".repeat(len / 22 + 1)[..len].to_vec();
+        let z = zstd::bulk::compress(&raw, 1).unwrap();
+        (raw, z)
+    }
+
+    fn decode(payload: &[u8], raw_len: u32) -> Result<Vec<u8>, CompressError> {
+        let mut out = Vec::new();
+        Decoder::default()
+            .decode(Codec::Zstd, payload, raw_len, &mut out)
+            .map(|()| out)
+    }
+
+    #[test]
+    fn the_frame_header_is_read_as_rfc_8878_says() {
+        // What our own compressor writes: a single frame that declares its size, for
+        // every size class of the content-size field.
+        for len in [1usize, 255, 256, 65_791, 65_792, 1 << 20] {
+            let (raw, z) = frame(len);
+            let h = frame_header(&z).unwrap();
+            assert_eq!(h.content_size, Some(len as u64), "len {len}");
+            assert_eq!(h.dictionary, 0);
+            assert_eq!(decode(&z, len as u32).unwrap(), raw);
+        }
+        assert!(matches!(
+            frame_header(&[0x28, 0xB5, 0x2F]),
+            Err(CompressError::ShortHeader { len: 3 })
+        ));
+    }
+
+    #[test]
+    fn a_chunk_is_exactly_one_plain_zstd_frame() {
+        let (raw, z) = frame(10_000);
+        let len = raw.len() as u32;
+
+        // What zstd alone makes of a payload (the decoder before these checks).
+        let plain = |payload: &[u8]| {
+            let mut out = Vec::with_capacity(len as usize);
+            zstd::bulk::Decompressor::new()
+                .unwrap()
+                .decompress_to_buffer(payload, &mut out)
+                .map(|_| out.len())
+                .ok()
+        };
+
+        // Two frames back to back: zstd alone decodes both.
+        let mut two = frame(5_000).1;
+        two.extend_from_slice(&frame(5_000).1);
+        assert_eq!(plain(&two), Some(10_000));
+        assert!(matches!(
+            decode(&two, len),
+            Err(CompressError::DeclaredLength {
+                declared: 5000,
+                expected: 10_000
+            })
+        ));
+        let mut trailing = z.clone();
+        trailing.extend_from_slice(&frame(0).1);
+        assert!(matches!(
+            decode(&trailing, len),
+            Err(CompressError::Trailing { extra, .. }) if extra == frame(0).1.len()
+        ));
+        let mut junk = z.clone();
+        junk.push(0);
+        assert!(matches!(
+            decode(&junk, len),
+            Err(CompressError::Trailing { extra: 1, .. })
+        ));
+
+        // A skippable frame in front (zstd alone would skip it).
+        let mut skippable = vec![0x50, 0x2A, 0x4D, 0x18, 4, 0, 0, 0, 1, 2, 3, 4];
+        skippable.extend_from_slice(&z);
+        assert_eq!(plain(&skippable), Some(10_000), "zstd alone skips it");
+        assert!(matches!(
+            decode(&skippable, len),
+            Err(CompressError::Skippable { magic: 0x184D_2A50 })
+        ));
+        assert!(matches!(
+            decode(b"\x00\x01\x02\x03\x04\x05", len),
+            Err(CompressError::NotZstd { .. })
+        ));
+
+        // No declared size: the size cannot be checked before decompressing.
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        c.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(false))
+            .unwrap();
+        let unsized_frame = c.compress(&raw).unwrap();
+        assert_eq!(frame_header(&unsized_frame).unwrap().content_size, None);
+        assert_eq!(plain(&unsized_frame), Some(10_000), "zstd alone accepts it");
+        assert!(matches!(
+            decode(&unsized_frame, len),
+            Err(CompressError::NoContentSize { expected: 10_000 })
+        ));
+
+        // A frame naming a dictionary is refused before zstd is asked: the same frame
+        // with a 1-byte Dictionary_ID (7) added to its header.
+        let descriptor = z[4];
+        let id_at = 5 + usize::from(descriptor & 0x20 == 0);
+        let mut with_dict = z[..id_at].to_vec();
+        with_dict[4] = descriptor | 0x01;
+        with_dict.push(7);
+        with_dict.extend_from_slice(&z[id_at..]);
+        assert!(matches!(
+            decode(&with_dict, len),
+            Err(CompressError::Dictionary { id: 7 })
+        ));
+
+        // A content checksum is allowed, and verified.
+        let mut c = zstd::bulk::Compressor::new(1).unwrap();
+        c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .unwrap();
+        let mut summed = c.compress(&raw).unwrap();
+        assert_eq!(decode(&summed, len).unwrap(), raw);
+        let last = summed.len() - 1;
+        summed[last] ^= 1;
+        assert!(matches!(
+            decode(&summed, len),
+            Err(CompressError::Corrupt(_))
+        ));
+
+        // A truncated frame is malformed, found before decompression.
+        assert!(matches!(
+            decode(&z[..z.len() - 1], len),
+            Err(CompressError::Malformed(_))
+        ));
+        assert_eq!(decode(&z, len).unwrap(), raw);
     }
 }

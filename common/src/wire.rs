@@ -185,6 +185,21 @@ impl FrameWriter {
         let _ = self.stream.finish();
     }
 
+    /// Finishes the stream, then waits at most `limit` until the peer has acknowledged
+    /// every byte of it at the QUIC level, or has stopped reading it. True if it did.
+    ///
+    /// Closing a connection (or its endpoint) discards stream data not yet sent or lost
+    /// in flight, so a last frame is only safe once acknowledged: then it sits in the
+    /// peer's QUIC buffers, and quinn hands buffered data to the peer's reader before it
+    /// reports the connection closed.
+    pub async fn finish_delivered(&mut self, limit: Duration) -> bool {
+        let _ = self.stream.finish();
+        matches!(
+            tokio::time::timeout(limit, self.stream.stopped()).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Abandons the stream.
     pub fn reset(&mut self, code: u32) {
         let _ = self.stream.reset(code.into());

@@ -45,12 +45,9 @@ pub async fn run(
         config.heartbeat_interval,
         &config.peer_limits,
     )));
-    let bound = skyferry_common::tls::endpoint(
-        config.listen,
-        Some(server_config),
-        skyferry_common::udp::MAX_UDP_PAYLOAD,
-    )
-    .with_context(|| format!("listening on {}", config.listen))?;
+    // Stateless resets keyed by the TLS key file: agents of a previous process of this
+    // receiver learn at their next packet that their connection is gone.
+    let bound = skyferry_common::tls::server_endpoint(config.listen, server_config, &config.key)?;
     bound.buffers.log();
     let endpoint = bound.endpoint;
     let addr = endpoint.local_addr()?;

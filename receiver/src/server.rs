@@ -18,16 +18,17 @@ use tracing::{info, warn, Instrument};
 use crate::metrics::AgentLabels;
 use crate::shared::{ConnectionGuard, LiveConnection, Shared};
 
-/// Application close codes on the connection.
-pub const CLOSE_SHUTDOWN: u32 = 0;
-pub const CLOSE_REFUSED: u32 = 1;
-pub const CLOSE_HEARTBEAT_LOST: u32 = 2;
-/// A newer connection of the same agent id took over.
-pub const CLOSE_SUPERSEDED: u32 = 3;
+pub use skyferry_common::protocol::{
+    CLOSE_HEARTBEAT_LOST, CLOSE_REFUSED, CLOSE_SHUTDOWN, CLOSE_SUPERSEDED,
+};
 
 /// How long a new connection waits for the file sessions of the connection it
 /// supersedes to end (and release their claims) before it serves its own streams.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a refused connection stays open for the agent to receive the `Refuse` frame
+/// (docs/protocol.md §2) before it is closed.
+const REFUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Accepts connections until `shutdown`, then drains open sessions for up to `grace`.
 pub async fn serve(
@@ -76,7 +77,10 @@ async fn connection(
         Ok(c) => c,
         Err(e) => {
             shared.metrics.handshakes_failed.inc();
-            warn!(error = %e, "handshake failed: the agent's certificate is missing, invalid or not signed by this receiver's CA");
+            let view = tls::Viewpoint::Receiver {
+                ca: &shared.config.ca,
+            };
+            warn!(reason = %tls::handshake_failure(&e, &view), "agent handshake failed");
             return;
         }
     };
@@ -85,22 +89,26 @@ async fn connection(
     if let Some(certificate) = peer_certificate(&conn) {
         if let Err(open) = shared.admit_certificate(&mut counted, certificate) {
             shared.metrics.connection_refused("agent_connections");
-            let reason = format!(
-                "this agent already has {open} connections open (limits.max_connections_per_agent)"
-            );
+            let refuse = Refuse {
+                code: ErrorCode::Busy,
+                reason: format!(
+                    "this agent already has {open} connections open (limits.max_connections_per_agent)"
+                ),
+            };
             if let Some(suppressed) = shared.warn_allowed("agent_connections", Instant::now()) {
-                warn!(reason, suppressed, "connection refused");
+                warn!(reason = refuse.reason, suppressed, "connection refused");
             }
-            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            // Before the hello there is no control stream: the close reason is the refusal.
+            conn.close(CLOSE_REFUSED.into(), refuse.close_reason().as_bytes());
             return;
         }
     }
     let (agent, reader, writer) = match hello(&conn, &shared).await {
         Ok(a) => a,
-        Err(reason) => {
+        Err(refusal) => {
             shared.metrics.handshakes_failed.inc();
-            warn!(reason = %reason, "agent refused");
-            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            warn!(code = %refusal.refuse.code, reason = %refusal.refuse.reason, "agent refused");
+            refusal.deliver(&conn).await;
             return;
         }
     };
@@ -200,31 +208,79 @@ async fn supersede(
     }
 }
 
+/// Why a hello failed: the refusal, and the control stream when there is one to carry
+/// it to the agent.
+struct Refusal {
+    refuse: Refuse,
+    writer: Option<FrameWriter>,
+}
+
+impl Refusal {
+    /// A failure the agent gets no `Refuse` frame for (no usable control stream, or no
+    /// hello): only the close reason tells it.
+    fn without_frame(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            refuse: Refuse {
+                code: ErrorCode::Protocol,
+                reason: reason.into(),
+            },
+            writer: None,
+        }
+    }
+
+    /// Sends the `Refuse` frame and finishes the control stream, waits until the agent
+    /// has the frame (acknowledged it, or closed the connection after reading it) for at
+    /// most [`REFUSE_WAIT`], then closes the connection with code 1 and
+    /// `"<code>: <reason>"` as close reason, for an agent that did not get the frame.
+    /// Closing at once would discard the frame before it left.
+    async fn deliver(self, conn: &quinn::Connection) {
+        if let Some(mut writer) = self.writer {
+            let refuse = Message::Refuse(self.refuse.clone());
+            let _ = tokio::time::timeout(REFUSE_WAIT, async {
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    _ = async {
+                        if writer.send(&refuse).await.is_ok() {
+                            writer.finish_delivered(REFUSE_WAIT).await;
+                        }
+                    } => {}
+                }
+            })
+            .await;
+        }
+        conn.close(CLOSE_REFUSED.into(), self.refuse.close_reason().as_bytes());
+    }
+}
+
 /// The first stream carries the hello; the agent id it claims must be a name in its
 /// (already CA-verified) certificate. Returns the agent id and the control stream.
 async fn hello(
     conn: &quinn::Connection,
     shared: &Shared,
-) -> Result<(Arc<str>, FrameReader, FrameWriter), String> {
+) -> Result<(Arc<str>, FrameReader, FrameWriter), Refusal> {
     let (send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
         .await
-        .map_err(|_| "no hello within 10s".to_string())?
-        .map_err(|e| format!("connection lost before hello: {e}"))?;
+        .map_err(|_| Refusal::without_frame("no hello within 10s"))?
+        .map_err(|e| Refusal::without_frame(format!("connection lost before hello: {e}")))?;
     let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
-    let mut writer = FrameWriter::new(send);
+    let writer = FrameWriter::new(send);
     let msg = tokio::time::timeout(Duration::from_secs(10), reader.read())
         .await
-        .map_err(|_| "no hello within 10s".to_string())?
-        .map_err(|e| format!("bad hello: {e}"))?;
+        .map_err(|_| Refusal::without_frame("no hello within 10s"))?
+        .map_err(|e| Refusal::without_frame(format!("bad hello: {e}")))?;
     let Some(Message::Hello(h)) = msg else {
-        return Err("the first frame was not a hello".into());
+        return Err(Refusal::without_frame("the first frame was not a hello"));
+    };
+    let refuse = |writer, code, reason| Refusal {
+        refuse: Refuse { code, reason },
+        writer: Some(writer),
     };
     if h.version != PROTOCOL_VERSION {
         let reason = format!(
             "protocol version {} is not supported (this receiver speaks {PROTOCOL_VERSION})",
             h.version
         );
-        return Err(refuse(&mut writer, ErrorCode::VersionMismatch, reason).await);
+        return Err(refuse(writer, ErrorCode::VersionMismatch, reason));
     }
     let cert = conn
         .peer_identity()
@@ -239,8 +295,9 @@ async fn hello(
             "agent id {:?} is not the name in the agent's certificate",
             h.agent_id
         );
-        return Err(refuse(&mut writer, ErrorCode::Unauthorized, reason).await);
+        return Err(refuse(writer, ErrorCode::Unauthorized, reason));
     }
+    let mut writer = writer;
     writer
         .send(&Message::Welcome(Welcome {
             version: PROTOCOL_VERSION,
@@ -248,19 +305,9 @@ async fn hello(
             heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u32,
         }))
         .await
-        .map_err(|e| format!("connection lost during hello: {e}"))?;
+        .map_err(|e| Refusal::without_frame(format!("connection lost during hello: {e}")))?;
     info!(agent = %h.agent_id, "agent connected");
     Ok((Arc::from(h.agent_id), reader, writer))
-}
-
-async fn refuse(writer: &mut FrameWriter, code: ErrorCode, reason: String) -> String {
-    let msg = Message::Refuse(Refuse {
-        code,
-        reason: reason.clone(),
-    });
-    let _ = writer.send(&msg).await;
-    writer.finish();
-    reason
 }
 
 /// Heartbeats on the control stream: ours every interval, with the storage state; the

@@ -108,8 +108,17 @@ pub async fn serve(
             break;
         }
     }
-    writer.finish();
+    // The session ends only once the agent has the verdict: on shutdown the endpoint is
+    // closed as soon as every session has ended, and a close discards what the agent
+    // has not acknowledged yet (it would re-offer a file already stored).
+    if !writer.finish_delivered(VERDICT_WAIT).await {
+        debug!(agent = ?agent, path = ?path, "the agent did not acknowledge the end of the file stream");
+    }
 }
+
+/// How long a session waits for the agent to acknowledge its last frames (within the
+/// shutdown grace, which bounds the whole drain).
+const VERDICT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A stream refused or closed by a limit: counted by reason, and logged as a WARN at most
 /// once per 10 s per reason (an attack must not flood the log).

@@ -87,12 +87,34 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u32,
 }
 
-/// Receiver → agent, declines a [`Hello`]; the receiver then closes the connection.
+/// Receiver → agent, declines a [`Hello`]; the receiver then closes the connection
+/// with [`Refuse::close_reason`] as its reason, so that an agent that missed the frame
+/// still learns the refusal ([`Refuse::from_close_reason`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refuse {
     pub code: ErrorCode,
-    /// Human-readable diagnostic; never parsed.
+    /// Human-readable diagnostic; only ever parsed back out of a close reason.
     pub reason: String,
+}
+
+impl Refuse {
+    /// The connection close reason carrying this refusal: `"<code>: <reason>"`, e.g.
+    /// `unauthorized: agent id "kiso-02" is not the name in the agent's certificate`.
+    pub fn close_reason(&self) -> String {
+        format!("{}: {}", self.code, self.reason)
+    }
+
+    /// The refusal in a close reason written by [`Refuse::close_reason`]; `None` when
+    /// the text does not start with a code label and ": ". QUIC may have cut a long
+    /// reason short, so the reason may end mid-word.
+    pub fn from_close_reason(reason: &[u8]) -> Option<Refuse> {
+        let text = String::from_utf8_lossy(reason);
+        let (label, rest) = text.split_once(": ")?;
+        Some(Refuse {
+            code: ErrorCode::from_label(label)?,
+            reason: rest.to_owned(),
+        })
+    }
 }
 
 /// Agent → receiver, periodic backlog report.
@@ -312,6 +334,19 @@ impl ErrorCode {
         )
     }
 
+    /// The code whose [`Display`](fmt::Display) form is `label` (`busy`, `other(42)`).
+    pub fn from_label(label: &str) -> Option<ErrorCode> {
+        if let Some(n) = label
+            .strip_prefix("other(")
+            .and_then(|rest| rest.strip_suffix(')'))
+        {
+            return n.parse().ok().map(ErrorCode::from_u16);
+        }
+        (1..=11)
+            .map(ErrorCode::from_u16)
+            .find(|code| code.as_str() == label)
+    }
+
     /// A stable snake_case label, safe as a metric label value (bounded set).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -344,6 +379,29 @@ impl fmt::Display for ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_survives_the_trip_through_a_close_reason() {
+        for n in 1..=12u16 {
+            let refuse = Refuse {
+                code: ErrorCode::from_u16(n),
+                reason: "agent id \"kiso-02\" is not the name: in the certificate".into(),
+            };
+            let text = refuse.close_reason();
+            assert_eq!(
+                Refuse::from_close_reason(text.as_bytes()),
+                Some(refuse),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            Refuse::from_close_reason(b"unauthorized: no").map(|r| r.code),
+            Some(ErrorCode::Unauthorized)
+        );
+        assert_eq!(Refuse::from_close_reason(b"receiver shutting down"), None);
+        assert_eq!(Refuse::from_close_reason(b"nonsense: text"), None);
+        assert_eq!(ErrorCode::from_label("other(x)"), None);
+    }
 
     #[test]
     fn hex_forms() {

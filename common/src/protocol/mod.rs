@@ -37,6 +37,17 @@ pub const ALPN: &[u8] = b"skyferry/1";
 /// Version carried in [`Hello`] and [`Welcome`].
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Application close codes of a connection (docs/protocol.md §2), the same numbers on
+/// both sides. Shutting down (either side).
+pub const CLOSE_SHUTDOWN: u32 = 0;
+/// Receiver: the hello failed or was refused; the close reason is
+/// [`Refuse::close_reason`].
+pub const CLOSE_REFUSED: u32 = 1;
+/// Either side: no heartbeat for three intervals.
+pub const CLOSE_HEARTBEAT_LOST: u32 = 2;
+/// Receiver: a newer connection of the same agent id took over.
+pub const CLOSE_SUPERSEDED: u32 = 3;
+
 /// Largest frame accepted on the control stream and as the first frame of a
 /// file stream (before the chunk size is known). Counts the type byte and
 /// the body, not the 4-byte length prefix.

@@ -1,5 +1,7 @@
 //! TLS identities: creating the CA and certificates (rcgen), loading them, and building
-//! the mutually authenticated QUIC configs for both ends.
+//! the mutually authenticated QUIC configs for both ends. [`endpoint`] holds the QUIC
+//! transport settings and endpoints (with the receiver's restart-proof stateless
+//! resets), [`handshake`] the one place that turns a failed handshake into advice.
 //!
 //! Trust model: one CA per deployment (kept by the receiver's operators). The receiver
 //! accepts only client certificates that chain to it; the agent trusts only that CA (no
@@ -16,9 +18,15 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::config::PeerLimits;
 use crate::protocol::ALPN;
-use crate::udp;
+
+pub mod endpoint;
+pub mod handshake;
+
+pub use endpoint::{
+    client_endpoint, receiver_transport, reset_key, server_endpoint, transport, Bound,
+};
+pub use handshake::{alert_name, handshake_failure, Viewpoint};
 
 // Display carries the cause and no variant has a `source()`: printed with `{:#}` through
 // anyhow, a cause that is both in the text and the source would be stated twice.
@@ -46,6 +54,11 @@ pub enum TlsError {
     Rustls(String),
     #[error("tls setup failed: {0}")]
     Verifier(String),
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 impl From<rcgen::Error> for TlsError {
@@ -266,84 +279,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// QUIC transport tuned for a long fat pipe (10 Gbit/s × 15 ms ≈ 19 MB in flight): the
-/// connection window covers the bandwidth-delay product with headroom, and so does each
-/// stream's, so that one file alone can fill the link. Path MTU discovery climbs up to
-/// `max_udp_payload` bytes per datagram (see [`crate::udp`] for the defaults).
-pub fn transport(heartbeat: Duration, max_udp_payload: u16) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(1024u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW as u32));
-    t.receive_window((64u32 << 20).into());
-    t.send_window(64 << 20);
-    // Three missed heartbeats close the connection at the QUIC level too.
-    let idle = heartbeat * 3;
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
-    t.keep_alive_interval(Some(heartbeat));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(max_udp_payload.clamp(udp::MIN_UDP_PAYLOAD, udp::MAX_UDP_PAYLOAD));
-    t.mtu_discovery_config(Some(mtu));
-    t
-}
-
-/// The receiver's transport: [`transport`] with the windows and stream limit sized from
-/// `limits`, so that what peers can make the receiver buffer is bounded by configuration
-/// whatever they send: at most `limits.receive_window` of unread data per connection
-/// (and per stream the smaller of that and the stream window), and streams capped at
-/// `limits.max_streams_per_connection`. The receiver only sends small frames, so its
-/// send window is small too. docs/protocol.md ("Limits and timeouts") gives the bound.
-pub fn receiver_transport(heartbeat: Duration, limits: &PeerLimits) -> quinn::TransportConfig {
-    let mut t = transport(heartbeat, udp::MAX_UDP_PAYLOAD);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(limits.max_streams_per_connection));
-    let window = limits.receive_window.min(u64::from(u32::MAX));
-    t.receive_window(quinn::VarInt::from_u32(window as u32));
-    t.stream_receive_window(quinn::VarInt::from_u32(window.min(STREAM_WINDOW) as u32));
-    t.send_window(RECEIVER_SEND_WINDOW);
-    // No unreliable datagrams are used: accept none rather than buffer them.
-    t.datagram_receive_buffer_size(None);
-    t
-}
-
-/// Largest stream receive window (either side): one file's bandwidth-delay product at
-/// 10 Gbit/s × 15 ms (19 MB) with headroom.
-const STREAM_WINDOW: u64 = 32 << 20;
-
-/// Receiver's send window per connection (bytes sent and not yet acknowledged).
-const RECEIVER_SEND_WINDOW: u64 = 2 << 20;
-
-/// A bound QUIC endpoint and the socket under it.
-pub struct Bound {
-    pub endpoint: quinn::Endpoint,
-    /// Lets the owner resize GSO batches when it changes the MTU upper bound.
-    pub socket: Arc<udp::Socket>,
-    /// What the kernel granted for the socket buffers (to be logged by the daemon).
-    pub buffers: udp::Buffers,
-}
-
-/// A QUIC endpoint on `addr` (a server when `server` is given) that accepts datagrams of
-/// up to [`udp::MAX_UDP_PAYLOAD`] bytes and sends GSO batches sized for `max_udp_payload`.
-pub fn endpoint(
-    addr: std::net::SocketAddr,
-    server: Option<quinn::ServerConfig>,
-    max_udp_payload: u16,
-) -> std::io::Result<Bound> {
-    let (socket, buffers) = udp::Socket::bind(addr, max_udp_payload)?;
-    let mut config = quinn::EndpointConfig::default();
-    config
-        .max_udp_payload_size(udp::MAX_UDP_PAYLOAD)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    let endpoint =
-        quinn::Endpoint::new_with_abstract_socket(config, server, socket.clone(), runtime)?;
-    Ok(Bound {
-        endpoint,
-        socket,
-        buffers,
-    })
-}
-
 /// Receiver side: requires a client certificate chaining to `ca`.
 pub fn server_config(
     ca: &Path,
@@ -365,7 +300,7 @@ pub fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport(heartbeat, udp::MAX_UDP_PAYLOAD)));
+    server.transport_config(Arc::new(transport(heartbeat, crate::udp::MAX_UDP_PAYLOAD)));
     Ok(server)
 }
 
@@ -384,7 +319,7 @@ pub fn client_config(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport(heartbeat, udp::WAN_UDP_PAYLOAD)));
+    client.transport_config(Arc::new(transport(heartbeat, crate::udp::WAN_UDP_PAYLOAD)));
     Ok(client)
 }
 
