@@ -1,7 +1,9 @@
 //! Ships one file over one QUIC stream, driving the pure `SendSession`.
 //!
 //! Reading, hashing and compressing run on the blocking pool, a bounded two chunks ahead
-//! of the network; memory per file is a few chunks, whatever the file size.
+//! of the network; memory per file is a few chunks, whatever the file size. A new file
+//! is read once and each byte hashed once: the chunk values sent with the chunks also
+//! give the whole-file BLAKE3 for the commit ([`skyferry_common::chunk::TreeHasher`]).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use skyferry_common::chunk::hash_bytes;
+use skyferry_common::chunk::{chunk_value, file_tree_hash, ChunkLayout, TreeHasher};
 use skyferry_common::compress::Compressor;
 use skyferry_common::protocol::{Chunk, ErrorCode, Hash, Message, Offer, MAX_CONTROL_FRAME};
 use skyferry_common::session::{ChunkRead, Outcome, SendSession};
@@ -36,10 +38,9 @@ pub struct UploadContext {
     pub tally: Arc<Tally>,
 }
 
-/// The source file, opened and identified.
+/// The source file, opened and checked to be the journaled version.
 struct Source {
     file: Arc<File>,
-    hash: Hash,
 }
 
 /// Why a transfer was abandoned just before its commit: the source is no longer the
@@ -101,11 +102,10 @@ enum Prepared {
     Finished(Finish),
 }
 
-/// Opens the file, checks it is still the version that was journaled, and computes its
-/// BLAKE3 unless the journal already has it. The hash is computed before the offer so
-/// that the receiver can recognise a file it already stores (and answer without any
-/// data), and so that a resumed partial is matched to exactly this content.
-fn prepare(job: &Job, path: &PathBuf, journal: &Mutex<Journal>) -> Prepared {
+/// Opens the file and checks it is still the version that was journaled. Nothing is
+/// read yet: the hash comes with the chunks (or, when the receiver asks for it first,
+/// from [`hash_source`]).
+fn prepare(job: &Job, path: &PathBuf) -> Prepared {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -118,67 +118,63 @@ fn prepare(job: &Job, path: &PathBuf, journal: &Mutex<Journal>) -> Prepared {
             })
         }
     };
-    let same = |f: &File| {
-        f.metadata()
-            .map(|m| m.len() == job.size && mtime_ns(&m) == job.mtime_ns)
-            .unwrap_or(false)
-    };
-    if !same(&file) {
+    if !unchanged(&file, job) {
         return Prepared::Finished(Finish::Superseded);
     }
-    let hash = match job.hash {
-        Some(h) => h,
-        None => {
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut offset = 0u64;
-            loop {
-                match file.read_at(&mut buf, offset) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        hasher.update(&buf[..n]);
-                        offset += n as u64;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        return Prepared::Finished(Finish::Retry {
-                            reason: format!("reading {}: {e}", path.display()),
-                            forget_hash: true,
-                        })
-                    }
-                }
-            }
-            // Changed while hashing: wait for the writer to finish (a new version will
-            // be discovered when it settles).
-            if offset != job.size || !same(&file) {
-                return Prepared::Finished(Finish::Superseded);
-            }
-            let hash = *hasher.finalize().as_bytes();
-            let mut j = journal
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Err(e) = j.set_hash(job.id, &hash) {
-                warn!(error = %e, "cannot record the file hash; it will be computed again");
-            }
-            hash
-        }
-    };
     Prepared::Ready(Source {
         file: Arc::new(file),
-        hash,
     })
+}
+
+/// Whether the open file still has the journaled size and mtime.
+fn unchanged(file: &File, job: &Job) -> bool {
+    file.metadata()
+        .map(|m| m.len() == job.size && mtime_ns(&m) == job.mtime_ns)
+        .unwrap_or(false)
+}
+
+/// The whole file's BLAKE3 (from its chunk values, as the receiver derives it), when the
+/// receiver asks for it before any data (it stores a file of this path and size).
+/// Recorded in the journal for later offers.
+fn hash_source(
+    file: &File,
+    job: &Job,
+    chunk_size: u32,
+    journal: &Mutex<Journal>,
+) -> Result<Hash, Finish> {
+    let layout = ChunkLayout::new(job.size, chunk_size);
+    let hash = file_tree_hash(file, &layout).map_err(|e| Finish::Retry {
+        reason: format!("reading {}: {e}", job.path),
+        forget_hash: true,
+    })?;
+    // Changed while hashing: wait for the writer to finish (a new version will be
+    // discovered when it settles).
+    if !unchanged(file, job) {
+        return Err(Finish::Superseded);
+    }
+    remember_hash(journal, job, &hash);
+    Ok(hash)
+}
+
+fn remember_hash(journal: &Mutex<Journal>, job: &Job, hash: &Hash) {
+    let mut j = journal
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(e) = j.set_hash(job.id, hash) {
+        warn!(error = %e, "cannot record the file hash; it will be computed again");
+    }
 }
 
 /// Ships `job` and returns how it ended (the caller records it in the journal).
 pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) -> Finish {
     let path = PathBuf::from(&job.root).join(&job.path);
-    let (j, p, journal) = (job.clone(), path.clone(), ctx.journal.clone());
-    let source = match tokio::task::spawn_blocking(move || prepare(&j, &p, &journal)).await {
+    let (j, p) = (job.clone(), path.clone());
+    let source = match tokio::task::spawn_blocking(move || prepare(&j, &p)).await {
         Ok(Prepared::Ready(s)) => s,
         Ok(Prepared::Finished(f)) => return f,
         Err(e) => {
             return Finish::Retry {
-                reason: format!("hashing task failed: {e}"),
+                reason: format!("opening task failed: {e}"),
                 forget_hash: true,
             }
         }
@@ -191,7 +187,7 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
         path: job.path.clone(),
         size: job.size,
         mtime_ns: job.mtime_ns,
-        file_hash: source.hash,
+        file_hash: job.hash,
         chunk_size: ctx.chunk_size,
     };
     let mut session = SendSession::new(offer, ctx.window);
@@ -313,33 +309,89 @@ async fn exchange(
     session
         .handle(reply(&mut replies).await?)
         .map_err(session_error)?;
+    if session.needs_hash() {
+        // The receiver stores a file of this path and size: the hash decides whether
+        // any data must move at all.
+        let (file, j, journal, cs) = (
+            source.file.clone(),
+            job.clone(),
+            ctx.journal.clone(),
+            ctx.chunk_size,
+        );
+        let hashed =
+            tokio::task::spawn_blocking(move || hash_source(&file, &j, cs, &journal)).await;
+        match hashed {
+            Ok(Ok(hash)) => session.handle_file_hash(hash),
+            Ok(Err(finish)) => {
+                return Ok(Some(Abandoned {
+                    finish,
+                    reason: "modified",
+                }))
+            }
+            Err(e) => {
+                return Ok(Some(Abandoned {
+                    finish: Finish::Retry {
+                        reason: format!("hashing task failed: {e}"),
+                        forget_hash: false,
+                    },
+                    reason: "stat_failed",
+                }))
+            }
+        }
+        while let Some(m) = session.poll_transmit() {
+            writer.send(&m).await?;
+        }
+        session
+            .handle(reply(&mut replies).await?)
+            .map_err(session_error)?;
+    }
 
     let plan = session.plan();
-    if !plan.is_empty() {
-        let mut chunks = spawn_chunk_reader(plan, source.file.clone(), ctx.compression_level);
-        while session.chunks_to_send() > 0 {
+    if session.outcome().is_none() && (!plan.is_empty() || session.awaits_file_hash()) {
+        // Without a known file hash, the reader derives it from the chunk values.
+        let derive = session.file_hash().is_none();
+        let layout = ChunkLayout::new(job.size, ctx.chunk_size);
+        let mut items = spawn_chunk_reader(
+            plan,
+            layout,
+            derive,
+            source.file.clone(),
+            ctx.compression_level,
+        );
+        while session.outcome().is_none()
+            && (session.chunks_to_send() > 0 || session.awaits_file_hash())
+        {
             tokio::select! {
                 // Acknowledgements open the window; a rejection can arrive at any time.
                 msg = replies.recv() => {
                     let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
                     session.handle(msg).map_err(session_error)?;
-                    if session.outcome().is_some() {
-                        return Ok(None);
-                    }
                 }
-                chunk = chunks.recv(), if session.can_send() => {
-                    let Some(chunk) = chunk else { break };
-                    let (msg, raw_len) = chunk.map_err(|e| WireError::Connection(format!("reading source: {e}")))?;
-                    if let Err(e) = writer.send(&msg).await {
-                        return rejection_after_stop(session, &mut replies, e).await.map(|()| None);
+                item = items.recv(), if session.can_send() || session.awaits_file_hash() => {
+                    let Some(item) = item else { break };
+                    match item.map_err(|e| WireError::Connection(format!("reading source: {e}")))? {
+                        ReadItem::Chunk(msg, raw_len) => {
+                            if let Err(e) = writer.send(&msg).await {
+                                return rejection_after_stop(session, &mut replies, e).await.map(|()| None);
+                            }
+                            ctx.metrics.chunks_sent.inc();
+                            ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
+                            let tally = ctx.tally.clone();
+                            tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));
+                            session.handle_chunk_sent();
+                        }
+                        ReadItem::FileHash(hash) => {
+                            let j = job.clone();
+                            let journal = ctx.journal.clone();
+                            tokio::task::spawn_blocking(move || remember_hash(&journal, &j, &hash));
+                            session.handle_file_hash(hash);
+                        }
                     }
-                    ctx.metrics.chunks_sent.inc();
-                    ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
-                    let tally = ctx.tally.clone();
-                    tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));
-                    session.handle_chunk_sent();
                 }
             }
+        }
+        if session.outcome().is_some() {
+            return Ok(None);
         }
     }
     // What is left to send is the commit (unless the receiver already answered).
@@ -391,36 +443,99 @@ async fn rejection_after_stop(
     Err(error)
 }
 
+/// What the chunk reader yields: a chunk to send, then (when asked to derive it) the
+/// whole file's BLAKE3.
+enum ReadItem {
+    Chunk(Message, u32),
+    FileHash(Hash),
+}
+
 /// Reads, hashes and compresses the planned chunks on the blocking pool, at most two
-/// ahead of the sender.
+/// ahead of the sender. With `derive`, it reads every chunk of the file in order (those
+/// the receiver already holds only to hash them) and ends with the file hash derived
+/// from the chunk values; each byte is read and hashed once.
 fn spawn_chunk_reader(
     plan: Vec<ChunkRead>,
+    layout: ChunkLayout,
+    derive: bool,
     file: Arc<File>,
     level: i32,
-) -> mpsc::Receiver<std::io::Result<(Message, u32)>> {
+) -> mpsc::Receiver<std::io::Result<ReadItem>> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let mut compressor = Compressor::new(level);
-        for c in plan {
-            // A fresh buffer per chunk: it becomes the payload and is handed to QUIC
-            // without a copy.
-            let mut raw = vec![0u8; c.len as usize];
-            let item = file.read_exact_at(&mut raw, c.offset).map(|()| {
-                let chunk_hash = hash_bytes(&raw);
-                let (codec, payload) = compressor.encode(raw);
-                let msg = Message::Chunk(Chunk {
-                    index: c.index,
-                    codec,
-                    raw_len: c.len,
-                    chunk_hash,
-                    payload: Bytes::from(payload),
-                });
-                (msg, c.len)
-            });
+        let mut tree = TreeHasher::new(&layout);
+        let mut planned = plan.into_iter().peekable();
+        let indexes: Box<dyn Iterator<Item = u32>> = if derive {
+            Box::new(0..layout.count())
+        } else {
+            Box::new(std::iter::from_fn(|| None))
+        };
+        let mut indexes = indexes.peekable();
+        let mut held = Vec::new();
+        loop {
+            // The next chunk to read: the next of the whole file when deriving, else the
+            // next planned one.
+            let next = if derive {
+                indexes.next()
+            } else {
+                planned.peek().map(|c| c.index)
+            };
+            let Some(index) = next else { break };
+            let send = planned.peek().is_some_and(|c| c.index == index);
+            let len = layout.len(index).unwrap_or(0);
+            let item = if send {
+                planned.next();
+                // A fresh buffer per chunk: it becomes the payload and is handed to QUIC
+                // without a copy.
+                let mut raw = vec![0u8; len as usize];
+                file.read_exact_at(&mut raw, layout.offset(index))
+                    .map(|()| {
+                        let chunk_hash = chunk_value(&layout, index, &raw);
+                        tree.push(chunk_hash);
+                        let (codec, payload) = compressor.encode(raw);
+                        Some(ReadItem::Chunk(
+                            Message::Chunk(Chunk {
+                                index,
+                                codec,
+                                raw_len: len,
+                                chunk_hash,
+                                payload: Bytes::from(payload),
+                            }),
+                            len,
+                        ))
+                    })
+            } else {
+                // Held by the receiver: read only to hash it.
+                held.resize(len as usize, 0);
+                file.read_exact_at(&mut held, layout.offset(index))
+                    .map(|()| {
+                        tree.push(chunk_value(&layout, index, &held));
+                        None
+                    })
+            };
             let failed = item.is_err();
-            if tx.blocking_send(item).is_err() || failed {
+            match item {
+                Ok(None) => continue,
+                Ok(Some(item)) => {
+                    if tx.blocking_send(Ok(item)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            }
+            if failed {
                 return;
             }
+        }
+        if derive {
+            let item = tree
+                .finalize()
+                .map(ReadItem::FileHash)
+                .ok_or_else(|| std::io::Error::other("chunk count mismatch while hashing"));
+            let _ = tx.blocking_send(item);
         }
     });
     rx

@@ -188,6 +188,112 @@ pub fn hash_bytes(data: &[u8]) -> Hash {
     *blake3::hash(data).as_bytes()
 }
 
+/// The BLAKE3 value of chunk `index` of a file cut by `layout`, whose bytes are `data`:
+/// the chaining value of the chunk's subtree of the file's BLAKE3 tree (the chunk's
+/// offset is part of it, so the same bytes at another index give another value), or,
+/// for a file of exactly one chunk, the file's BLAKE3 itself. [`TreeHasher`] combines
+/// the values of all chunks into the file's BLAKE3, equal to `b3sum` of the file.
+///
+/// Requires a power-of-two chunk size of at least 1 KiB (BLAKE3's chunk) and `data` no
+/// longer than the chunk: the protocol checks both before any chunk is hashed.
+pub fn chunk_value(layout: &ChunkLayout, index: u32, data: &[u8]) -> Hash {
+    use blake3::hazmat::HasherExt;
+    debug_assert!(
+        layout.chunk_size.is_power_of_two() && layout.chunk_size as usize >= blake3::CHUNK_LEN
+    );
+    debug_assert!(data.len() <= layout.chunk_size as usize);
+    if layout.count() == 1 {
+        return hash_bytes(data);
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(layout.offset(index));
+    hasher.update(data);
+    hasher.finalize_non_root()
+}
+
+/// Combines chunk values ([`chunk_value`]), given in index order, into the whole file's
+/// BLAKE3. Memory is O(log chunks): subtrees are merged as soon as the tree's shape
+/// allows (BLAKE3's own lazy merging, with chunk subtrees in place of 1 KiB chunks,
+/// which is valid because every chunk but the last covers the same power of two of
+/// BLAKE3 chunks).
+#[derive(Debug, Clone)]
+pub struct TreeHasher {
+    count: u32,
+    pushed: u32,
+    stack: Vec<Hash>,
+}
+
+impl TreeHasher {
+    /// For a file cut by `layout`.
+    pub fn new(layout: &ChunkLayout) -> TreeHasher {
+        TreeHasher {
+            count: layout.count(),
+            pushed: 0,
+            stack: Vec::new(),
+        }
+    }
+
+    /// Chunks pushed so far (the next value pushed is that chunk's).
+    pub fn pushed(&self) -> u32 {
+        self.pushed
+    }
+
+    /// Adds the value of the next chunk.
+    pub fn push(&mut self, value: Hash) {
+        use blake3::hazmat::{merge_subtrees_non_root, Mode};
+        // Merge what is complete to the left: after `pushed` chunks the stack holds one
+        // subtree per set bit of `pushed`; merging lazily (before the push, not after)
+        // keeps the last merge for `finalize`, which must be the root.
+        while self.stack.len() > self.pushed.count_ones() as usize {
+            let (Some(right), Some(left)) = (self.stack.pop(), self.stack.pop()) else {
+                break;
+            };
+            self.stack
+                .push(merge_subtrees_non_root(&left, &right, Mode::Hash));
+        }
+        self.stack.push(value);
+        self.pushed = self.pushed.saturating_add(1);
+    }
+
+    /// The file's BLAKE3, or `None` when not exactly the layout's chunk count was pushed.
+    pub fn finalize(mut self) -> Option<Hash> {
+        use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, Mode};
+        if self.pushed != self.count {
+            return None;
+        }
+        match self.count {
+            0 => return Some(hash_bytes(&[])),
+            // A one-chunk file's value is already its root hash.
+            1 => return self.stack.pop(),
+            _ => {}
+        }
+        while self.stack.len() > 2 {
+            let right = self.stack.pop()?;
+            let left = self.stack.pop()?;
+            self.stack
+                .push(merge_subtrees_non_root(&left, &right, Mode::Hash));
+        }
+        let right = self.stack.pop()?;
+        let left = self.stack.pop()?;
+        Some(*merge_subtrees_root(&left, &right, Mode::Hash).as_bytes())
+    }
+}
+
+/// The BLAKE3 of a whole source file read chunk by chunk: the chunk values and the file
+/// hash derived from them, with one read and one hash of every byte.
+pub fn file_tree_hash(file: &std::fs::File, layout: &ChunkLayout) -> std::io::Result<Hash> {
+    use std::os::unix::fs::FileExt;
+    let mut tree = TreeHasher::new(layout);
+    let mut buf = vec![0u8; layout.chunk_size as usize];
+    for index in 0..layout.count() {
+        let len = layout.len(index).unwrap_or(0) as usize;
+        file.read_exact_at(&mut buf[..len], layout.offset(index))?;
+        tree.push(chunk_value(layout, index, &buf[..len]));
+    }
+    tree.finalize()
+        .ok_or_else(|| std::io::Error::other("chunk count mismatch"))
+}
+
 /// BLAKE3 of a whole file, streamed with a fixed-size buffer (never the whole file in
 /// memory). Blocking: call it off the async runtime.
 pub fn hash_file(path: &std::path::Path) -> std::io::Result<(Hash, u64)> {
@@ -270,7 +376,85 @@ mod tests {
         ]
     }
 
+    /// The whole-file hash derived from chunk values, for chunk size `cs`.
+    fn derived(data: &[u8], cs: u32) -> Hash {
+        let layout = ChunkLayout::new(data.len() as u64, cs);
+        let mut tree = TreeHasher::new(&layout);
+        for i in 0..layout.count() {
+            let off = layout.offset(i) as usize;
+            let len = layout.len(i).unwrap() as usize;
+            tree.push(chunk_value(&layout, i, &data[off..off + len]));
+        }
+        tree.finalize().unwrap()
+    }
+
+    #[test]
+    fn derived_hashes_equal_blake3_at_the_boundary_sizes() {
+        let data: Vec<u8> = (0..(70 * 4096 + 17))
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for cs in [1024u32, 4096, 65536] {
+            let c = cs as usize;
+            for len in [
+                0,
+                1,
+                c - 1,
+                c,
+                c + 1,
+                2 * c,
+                3 * c,
+                3 * c + 5,
+                5 * c - 1,
+                7 * c,
+                8 * c,
+                9 * c + 1,
+                13 * c + 100,
+                16 * c,
+                17 * c,
+            ] {
+                if len > data.len() {
+                    continue;
+                }
+                assert_eq!(
+                    derived(&data[..len], cs),
+                    hash_bytes(&data[..len]),
+                    "size {len}, chunk size {cs}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunk_at_another_index_has_another_value() {
+        let layout = ChunkLayout::new(4 * 1024, 1024);
+        let bytes = [7u8; 1024];
+        assert_ne!(
+            chunk_value(&layout, 1, &bytes),
+            chunk_value(&layout, 2, &bytes)
+        );
+        // Too few or too many values give no hash at all.
+        let mut tree = TreeHasher::new(&layout);
+        tree.push(chunk_value(&layout, 0, &bytes));
+        assert_eq!(tree.clone().finalize(), None);
+        for i in 1..5 {
+            tree.push(chunk_value(&layout, i.min(3), &bytes));
+        }
+        assert_eq!(tree.finalize(), None);
+    }
+
     proptest! {
+        /// `b3sum` of the file equals the hash derived from its chunk values, for any
+        /// size and chunk size (chunk counts that are and are not powers of two).
+        #[test]
+        fn derived_hash_equals_blake3(
+            len in 0usize..200_000,
+            shift in 10u32..15,
+            seed in any::<u8>(),
+        ) {
+            let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+            prop_assert_eq!(derived(&data, 1 << shift), hash_bytes(&data));
+        }
+
         #[test]
         fn missing_is_the_complement(count in 0u32..300, picks in proptest::collection::vec(0u32..300, 0..300)) {
             let mut set = ChunkSet::new(count);

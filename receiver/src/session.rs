@@ -156,7 +156,10 @@ impl Work {
     /// Verifies and writes one frame.
     fn step(&mut self, msg: Message) -> Step {
         match self.session.handle(msg, &mut self.buf) {
-            Ok(Event::Chunk(v)) => match self.partial.write_chunk(v.index, v.offset, &self.buf) {
+            Ok(Event::Chunk(v)) => match self
+                .partial
+                .write_chunk(v.index, v.offset, &self.buf, &v.value)
+            {
                 Ok(()) => {
                     self.session.handle_chunk_stored(v.index);
                     Step::Chunk(self.buf.len() as u64)
@@ -175,7 +178,7 @@ impl Work {
                 }
             },
             Ok(Event::Commit) => Step::Commit,
-            Ok(Event::Offered) | Err(_) => Step::Stop,
+            Ok(Event::Offered | Event::Decided(_)) | Err(_) => Step::Stop,
         }
     }
 }
@@ -208,15 +211,41 @@ async fn drive(
     };
 
     let storage = shared.storage.clone();
-    let (a, p) = (agent.clone(), path.clone());
-    let lookup = match blocking(move || storage.lookup(&a, &p)).await {
+    let (a, p, o) = (agent.clone(), path.clone(), offer.clone());
+    let lookup = match blocking(move || storage.lookup(&a, &p, &o)).await {
         Ok(l) => l,
         Err(e) => {
             session.fail(e.to_reject());
             return (session, Ok(()));
         }
     };
-    let discard = match session.handle_lookup(lookup) {
+    let mut decision = session.handle_lookup(lookup);
+    if decision == OfferDecision::NeedHash {
+        // A file of this path and size is stored: the agent hashes its source and
+        // answers with `FileHash`, which decides.
+        while let Some(m) = session.poll_transmit() {
+            if let Err(e) = writer.send(&m).await {
+                return (session, Err(e));
+            }
+        }
+        let msg = match reader.read().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return (session, Err(WireError::Truncated)),
+            Err(e) => return (session, Err(e)),
+        };
+        decision = match session.handle(msg, &mut buf) {
+            Ok(Event::Decided(d)) => d,
+            _ => return (session, Ok(())), // the session queued a rejection
+        };
+    }
+    let Some(offer) = session.offer().cloned() else {
+        return (session, Ok(()));
+    };
+    let discard = match decision {
+        OfferDecision::NeedHash => {
+            session.fail(reject(ErrorCode::Protocol, "file hash asked for twice"));
+            return (session, Ok(()));
+        }
         OfferDecision::AlreadyStored => {
             shared.metrics.files_already_stored.inc();
             info!(agent = ?agent, path = ?path.as_str(), "already stored; acknowledged without transfer");
@@ -306,7 +335,8 @@ async fn drive(
     } = work;
     let storage = shared.storage.clone();
     let a = agent.clone();
-    match blocking(move || storage.publish(&a, partial)).await {
+    let expected = session.committed_hash();
+    match blocking(move || storage.publish(&a, partial, expected)).await {
         Ok(published) => {
             shared.metrics.files_stored.inc();
             shared.metrics.bytes_stored.inc_by(offer.size);

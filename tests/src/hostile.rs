@@ -364,7 +364,7 @@ pub fn offer(path: &str, size: u64, chunk_size: u32, salt: u64) -> Message {
         path: path.to_owned(),
         size,
         mtime_ns: 1_700_000_000_000_000_000 + salt as i64,
-        file_hash: *blake3::hash(&salt.to_be_bytes()).as_bytes(),
+        file_hash: Some(*blake3::hash(&salt.to_be_bytes()).as_bytes()),
         chunk_size,
     })
 }

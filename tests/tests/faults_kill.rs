@@ -160,8 +160,11 @@ fn agent_killed_at_random_moments_and_every_file_still_arrives() {
 
 #[test]
 fn a_file_appended_to_while_it_is_sent_is_stored_as_one_consistent_version() {
+    // A small window over a 40 ms RTT (about 3 MB/s) keeps each version in flight for
+    // seconds, so that every append lands mid-transfer.
     let mut pair = Pair::start(PairOptions {
         via_relay: true,
+        window: "128 KiB".into(),
         heartbeat_interval: "1s".into(),
         ..PairOptions::default()
     })

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use skyferry_common::chunk::hash_bytes;
+use skyferry_common::chunk::{chunk_value, hash_bytes, ChunkLayout};
 use skyferry_common::protocol::{
     AgentHeartbeat, Chunk, Codec, Commit, ErrorCode, Hello, Message, Offer, StorageState,
     MAX_CONTROL_FRAME, MIN_CHUNK_SIZE, PROTOCOL_VERSION,
@@ -117,6 +117,7 @@ impl RawAgent {
         let Message::Resume(resume) = &first else {
             return (first.clone(), first);
         };
+        let layout = ChunkLayout::new(data.len() as u64, cs);
         let mut sent = 0;
         for r in &resume.missing {
             for index in r.start..r.end {
@@ -126,7 +127,7 @@ impl RawAgent {
                     index,
                     codec: Codec::Raw,
                     raw_len: raw.len() as u32,
-                    chunk_hash: hash_bytes(raw),
+                    chunk_hash: chunk_value(&layout, index, raw),
                     payload: raw.to_vec().into(),
                 });
                 writer.send(&chunk).await.expect("chunk");
@@ -139,7 +140,10 @@ impl RawAgent {
             }
         }
         writer
-            .send(&Message::Commit(Commit { chunks_sent: sent }))
+            .send(&Message::Commit(Commit {
+                chunks_sent: sent,
+                file_hash: hash_bytes(data),
+            }))
             .await
             .expect("commit");
         let last = tokio::time::timeout(Duration::from_secs(30), reader.read())
@@ -156,7 +160,7 @@ fn offer(path: &str, data: &[u8], chunk_size: u32) -> Offer {
         path: path.into(),
         size: data.len() as u64,
         mtime_ns: 1_700_000_000_000_000_000,
-        file_hash: hash_bytes(data),
+        file_hash: Some(hash_bytes(data)),
         chunk_size,
     }
 }
@@ -226,7 +230,7 @@ fn held_offers_of_one_tib_cost_the_receiver_little_memory() {
                 path: format!("huge/{i}.fits"),
                 size: TIB,
                 mtime_ns: 1,
-                file_hash: [i as u8; 32],
+                file_hash: Some([i as u8; 32]),
                 chunk_size: MIN_CHUNK_SIZE,
             };
             let (w, r, reply) = agent.offer(o).await;
@@ -271,7 +275,7 @@ fn an_offer_that_cannot_fit_is_refused_alone_and_does_not_pause_the_fleet() {
             path: "huge.fits".into(),
             size: 1 << 30,
             mtime_ns: 1,
-            file_hash: [9; 32],
+            file_hash: Some([9; 32]),
             chunk_size: MIN_CHUNK_SIZE,
         };
         let (_w, mut r, first) = hostile.offer(o).await;

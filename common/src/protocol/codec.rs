@@ -35,13 +35,15 @@
 //! | 0x03 | Refuse             | code u16, reason string |
 //! | 0x04 | AgentHeartbeat     | seq u64, pending_files u64, pending_bytes u64, oldest_pending_age_s u64, send_rate_bps u64 |
 //! | 0x05 | ReceiverHeartbeat  | seq u64, storage u8 (0 ok, 1 stalled, 2 full), free_bytes u64 |
-//! | 0x10 | Offer              | path string, size u64, mtime_ns i64, file_hash hash, chunk_size u32 |
+//! | 0x10 | Offer              | path string, size u64, mtime_ns i64, has_hash bool, [file_hash hash if has_hash], chunk_size u32 |
 //! | 0x11 | Resume             | missing ranges |
 //! | 0x12 | Chunk              | index u32, codec u8 (0 raw, 1 zstd), raw_len u32, chunk_hash hash, payload |
-//! | 0x13 | Commit             | chunks_sent u32 |
+//! | 0x13 | Commit             | chunks_sent u32, file_hash hash |
 //! | 0x14 | Ack                | stored_path string, already_stored bool |
 //! | 0x15 | Reject             | code u16, reason string |
 //! | 0x16 | ChunkAck           | index u32 |
+//! | 0x17 | NeedHash           | (empty) |
+//! | 0x18 | FileHash           | file_hash hash |
 //!
 //! Error codes (`u16`): 1 bad_path, 2 too_large, 3 storage_full,
 //! 4 storage_error, 5 hash_mismatch, 6 chunk_mismatch, 7 protocol,
@@ -72,6 +74,8 @@ const COMMIT: u8 = 0x13;
 const ACK: u8 = 0x14;
 const REJECT: u8 = 0x15;
 const CHUNK_ACK: u8 = 0x16;
+const NEED_HASH: u8 = 0x17;
+const FILE_HASH: u8 = 0x18;
 
 /// Bytes of a [`Chunk`] frame before the payload: type, index, codec, raw_len, hash.
 const CHUNK_FIXED_LEN: usize = 1 + 4 + 1 + 4 + 32;
@@ -129,6 +133,8 @@ fn kind_of(ty: u8) -> Option<&'static str> {
         ACK => "ack",
         REJECT => "reject",
         CHUNK_ACK => "chunk_ack",
+        NEED_HASH => "need_hash",
+        FILE_HASH => "file_hash",
         _ => return None,
     })
 }
@@ -214,7 +220,13 @@ impl Message {
                 put_str(dst, kind, "path", &m.path)?;
                 dst.put_u64(m.size);
                 dst.put_i64(m.mtime_ns);
-                dst.put_slice(&m.file_hash);
+                match &m.file_hash {
+                    Some(h) => {
+                        dst.put_u8(1);
+                        dst.put_slice(h);
+                    }
+                    None => dst.put_u8(0),
+                }
                 dst.put_u32(m.chunk_size);
             }
             Message::Resume(m) => {
@@ -253,6 +265,12 @@ impl Message {
             Message::Commit(m) => {
                 dst.put_u8(COMMIT);
                 dst.put_u32(m.chunks_sent);
+                dst.put_slice(&m.file_hash);
+            }
+            Message::NeedHash => dst.put_u8(NEED_HASH),
+            Message::FileHash(h) => {
+                dst.put_u8(FILE_HASH);
+                dst.put_slice(h);
             }
             Message::Ack(m) => {
                 dst.put_u8(ACK);
@@ -372,7 +390,10 @@ pub fn decode_body(body: Bytes) -> Result<Message, FrameError> {
             path: r.string("path")?,
             size: r.u64()?,
             mtime_ns: i64::from_be_bytes(r.array()?),
-            file_hash: r.array()?,
+            file_hash: match r.bool("has_hash")? {
+                true => Some(r.array()?),
+                false => None,
+            },
             chunk_size: r.u32()?,
         }),
         RESUME => Message::Resume(Resume {
@@ -390,7 +411,10 @@ pub fn decode_body(body: Bytes) -> Result<Message, FrameError> {
         }),
         COMMIT => Message::Commit(Commit {
             chunks_sent: r.u32()?,
+            file_hash: r.array()?,
         }),
+        NEED_HASH => Message::NeedHash,
+        FILE_HASH => Message::FileHash(r.array()?),
         CHUNK_ACK => Message::ChunkAck(ChunkAck { index: r.u32()? }),
         ACK => Message::Ack(Ack {
             stored_path: r.string("stored_path")?,
@@ -552,7 +576,10 @@ mod tests {
         let payload = chunk.encode_header(&mut split).unwrap().unwrap();
         split.extend_from_slice(&payload);
         assert_eq!(split, whole);
-        let hello = Message::Commit(Commit { chunks_sent: 3 });
+        let hello = Message::Commit(Commit {
+            chunks_sent: 3,
+            file_hash: [9; 32],
+        });
         let mut a = BytesMut::new();
         assert_eq!(hello.encode_header(&mut a).unwrap(), None);
         let mut b = BytesMut::new();
@@ -564,7 +591,7 @@ mod tests {
     use proptest::prelude::*;
     use proptest::sample::Index;
 
-    const TYPES: [u8; 11] = [
+    const TYPES: [u8; 14] = [
         HELLO,
         WELCOME,
         REFUSE,
@@ -576,6 +603,9 @@ mod tests {
         COMMIT,
         ACK,
         REJECT,
+        CHUNK_ACK,
+        NEED_HASH,
+        FILE_HASH,
     ];
 
     fn wire(msgs: &[Message]) -> BytesMut {
@@ -667,7 +697,7 @@ mod tests {
                 text(),
                 any::<u64>(),
                 any::<i64>(),
-                any::<Hash>(),
+                any::<Option<Hash>>(),
                 any::<u32>()
             )
                 .prop_map(|(path, size, mtime_ns, file_hash, chunk_size)| {
@@ -697,7 +727,14 @@ mod tests {
                         payload,
                     })
                 }),
-            any::<u32>().prop_map(|chunks_sent| Message::Commit(Commit { chunks_sent })),
+            (any::<u32>(), any::<Hash>()).prop_map(|(chunks_sent, file_hash)| Message::Commit(
+                Commit {
+                    chunks_sent,
+                    file_hash
+                }
+            )),
+            Just(Message::NeedHash),
+            any::<Hash>().prop_map(Message::FileHash),
             any::<u32>().prop_map(|index| Message::ChunkAck(ChunkAck { index })),
             (text(), any::<bool>()).prop_map(|(stored_path, already_stored)| {
                 Message::Ack(Ack {
@@ -743,7 +780,7 @@ mod tests {
                 path: "2024-05-01/det07.fits".into(),
                 size: 1 << 33,
                 mtime_ns: -5,
-                file_hash: h,
+                file_hash: Some(h),
                 chunk_size: 1 << 20,
             }),
             Message::Resume(Resume {
@@ -759,7 +796,10 @@ mod tests {
                 chunk_hash: h,
                 payload: Bytes::from_static(b"payload"),
             }),
-            Message::Commit(Commit { chunks_sent: 6 }),
+            Message::Commit(Commit {
+                chunks_sent: 6,
+                file_hash: h,
+            }),
             Message::ChunkAck(ChunkAck { index: 5 }),
             Message::Ack(Ack {
                 stored_path: "a/b".into(),
@@ -769,6 +809,15 @@ mod tests {
                 code: ErrorCode::HashMismatch,
                 reason: "bad".into(),
             }),
+            Message::Offer(Offer {
+                path: "new.fits".into(),
+                size: 7,
+                mtime_ns: 1,
+                file_hash: None,
+                chunk_size: 1 << 16,
+            }),
+            Message::NeedHash,
+            Message::FileHash(h),
         ]
     }
 
@@ -957,7 +1006,7 @@ mod tests {
 
     #[test]
     fn unknown_type_is_rejected() {
-        for ty in [0x00, 0x06, 0x0f, 0x17, 0xff] {
+        for ty in [0x00, 0x06, 0x0f, 0x19, 0xff] {
             let result = decode_body(Bytes::from(vec![ty, 0, 0]));
             assert!(matches!(result, Err(FrameError::UnknownType(t)) if t == ty));
         }
@@ -1085,7 +1134,7 @@ mod tests {
                 path: long.clone(),
                 size: 0,
                 mtime_ns: 0,
-                file_hash: [0; 32],
+                file_hash: Some([0; 32]),
                 chunk_size: MIN_CHUNK_SIZE,
             }),
             Message::Hello(Hello {

@@ -47,6 +47,11 @@ pub enum Message {
     Commit(Commit),
     Ack(Ack),
     Reject(Reject),
+    /// Receiver → agent, after an offer without a file hash: it stores a file of that
+    /// path and size, so it needs the hash to tell whether this is the same content.
+    NeedHash,
+    /// Agent → receiver, answers [`Message::NeedHash`]: the whole file's BLAKE3.
+    FileHash(Hash),
 }
 
 impl Message {
@@ -65,6 +70,8 @@ impl Message {
             Message::Commit(_) => "commit",
             Message::Ack(_) => "ack",
             Message::Reject(_) => "reject",
+            Message::NeedHash => "need_hash",
+            Message::FileHash(_) => "file_hash",
         }
     }
 }
@@ -143,7 +150,10 @@ pub struct Offer {
     pub size: u64,
     /// Modification time, nanoseconds since the Unix epoch (negative before it).
     pub mtime_ns: i64,
-    pub file_hash: Hash,
+    /// The whole file's BLAKE3 when the agent knows it already (a file it hashed
+    /// before); otherwise the receiver asks for it only if it needs it.
+    pub file_hash: Option<Hash>,
+    /// A power of two within `MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE`.
     pub chunk_size: u32,
 }
 
@@ -161,7 +171,9 @@ pub struct Chunk {
     pub codec: Codec,
     /// Length of the chunk before compression.
     pub raw_len: u32,
-    /// BLAKE3 of the raw (uncompressed) chunk.
+    /// BLAKE3 value of the raw (uncompressed) chunk at its index
+    /// ([`crate::chunk::chunk_value`]): the chaining value of its subtree, or the file's
+    /// BLAKE3 for a file of one chunk.
     pub chunk_hash: Hash,
     /// The chunk as encoded by `codec`.
     pub payload: Bytes,
@@ -179,6 +191,8 @@ pub struct ChunkAck {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commit {
     pub chunks_sent: u32,
+    /// The whole file's BLAKE3, derived by the agent from the values of all its chunks.
+    pub file_hash: Hash,
 }
 
 /// Receiver → agent, the file is durably stored.

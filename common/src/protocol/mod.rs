@@ -32,10 +32,10 @@ pub use message::{
 };
 
 /// The QUIC ALPN protocol identifier. A new major protocol gets a new ALPN.
-pub const ALPN: &[u8] = b"skyferry/1";
+pub const ALPN: &[u8] = b"skyferry/2";
 
 /// Version carried in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Application close codes of a connection (docs/protocol.md §2), the same numbers on
 /// both sides. Shutting down (either side).

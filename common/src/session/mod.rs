@@ -17,7 +17,9 @@
 mod receive;
 mod send;
 
-pub use receive::{Event, Lookup, OfferDecision, PartialState, ReceiveSession, VerifiedChunk};
+pub use receive::{
+    Event, Lookup, OfferDecision, PartialState, ReceiveSession, StoredVersion, VerifiedChunk,
+};
 pub use send::{ChunkRead, Outcome, SendSession, SessionError};
 
 use crate::protocol::{ErrorCode, Reject};

@@ -17,28 +17,43 @@ use super::reject;
 pub struct PartialState {
     pub size: u64,
     pub mtime_ns: i64,
-    pub file_hash: Hash,
+    /// The file hash of the offer the partial was started for, if it carried one.
+    pub file_hash: Option<Hash>,
     pub chunk_size: u32,
     pub have: ChunkSet,
 }
 
 impl PartialState {
-    /// Whether this partial belongs to exactly the version being offered. A different
-    /// size, mtime, hash or chunk size means the source changed: the partial is useless.
+    /// Whether this partial belongs to the version being offered. A different size,
+    /// mtime, chunk size or (when both are known) hash means the source changed: the
+    /// partial is useless. Chunks of a same-size, same-mtime but different content would
+    /// still be caught at the commit: the hash derived from them would not be the
+    /// agent's.
     pub fn matches(&self, offer: &Offer) -> bool {
+        let same_hash = match (self.file_hash, offer.file_hash) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
         self.size == offer.size
             && self.mtime_ns == offer.mtime_ns
-            && self.file_hash == offer.file_hash
+            && same_hash
             && self.chunk_size == offer.chunk_size
             && self.have.count() == ChunkLayout::new(offer.size, offer.chunk_size).count()
     }
 }
 
+/// The file published at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredVersion {
+    pub size: u64,
+    pub hash: Hash,
+}
+
 /// What storage found for the offered path, looked up by the I/O layer.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Lookup {
-    /// Hash of the file currently published at the path, if any.
-    pub stored: Option<Hash>,
+    /// The file currently published at the path, if any.
+    pub stored: Option<StoredVersion>,
     /// The partial file for the path, if any.
     pub partial: Option<PartialState>,
     /// Bytes a new file may still use on the storage filesystem (free space minus the
@@ -48,10 +63,13 @@ pub struct Lookup {
 }
 
 /// What the I/O layer must do after an offer was looked up.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OfferDecision {
     /// The same content is already published: acknowledged without rewriting.
     AlreadyStored,
+    /// A file of this path and size is published and the offer carried no hash: the
+    /// session queued `NeedHash`; the agent's `FileHash` brings the decision.
+    NeedHash,
     /// Receive into the partial; `discard_partial` when an existing partial belongs to
     /// another version and must be deleted first.
     Receive { discard_partial: bool },
@@ -65,12 +83,15 @@ pub enum OfferDecision {
 pub struct VerifiedChunk {
     pub index: u32,
     pub offset: u64,
+    /// The chunk's BLAKE3 value, as checked: recorded with the chunk.
+    pub value: Hash,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitOffer,
     AwaitLookup,
+    AwaitHash,
     Receiving,
     Publishing,
     Done,
@@ -86,6 +107,10 @@ pub struct ReceiveSession {
     have: ChunkSet,
     /// Chunks received on this stream (for the resume accounting in logs/metrics).
     received: u32,
+    /// The lookup kept while waiting for the agent's `FileHash`.
+    lookup: Option<Lookup>,
+    /// The file hash the agent committed to.
+    committed: Option<Hash>,
     decoder: compress::Decoder,
     out: VecDeque<Message>,
 }
@@ -99,6 +124,8 @@ impl ReceiveSession {
             layout: ChunkLayout::new(0, MIN_CHUNK_SIZE),
             have: ChunkSet::new(0),
             received: 0,
+            lookup: None,
+            committed: None,
             decoder: compress::Decoder::default(),
             out: VecDeque::new(),
         }
@@ -122,6 +149,11 @@ impl ReceiveSession {
 
     pub fn chunks_received(&self) -> u32 {
         self.received
+    }
+
+    /// The whole-file BLAKE3 the agent committed to: the stored bytes must hash to it.
+    pub fn committed_hash(&self) -> Option<Hash> {
+        self.committed
     }
 
     pub fn is_done(&self) -> bool {
@@ -164,6 +196,14 @@ impl ReceiveSession {
             Message::Offer(o) if self.state == State::AwaitOffer => {
                 self.handle_offer(o).map(|()| Event::Offered)
             }
+            Message::FileHash(h) if self.state == State::AwaitHash => {
+                if let Some((offer, _)) = &mut self.offer {
+                    offer.file_hash = Some(h);
+                }
+                let lookup = self.lookup.take().unwrap_or_default();
+                self.state = State::AwaitLookup;
+                Ok(Event::Decided(self.handle_lookup(lookup)))
+            }
             Message::Chunk(c) if self.state == State::Receiving => {
                 self.handle_chunk(c, buf).map(Event::Chunk)
             }
@@ -186,9 +226,11 @@ impl ReceiveSession {
                 return Err(r);
             }
         };
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&offer.chunk_size) {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&offer.chunk_size)
+            || !offer.chunk_size.is_power_of_two()
+        {
             return Err(self.protocol_error(format!(
-                "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                "chunk size {} is not a power of two within {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
                 offer.chunk_size
             )));
         }
@@ -223,13 +265,26 @@ impl ReceiveSession {
                 discard_partial: false,
             };
         };
-        if lookup.stored == Some(offer.file_hash) {
-            self.out.push_back(Message::Ack(Ack {
-                stored_path: path.to_string(),
-                already_stored: true,
-            }));
-            self.state = State::Done;
-            return OfferDecision::AlreadyStored;
+        if let Some(stored) = lookup.stored.filter(|s| s.size == offer.size) {
+            match offer.file_hash {
+                Some(h) if h == stored.hash => {
+                    self.out.push_back(Message::Ack(Ack {
+                        stored_path: path.to_string(),
+                        already_stored: true,
+                    }));
+                    self.state = State::Done;
+                    return OfferDecision::AlreadyStored;
+                }
+                Some(_) => {}
+                // Only here does the agent have to hash the file before sending it: it
+                // may be the very file stored (a lost acknowledgement, a replay).
+                None => {
+                    self.out.push_back(Message::NeedHash);
+                    self.lookup = Some(lookup);
+                    self.state = State::AwaitHash;
+                    return OfferDecision::NeedHash;
+                }
+            }
         }
         let discard_partial = match lookup.partial {
             Some(p) if p.matches(offer) => {
@@ -258,8 +313,9 @@ impl ReceiveSession {
     }
 
     /// Decompresses and verifies one chunk into `buf`. Checks, in order: index in range,
-    /// raw length equal to the layout's, decompression bounded by that
-    /// length, BLAKE3 equal to the chunk hash.
+    /// raw length equal to the layout's, decompression bounded by that length, the
+    /// chunk's BLAKE3 value at its index ([`crate::chunk::chunk_value`]) equal to the
+    /// chunk hash. The value binds the offset: bytes sent under another index fail.
     fn handle_chunk(&mut self, c: Chunk, buf: &mut Vec<u8>) -> Result<VerifiedChunk, Reject> {
         let path = self.path().map(ToString::to_string).unwrap_or_default();
         let count = self.layout.count();
@@ -283,7 +339,7 @@ impl ReceiveSession {
             self.fail(r.clone());
             return Err(r);
         }
-        let actual = crate::chunk::hash_bytes(buf);
+        let actual = crate::chunk::chunk_value(&self.layout, c.index, buf);
         if actual != c.chunk_hash {
             let r = reject(
                 ErrorCode::ChunkMismatch,
@@ -301,6 +357,7 @@ impl ReceiveSession {
         Ok(VerifiedChunk {
             index: c.index,
             offset: self.layout.offset(c.index),
+            value: actual,
         })
     }
 
@@ -319,6 +376,22 @@ impl ReceiveSession {
                 c.chunks_sent
             )));
         }
+        if let Some(offered) = self.offer().and_then(|o| o.file_hash) {
+            if offered != c.file_hash {
+                let path = self.path().map(ToString::to_string).unwrap_or_default();
+                let r = reject(
+                    ErrorCode::HashMismatch,
+                    format!(
+                        "{path}: committed file hash {} differs from the offered {}; the source changed while it was sent",
+                        short_hex(&c.file_hash),
+                        short_hex(&offered)
+                    ),
+                );
+                self.fail(r.clone());
+                return Err(r);
+            }
+        }
+        self.committed = Some(c.file_hash);
         self.state = State::Publishing;
         Ok(())
     }
@@ -373,6 +446,9 @@ fn coalesce(mut ranges: Vec<ChunkRange>, max: usize) -> Vec<ChunkRange> {
 pub enum Event {
     /// An offer passed validation: look up storage and call `handle_lookup`.
     Offered,
+    /// The agent's `FileHash` arrived: act on this decision as on `handle_lookup`'s
+    /// (never `NeedHash` again).
+    Decided(OfferDecision),
     /// A chunk passed verification: write it and call `handle_chunk_stored`.
     Chunk(VerifiedChunk),
     /// All chunks are held: verify the whole file, publish, call `handle_published`.

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 
 use crate::chunk::ChunkLayout;
-use crate::protocol::{ChunkRange, Commit, Message, Offer, Reject};
+use crate::protocol::{ChunkRange, Commit, Hash, Message, Offer, Reject};
 
 /// How the session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +45,8 @@ pub struct ChunkRead {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitResume,
+    /// The receiver asked for the file hash; the I/O layer is computing it.
+    Hashing,
     Sending,
     AwaitAck,
     Done,
@@ -54,6 +56,7 @@ impl State {
     fn name(self) -> &'static str {
         match self {
             State::AwaitResume => "waiting for resume",
+            State::Hashing => "hashing the file",
             State::Sending => "sending chunks",
             State::AwaitAck => "waiting for the acknowledgement",
             State::Done => "done",
@@ -71,6 +74,9 @@ pub struct SendSession {
     unacked: VecDeque<u32>,
     window: usize,
     chunks_sent: u32,
+    /// The whole file's BLAKE3, once known (from the offer, or derived by the I/O layer
+    /// from the chunk values); the commit waits for it.
+    file_hash: Option<Hash>,
     out: VecDeque<Message>,
     outcome: Option<Outcome>,
 }
@@ -81,6 +87,7 @@ impl SendSession {
     /// that many chunks sent twice.
     pub fn new(offer: Offer, window: u32) -> Self {
         let layout = ChunkLayout::new(offer.size, offer.chunk_size);
+        let file_hash = offer.file_hash;
         SendSession {
             state: State::AwaitResume,
             layout,
@@ -88,6 +95,7 @@ impl SendSession {
             unacked: VecDeque::new(),
             window: window.max(1) as usize,
             chunks_sent: 0,
+            file_hash,
             out: VecDeque::from([Message::Offer(offer)]),
             outcome: None,
         }
@@ -110,9 +118,37 @@ impl SendSession {
         self.todo.iter().map(ChunkRange::len).sum()
     }
 
+    /// The whole file's BLAKE3, once known.
+    pub fn file_hash(&self) -> Option<Hash> {
+        self.file_hash
+    }
+
+    /// Whether the receiver asked for the whole-file hash: the I/O layer computes it
+    /// and calls [`SendSession::handle_file_hash`].
+    pub fn needs_hash(&self) -> bool {
+        self.state == State::Hashing
+    }
+
+    /// The whole file's BLAKE3, computed by the I/O layer: answers a
+    /// [`Message::NeedHash`], or (derived from the chunk values while sending) completes
+    /// the commit. A hash that differs from the one offered means the source changed;
+    /// the caller checks that before calling this.
+    pub fn handle_file_hash(&mut self, hash: Hash) {
+        self.file_hash = Some(hash);
+        if self.state == State::Hashing {
+            self.out.push_back(Message::FileHash(hash));
+            self.state = State::AwaitResume;
+        }
+        self.maybe_commit();
+    }
+
     /// A message from the receiver.
     pub fn handle(&mut self, msg: Message) -> Result<(), SessionError> {
         match (self.state, msg) {
+            (State::AwaitResume, Message::NeedHash) if self.file_hash.is_none() => {
+                self.state = State::Hashing;
+                Ok(())
+            }
             (State::AwaitResume, Message::Resume(r)) => {
                 let count = self.layout.count();
                 let mut prev_end = 0;
@@ -151,7 +187,10 @@ impl SendSession {
                 Ok(())
             }
             // A rejection may come at any point, e.g. a bad chunk mid-file.
-            (State::AwaitResume | State::Sending | State::AwaitAck, Message::Reject(r)) => {
+            (
+                State::AwaitResume | State::Hashing | State::Sending | State::AwaitAck,
+                Message::Reject(r),
+            ) => {
                 self.state = State::Done;
                 self.todo.clear();
                 self.outcome = Some(Outcome::Rejected(r));
@@ -213,10 +252,20 @@ impl SendSession {
         self.maybe_commit();
     }
 
+    /// Whether every requested chunk was sent and only the file hash is missing for the
+    /// commit (the I/O layer is still hashing chunks the receiver already holds).
+    pub fn awaits_file_hash(&self) -> bool {
+        self.state == State::Sending && self.todo.is_empty() && self.file_hash.is_none()
+    }
+
     fn maybe_commit(&mut self) {
-        if self.state == State::Sending && self.todo.is_empty() {
+        if self.state != State::Sending || !self.todo.is_empty() {
+            return;
+        }
+        if let Some(file_hash) = self.file_hash {
             self.out.push_back(Message::Commit(Commit {
                 chunks_sent: self.chunks_sent,
+                file_hash,
             }));
             self.state = State::AwaitAck;
         }

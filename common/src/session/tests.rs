@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 
 use super::*;
-use crate::chunk::{hash_bytes, ChunkSet};
+use crate::chunk::{chunk_value, hash_bytes, ChunkLayout, ChunkSet};
 use crate::compress::Compressor;
 use crate::protocol::{
     decode, max_data_frame, Chunk, ErrorCode, Hash, Message, Offer, MIN_CHUNK_SIZE,
@@ -31,13 +31,22 @@ fn wire(msg: Message, max: usize) -> Message {
     out
 }
 
+/// An offer of a file the agent has not hashed yet (a new file).
 fn offer(path: &str, data: &[u8]) -> Offer {
     Offer {
         path: path.into(),
         size: data.len() as u64,
         mtime_ns: 1_700_000_000_000_000_000,
-        file_hash: hash_bytes(data),
+        file_hash: None,
         chunk_size: CS,
+    }
+}
+
+/// An offer with the file hash known (from an earlier attempt).
+fn offer_hashed(path: &str, data: &[u8]) -> Offer {
+    Offer {
+        file_hash: Some(hash_bytes(data)),
+        ..offer(path, data)
     }
 }
 
@@ -61,15 +70,25 @@ fn run(
         let event = recv.handle(wire(msg, max), &mut buf);
         let Ok(event) = event else { return };
         let path = recv.path().expect("offered").to_string();
-        match event {
+        let decision = match &event {
             Event::Offered => {
                 let lookup = Lookup {
-                    stored: disk.published.get(&path).map(|(_, h)| *h),
+                    stored: disk.published.get(&path).map(|(b, h)| StoredVersion {
+                        size: b.len() as u64,
+                        hash: *h,
+                    }),
                     partial: disk.partials.get(&path).map(|(_, s)| s.clone()),
                     room: None,
                 };
+                Some(recv.handle_lookup(lookup))
+            }
+            Event::Decided(d) => Some(d.clone()),
+            _ => None,
+        };
+        match event {
+            Event::Offered | Event::Decided(_) => {
                 let o = recv.offer().expect("offered").clone();
-                if let OfferDecision::Receive { discard_partial } = recv.handle_lookup(lookup) {
+                if let Some(OfferDecision::Receive { discard_partial }) = decision {
                     if discard_partial || !disk.partials.contains_key(&path) {
                         let state = PartialState {
                             size: o.size,
@@ -91,10 +110,10 @@ fn run(
                 recv.handle_chunk_stored(v.index);
             }
             Event::Commit => {
-                let (bytes, state) = disk.partials.remove(&path).expect("partial exists");
-                if hash_bytes(&bytes) == state.file_hash {
-                    disk.published
-                        .insert(path.clone(), (bytes, state.file_hash));
+                let (bytes, _) = disk.partials.remove(&path).expect("partial exists");
+                let hash = hash_bytes(&bytes);
+                if Some(hash) == recv.committed_hash() {
+                    disk.published.insert(path.clone(), (bytes, hash));
                     recv.handle_published(Ok(path));
                 } else {
                     recv.handle_published(Err(reject(ErrorCode::HashMismatch, "whole file")));
@@ -103,7 +122,13 @@ fn run(
         }
     };
 
+    let layout = ChunkLayout::new(data.len() as u64, CS);
     loop {
+        // The I/O layer's part: the file hash when the receiver asks for it, or once the
+        // chunks are sent (derived from the chunk values; `hash_bytes` gives the same).
+        if send.needs_hash() || send.awaits_file_hash() {
+            send.handle_file_hash(hash_bytes(data));
+        }
         while let Some(m) = send.poll_transmit() {
             deliver(m, &mut recv, disk);
         }
@@ -117,7 +142,7 @@ fn run(
                 index: c.index,
                 codec,
                 raw_len: c.len,
-                chunk_hash: hash_bytes(raw),
+                chunk_hash: chunk_value(&layout, c.index, raw),
                 payload: payload.into(),
             };
             tamper(&mut chunk);
@@ -126,6 +151,9 @@ fn run(
             // Acknowledgements, or a rejection, arrive while chunks are still being sent.
             while let Some(reply) = recv.poll_transmit() {
                 send.handle(wire(reply, usize::MAX)).expect("valid reply");
+            }
+            if send.awaits_file_hash() {
+                send.handle_file_hash(hash_bytes(data));
             }
             while let Some(m) = send.poll_transmit() {
                 deliver(m, &mut recv, disk);
@@ -183,15 +211,55 @@ fn reoffer_of_stored_file_is_acknowledged_without_data() {
     let mut disk = Disk::default();
     let src = data(200_000, 2);
     run(&mut disk, offer("a.fits", &src), &src, &mut |_| {}, None);
-    let (outcome, sent) = run(&mut disk, offer("a.fits", &src), &src, &mut |_| {}, None);
-    assert_eq!(sent, 0);
+    // Without the hash (the receiver asks for it: same path and size), and with it.
+    for o in [offer("a.fits", &src), offer_hashed("a.fits", &src)] {
+        let (outcome, sent) = run(&mut disk, o, &src, &mut |_| {}, None);
+        assert_eq!(sent, 0);
+        assert!(matches!(
+            outcome,
+            Some(Outcome::Stored {
+                already_stored: true,
+                ..
+            })
+        ));
+    }
+    // Same path and size, other content: the hash differs, the file is sent.
+    let other = data(200_000, 9);
+    let (outcome, sent) = run(
+        &mut disk,
+        offer("a.fits", &other),
+        &other,
+        &mut |_| {},
+        None,
+    );
+    assert_eq!(sent, 4);
     assert!(matches!(
         outcome,
         Some(Outcome::Stored {
-            already_stored: true,
+            already_stored: false,
             ..
         })
     ));
+    assert_eq!(disk.published["a.fits"].0, other);
+}
+
+/// A chunk's value binds its offset: the right bytes and value of chunk 1 sent as
+/// chunk 2 (an agent or a network that mixes chunks up) are refused.
+#[test]
+fn a_chunk_under_another_index_is_caught() {
+    let mut disk = Disk::default();
+    let src = data(4 * CS as usize, 8);
+    let mut swap = |c: &mut Chunk| {
+        if c.index == 1 {
+            c.index = 2;
+        }
+    };
+    let (outcome, _) = run(&mut disk, offer("s", &src), &src, &mut swap, None);
+    assert!(
+        matches!(&outcome, Some(Outcome::Rejected(r)) if r.code == ErrorCode::ChunkMismatch && r.reason.contains("chunk 2")),
+        "{outcome:?}"
+    );
+    assert!(disk.published.is_empty());
 }
 
 #[test]
@@ -236,7 +304,7 @@ fn wrong_whole_file_hash_is_never_published() {
     let mut disk = Disk::default();
     let src = data(2 * CS as usize + 5, 5);
     let mut o = offer("x", &src);
-    o.file_hash = [1; 32];
+    o.file_hash = Some([1; 32]);
     let (outcome, _) = run(&mut disk, o, &src, &mut |_| {}, None);
     assert!(matches!(&outcome, Some(Outcome::Rejected(r)) if r.code == ErrorCode::HashMismatch));
     assert!(disk.published.is_empty());
@@ -248,9 +316,34 @@ fn changed_source_discards_the_old_partial() {
     let old = data(4 * CS as usize, 6);
     run(&mut disk, offer("v.fits", &old), &old, &mut |_| {}, Some(2));
     let new = data(4 * CS as usize, 7);
-    let (outcome, sent) = run(&mut disk, offer("v.fits", &new), &new, &mut |_| {}, None);
+    let newer = Offer {
+        mtime_ns: offer("v.fits", &new).mtime_ns + 1,
+        ..offer("v.fits", &new)
+    };
+    let (outcome, sent) = run(&mut disk, newer, &new, &mut |_| {}, None);
     assert!(matches!(outcome, Some(Outcome::Stored { .. })));
     assert_eq!(sent, 4, "the whole new version is sent");
+    assert_eq!(disk.published["v.fits"].0, new);
+}
+
+/// Other content under the same size and mtime (no hash in the offer): the partial looks
+/// reusable, but the hash derived at the commit is not the agent's, so the mixture is
+/// never published; the retry sends the whole file.
+#[test]
+fn a_partial_of_other_content_with_the_same_mtime_is_never_published() {
+    let mut disk = Disk::default();
+    let old = data(4 * CS as usize, 6);
+    run(&mut disk, offer("v.fits", &old), &old, &mut |_| {}, Some(2));
+    let new = data(4 * CS as usize, 7);
+    let (outcome, _) = run(&mut disk, offer("v.fits", &new), &new, &mut |_| {}, None);
+    assert!(
+        matches!(&outcome, Some(Outcome::Rejected(r)) if r.code == ErrorCode::HashMismatch),
+        "{outcome:?}"
+    );
+    assert!(disk.published.is_empty());
+    let (outcome, sent) = run(&mut disk, offer("v.fits", &new), &new, &mut |_| {}, None);
+    assert!(matches!(outcome, Some(Outcome::Stored { .. })));
+    assert_eq!(sent, 4);
     assert_eq!(disk.published["v.fits"].0, new);
 }
 
@@ -298,7 +391,7 @@ fn an_offer_without_room_gets_only_a_storage_full_rejection() {
         path: "huge.fits".into(),
         size: tib,
         mtime_ns: 1,
-        file_hash: [3; 32],
+        file_hash: Some([3; 32]),
         chunk_size: MIN_CHUNK_SIZE,
     };
     let mut recv = ReceiveSession::new(tib);

@@ -27,10 +27,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use skyferry_common::chunk::{hash_file, hash_reader};
+use skyferry_common::chunk::hash_reader;
 use skyferry_common::protocol::{short_hex, ErrorCode, Hash, Offer, Reject};
 use skyferry_common::relpath::RelPath;
-use skyferry_common::session::{reject, Lookup};
+use skyferry_common::session::{reject, Lookup, StoredVersion};
 use skyferry_common::unix_time::mtime_ns;
 
 use crate::health::FULL_BELOW;
@@ -167,16 +167,21 @@ impl Storage {
     /// What is stored for `rel`: the published file's hash, any partial, and the room
     /// left for a new file. A path this storage cannot hold (beyond its name or path
     /// limits, or through a symlink) is refused here, before any data is sent.
-    pub fn lookup(&self, agent: &str, rel: &RelPath) -> Result<Lookup, StorageError> {
+    pub fn lookup(
+        &self,
+        agent: &str,
+        rel: &RelPath,
+        offer: &Offer,
+    ) -> Result<Lookup, StorageError> {
         self.limits.check(agent, rel)?;
-        let stored = self.stored_hash(agent, rel)?;
+        let stored = self.stored_version(agent, rel)?;
         let (part, log) = self.partial_paths(agent, rel);
-        let mut partial = partial::read_log(&log).ok();
+        let mut partial = partial::read_checked(&part, &log, rel, offer)?;
         // A partial of the very content already published is what a crash between the
         // publishing rename and the log's removal leaves behind: remove it now.
         if partial
             .as_ref()
-            .is_some_and(|p| Some(p.file_hash) == stored)
+            .is_some_and(|p| p.file_hash.is_some() && p.file_hash == stored.map(|s| s.hash))
         {
             remove_if_exists(&part)?;
             remove_if_exists(&log)?;
@@ -197,7 +202,11 @@ impl Storage {
     /// whether the inventory row still describes the file on disk; if not (a crash
     /// between rename and record, a failed inventory write, a restored backup), the file
     /// is hashed once and the inventory corrected.
-    fn stored_hash(&self, agent: &str, rel: &RelPath) -> Result<Option<Hash>, StorageError> {
+    fn stored_version(
+        &self,
+        agent: &str,
+        rel: &RelPath,
+    ) -> Result<Option<StoredVersion>, StorageError> {
         let file = match tree::open_published(&self.root, agent, rel)? {
             Found::Absent => return Ok(None),
             Found::File(f) => f,
@@ -208,7 +217,10 @@ impl Storage {
             .map_err(|e| StorageError::io(format!("checking {}", shown()), e))?;
         if let Some(f) = self.inventory().stored(agent, rel.as_str())? {
             if f.size == meta.len() && f.mtime_ns == mtime_ns(&meta) {
-                return Ok(Some(f.hash));
+                return Ok(Some(StoredVersion {
+                    size: f.size,
+                    hash: f.hash,
+                }));
             }
         }
         let (hash, size) =
@@ -220,7 +232,7 @@ impl Storage {
             size,
             mtime_ns: mtime_ns(&meta),
         })?;
-        Ok(Some(hash))
+        Ok(Some(StoredVersion { size, hash }))
     }
 
     /// Opens the partial for `offer`, creating it (and discarding an old one) as needed.
@@ -249,24 +261,35 @@ impl Storage {
         remove_if_exists(&log)
     }
 
-    /// Verifies the partial's bytes on disk and publishes it. On a hash mismatch, chunks
-    /// whose bytes no longer match their recorded hash are forgotten so that a retry asks
-    /// for exactly those; if every chunk matches, the offer's file hash itself was wrong
-    /// (the source changed while being read) and the partial is discarded.
+    /// Checks the partial against `expected` (the file hash the agent committed to) and
+    /// publishes it. The whole-file hash is derived from the chunk values recorded when
+    /// each chunk was verified; no data is read again. On a mismatch the partial mixes
+    /// chunks of two versions of the source (same size and mtime, other content): it is
+    /// discarded and the agent sends the file again.
     ///
     /// Any storage error before the rename discards the partial, so that the retry starts
     /// again from the source: after a failed fsync the page cache cannot be trusted, and
     /// the fsync is never retried. Once the file is renamed into place and its directory
     /// fsynced it is stored, whatever happens to the inventory row (see [`Published`]).
-    pub fn publish(&self, agent: &str, mut partial: Partial) -> Result<Published, PublishError> {
-        let result = self.try_publish(agent, &mut partial);
+    pub fn publish(
+        &self,
+        agent: &str,
+        mut partial: Partial,
+        expected: Option<Hash>,
+    ) -> Result<Published, PublishError> {
+        let result = self.try_publish(agent, &mut partial, expected);
         if let Err(PublishError::Storage(_)) = &result {
             partial.discard();
         }
         result
     }
 
-    fn try_publish(&self, agent: &str, partial: &mut Partial) -> Result<Published, PublishError> {
+    fn try_publish(
+        &self,
+        agent: &str,
+        partial: &mut Partial,
+        expected: Option<Hash>,
+    ) -> Result<Published, PublishError> {
         let io = |doing: String| move |e| StorageError::io(doing, e);
         // The published file keeps the source's mtime, like `rsync -a`.
         let mtime = std::time::UNIX_EPOCH
@@ -279,32 +302,25 @@ impl Storage {
             .file
             .sync_all()
             .map_err(io(format!("fsync {}", partial.part_path.display())))?;
-        let (hash, _) = hash_file(&partial.part_path)
-            .map_err(io(format!("reading back {}", partial.part_path.display())))?;
-        if hash != partial.state.file_hash {
-            let bad = partial.recheck_chunks()?;
-            let reason = if bad.present() == 0 {
-                partial.discard();
-                format!(
-                    "{}: whole-file checksum mismatch (offered {}, stored bytes hash to {}); the source changed while it was read",
-                    partial.rel,
-                    short_hex(&partial.state.file_hash),
-                    short_hex(&hash)
-                )
-            } else {
-                format!(
-                    "{}: whole-file checksum mismatch; chunks {} are corrupt on disk and will be fetched again",
-                    partial.rel,
-                    partial::describe(&bad)
-                )
-            };
-            return Err(PublishError::Mismatch(reason));
-        }
-
+        // Every chunk was verified against its value when it arrived (and re-checked on
+        // disk if the partial was resumed): the whole-file hash follows from the values,
+        // and must be what the agent derived from its source.
+        let derived = partial.derived_hash()?;
+        let committed = expected.unwrap_or([0; 32]);
+        let Some(hash) = derived.filter(|h| *h == committed) else {
+            partial.discard();
+            return Err(PublishError::Mismatch(format!(
+                "{}: whole-file checksum mismatch (the agent committed to {}, the received chunks give {}); \
+                 the partial held chunks of another version of the source and was discarded",
+                partial.rel,
+                short_hex(&committed),
+                derived.map_or_else(|| "no hash".to_string(), |h| short_hex(&h)),
+            )));
+        };
         let rel = partial.rel.clone();
         let target = self.published_path(agent, &rel);
         let parent = self.safe_parent(agent, &rel)?;
-        let old = self.stored_hash(agent, &rel)?;
+        let old = self.stored_version(agent, &rel)?.map(|s| s.hash);
         if old.is_some() {
             // The row must never describe the new file with the old hash: drop it before
             // the rename, so that a failed write of the new row below leaves no row (and
@@ -479,7 +495,7 @@ fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skyferry_common::chunk::{hash_bytes, ChunkLayout};
+    use skyferry_common::chunk::{chunk_value, hash_bytes, ChunkLayout};
     use std::fs::OpenOptions;
     use std::io::Write;
     use std::os::unix::fs::FileExt;
@@ -491,7 +507,7 @@ mod tests {
             path: path.into(),
             size: data.len() as u64,
             mtime_ns: 1_700_000_000_000_000_000,
-            file_hash: hash_bytes(data),
+            file_hash: None,
             chunk_size: CS,
         }
     }
@@ -504,7 +520,8 @@ mod tests {
             }
             let off = layout.offset(i);
             let len = layout.len(i).unwrap_or(0) as usize;
-            p.write_chunk(i, off, &data[off as usize..off as usize + len])
+            let bytes = &data[off as usize..off as usize + len];
+            p.write_chunk(i, off, bytes, &chunk_value(&layout, i, bytes))
                 .expect("write chunk");
         }
     }
@@ -533,19 +550,10 @@ mod tests {
             .expect("flip");
         drop(f);
 
-        let lookup = storage.lookup("kiso", &rel).expect("lookup");
-        let state = lookup.partial.expect("partial state");
-        assert!(state.have.is_complete(), "the log still claims every chunk");
-        let p = storage
-            .open_partial("kiso", &rel, &o, false)
-            .expect("reopen");
-        match storage.publish("kiso", p) {
-            Err(PublishError::Mismatch(reason)) => assert!(reason.contains("[2]"), "{reason}"),
-            other => panic!("published a corrupt file: {other:?}"),
-        }
-        assert!(!storage.published_path("kiso", &rel).exists());
+        // The lookup of a resumed partial reads its chunks back: chunk 2 no longer
+        // matches its recorded value and is asked for again.
         let state = storage
-            .lookup("kiso", &rel)
+            .lookup("kiso", &rel, &o)
             .expect("lookup")
             .partial
             .expect("partial kept");
@@ -559,11 +567,41 @@ mod tests {
             .expect("reopen");
         let layout = ChunkLayout::new(content.len() as u64, CS);
         let off = layout.offset(2) as usize;
-        p.write_chunk(2, off as u64, &content[off..off + CS as usize])
+        let bytes = &content[off..off + CS as usize];
+        p.write_chunk(2, off as u64, bytes, &chunk_value(&layout, 2, bytes))
             .expect("rewrite");
-        storage.publish("kiso", p).expect("publish");
+        storage
+            .publish("kiso", p, Some(hash_bytes(&content)))
+            .expect("publish");
         let stored = fs::read(storage.published_path("kiso", &rel)).expect("read");
         assert!(stored == content, "published bytes equal the source");
+    }
+
+    /// The hash derived from the recorded chunk values must be the one the agent
+    /// committed to; otherwise nothing is published and the partial goes.
+    #[test]
+    fn a_commit_with_another_hash_is_never_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("open");
+        let rel = RelPath::parse("m.fits").expect("path");
+        let content = data(3 * CS as usize + 1);
+        let o = offer("m.fits", &content);
+        let mut p = storage
+            .open_partial("kiso", &rel, &o, false)
+            .expect("partial");
+        write_all_chunks(&mut p, &content, &[]);
+        match storage.publish("kiso", p, Some([7; 32])) {
+            Err(PublishError::Mismatch(reason)) => {
+                assert!(reason.contains("another version"), "{reason}")
+            }
+            other => panic!("published: {other:?}"),
+        }
+        assert!(!storage.published_path("kiso", &rel).exists());
+        assert!(storage
+            .lookup("kiso", &rel, &o)
+            .expect("lookup")
+            .partial
+            .is_none());
     }
 
     #[test]
@@ -628,7 +666,7 @@ mod tests {
         fs::create_dir_all(dir.path().join("kiso")).expect("agent dir");
         fs::write(dir.path().join("kiso/a"), b"not a directory").expect("blocker");
         assert!(matches!(
-            storage.publish("kiso", p),
+            storage.publish("kiso", p, Some(hash_bytes(&content))),
             Err(PublishError::Storage(StorageError::Unsafe(_)))
         ));
         assert!(!part.exists() && !log.exists(), "partial discarded");
@@ -695,7 +733,9 @@ mod tests {
             .open_partial("kiso", &rel, &offer("warm.fits", &warm), false)
             .expect("partial");
         write_all_chunks(&mut p, &warm, &[]);
-        storage.publish("kiso", p).expect("publish the first file");
+        storage
+            .publish("kiso", p, Some(hash_bytes(&warm)))
+            .expect("publish the first file");
 
         let content = data(2 * CS as usize + 11);
         let rel = RelPath::parse("n/b.fits").expect("path");
@@ -713,7 +753,7 @@ mod tests {
             "the filesystem is full"
         );
 
-        if let Err(e) = storage.publish("kiso", p) {
+        if let Err(e) = storage.publish("kiso", p, Some(hash_bytes(&content))) {
             panic!("a file that was renamed into place was rejected: {e}");
         }
         let stored = fs::read(storage.published_path("kiso", &rel)).expect("published");
@@ -730,14 +770,17 @@ mod tests {
         // Space returns; the re-offer (after a lost Ack, say) finds the file by hashing
         // it, records it, and is acknowledged as already stored.
         fs::remove_file(filler).expect("free space");
-        let lookup = storage.lookup("kiso", &rel).expect("lookup");
-        assert_eq!(lookup.stored, Some(o.file_hash));
+        let lookup = storage
+            .lookup("kiso", &rel, &offer(rel.as_str(), &[]))
+            .expect("lookup");
+        let hash = hash_bytes(&content);
+        assert_eq!(lookup.stored, Some(StoredVersion { size: o.size, hash }));
         let row = storage
             .inventory()
             .stored("kiso", "n/b.fits")
             .expect("query")
             .expect("row healed");
-        assert_eq!(row.hash, o.file_hash);
+        assert_eq!(row.hash, hash);
     }
 
     /// The lookup never vouches for a file outside the agent's tree reached through a
@@ -753,7 +796,7 @@ mod tests {
         fs::create_dir_all(root.join("kiso")).expect("tree");
         std::os::unix::fs::symlink(&outside, root.join("kiso/link")).expect("symlink");
         let rel = RelPath::parse("link/secret.fits").expect("path");
-        match storage.lookup("kiso", &rel) {
+        match storage.lookup("kiso", &rel, &offer(rel.as_str(), &[])) {
             Ok(l) => assert_eq!(l.stored, None, "vouched for a file outside the tree"),
             Err(e) => assert_eq!(e.to_reject().code, ErrorCode::BadPath, "{e}"),
         }
@@ -761,7 +804,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.join("secret.fits"), root.join("kiso/direct.fits"))
             .expect("symlink");
         let rel = RelPath::parse("direct.fits").expect("path");
-        match storage.lookup("kiso", &rel) {
+        match storage.lookup("kiso", &rel, &offer(rel.as_str(), &[])) {
             Ok(l) => assert_eq!(l.stored, None),
             Err(e) => assert_eq!(e.to_reject().code, ErrorCode::BadPath, "{e}"),
         }
@@ -790,7 +833,7 @@ mod tests {
                 path: name,
                 size: 1 << 40,
                 mtime_ns: 1,
-                file_hash: [i; 32],
+                file_hash: Some([i; 32]),
                 chunk_size: CS,
             };
             let p = match storage.open_partial("kiso", &rel, &o, false) {

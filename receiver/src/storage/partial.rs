@@ -3,41 +3,53 @@
 //!
 //! ```text
 //! <root>/.skyferry/partial/<agent>/<key>.part   bytes received so far (sparse)
-//! <root>/.skyferry/partial/<agent>/<key>.log    header, then one record per chunk written
+//! <root>/.skyferry/partial/<agent>/<key>.log    header, then one slot per chunk (sparse)
 //! ```
 //!
+//! Slot `i` of the log sits at a fixed offset after the header: a present byte (1) and
+//! the chunk's verified BLAKE3 value ([`chunk_value`]); a hole or zeros means not held.
+//! The whole-file hash is derived by streaming the slots in index order through a
+//! [`TreeHasher`], so publishing reads no file data again, and memory stays O(log n).
+//!
 //! Memory per partial does not depend on the file's size: which chunks are held is a
-//! range set ([`ChunkSet`]), and the per-chunk hashes stay in the log on disk (read back,
-//! streamed, only to re-check chunks after a whole-file mismatch). A 1 TiB offer costs
-//! what a 1 KiB one costs until chunks arrive.
+//! range set ([`ChunkSet`]), and the chunk values stay in the log on disk. A 1 TiB offer
+//! costs what a 1 KiB one costs until chunks arrive.
+//!
+//! Data and slot are written without an fsync between them, so after a crash of the
+//! machine a slot may survive its data. A partial opened again is therefore re-checked
+//! first: every held chunk is read back and its value compared with its slot
+//! ([`Partial::recheck_chunks`]); only what passes counts as held.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use skyferry_common::chunk::{hash_bytes, ChunkLayout, ChunkSet};
+use skyferry_common::chunk::{chunk_value, ChunkLayout, ChunkSet, TreeHasher};
 use skyferry_common::protocol::{ChunkRange, Hash, Offer};
 use skyferry_common::relpath::RelPath;
 use skyferry_common::session::PartialState;
 
 use super::{remove_if_exists, StorageError, Sweep};
 
-/// Version byte of the partial log format.
-const LOG_VERSION: u8 = 1;
+/// Version byte of the partial log format. Version 1 (append-only records of plain chunk
+/// hashes) is not read: such a partial is discarded and the file received again.
+const LOG_VERSION: u8 = 2;
 const LOG_MAGIC: &[u8; 4] = b"SKYP";
-/// Log header before the path: magic, version, size, mtime_ns, file_hash, chunk_size,
-/// path length.
-const LOG_HEADER: usize = 4 + 1 + 8 + 8 + 32 + 4 + 2;
-/// One chunk record: index u32 BE, BLAKE3 of the bytes written.
-const LOG_RECORD: usize = 36;
+/// Log header before the path: magic, version, size, mtime_ns, has_hash, file_hash,
+/// chunk_size, path length.
+const LOG_HEADER: usize = 4 + 1 + 8 + 8 + 1 + 32 + 4 + 2;
+/// One chunk slot: present byte (1), the chunk's BLAKE3 value.
+const LOG_SLOT: usize = 33;
 
 /// A file being received.
 pub struct Partial {
     pub(super) file: File,
     log: File,
+    /// Offset of slot 0 in the log.
+    slots_at: u64,
     pub(super) part_path: PathBuf,
     pub(super) log_path: PathBuf,
     pub(super) rel: RelPath,
@@ -45,19 +57,16 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// Opens the partial at `part`/`log` for `offer`, reusing a log of the same content
-    /// or starting a fresh one. Whatever this call created is removed again if it fails.
+    /// Opens the partial at `part`/`log` for `offer`, reusing a log of the same version
+    /// (as [`super::Storage::lookup`] found and re-checked it) or starting a fresh one.
+    /// Whatever this call created is removed again if it fails.
     pub(super) fn open(
         part: PathBuf,
         log: PathBuf,
         rel: &RelPath,
         offer: &Offer,
     ) -> Result<Partial, StorageError> {
-        let existing = read_log(&log).ok().filter(|s| {
-            s.size == offer.size
-                && s.file_hash == offer.file_hash
-                && s.chunk_size == offer.chunk_size
-        });
+        let existing = read_log(&log).ok().filter(|s| s.matches(offer));
         let (state, fresh) = match existing {
             Some(found) if part.is_file() => (found, false),
             _ => {
@@ -73,7 +82,7 @@ impl Partial {
         };
         let opened = (|| {
             if fresh {
-                write_log(&log, &state, rel, std::iter::empty())?;
+                write_log(&log, &state, rel)?;
             }
             let file = OpenOptions::new()
                 .read(true)
@@ -85,7 +94,8 @@ impl Partial {
             file.set_len(offer.size)
                 .map_err(|e| StorageError::io(format!("sizing {}", part.display()), e))?;
             let log_file = OpenOptions::new()
-                .append(true)
+                .read(true)
+                .write(true)
                 .open(&log)
                 .map_err(|e| StorageError::io(format!("opening {}", log.display()), e))?;
             Ok((file, log_file))
@@ -94,6 +104,7 @@ impl Partial {
             Ok((file, log_file)) => Ok(Partial {
                 file,
                 log: log_file,
+                slots_at: (LOG_HEADER + rel.as_str().len()) as u64,
                 part_path: part,
                 log_path: log,
                 rel: rel.clone(),
@@ -110,80 +121,88 @@ impl Partial {
         }
     }
 
-    /// Writes a verified chunk and records it.
+    fn layout(&self) -> ChunkLayout {
+        ChunkLayout::new(self.state.size, self.state.chunk_size)
+    }
+
+    /// Writes a verified chunk and records its value (computed by the session when it
+    /// verified the chunk: nothing is hashed twice).
     pub fn write_chunk(
         &mut self,
         index: u32,
         offset: u64,
         data: &[u8],
+        value: &Hash,
     ) -> Result<(), StorageError> {
         self.file
             .write_all_at(data, offset)
             .map_err(|e| StorageError::io(format!("writing {}", self.part_path.display()), e))?;
-        let hash = hash_bytes(data);
         self.log
-            .write_all(&record(index, &hash))
+            .write_all_at(
+                &slot(Some(value)),
+                self.slots_at + u64::from(index) * LOG_SLOT as u64,
+            )
             .map_err(|e| StorageError::io(format!("writing {}", self.log_path.display()), e))?;
         self.state.have.insert(index);
         Ok(())
     }
 
-    /// Re-hashes every recorded chunk on disk, streaming the log; forgets the ones that
-    /// no longer match and rewrites the log with the records that do. Returns the bad
-    /// chunks. A chunk counts as held when one of its records matches its bytes (a chunk
-    /// received twice has two records).
-    pub(super) fn recheck_chunks(&mut self) -> Result<ChunkSet, StorageError> {
-        let layout = ChunkLayout::new(self.state.size, self.state.chunk_size);
-        let count = layout.count();
-        let mut good = ChunkSet::new(count);
-        let mut mismatched = ChunkSet::new(count);
-        let tmp = self.log_path.with_extension("log.tmp");
-        let write_err = |e| StorageError::io(format!("writing {}", tmp.display()), e);
+    /// The whole file's BLAKE3, derived from the recorded chunk values in index order;
+    /// `None` if a chunk is not recorded.
+    pub(super) fn derived_hash(&self) -> Result<Option<Hash>, StorageError> {
         let read_err = |e| StorageError::io(format!("reading {}", self.log_path.display()), e);
-        let mut out = BufWriter::new(File::create(&tmp).map_err(write_err)?);
-        out.write_all(&header(&self.state, &self.rel))
-            .map_err(write_err)?;
-        let mut records = LogReader::open(&self.log_path).map_err(read_err)?;
+        let layout = self.layout();
+        let mut slots = LogReader::open(&self.log_path).map_err(read_err)?;
+        let mut tree = TreeHasher::new(&layout);
+        for _ in 0..layout.count() {
+            match slots.next_slot().map_err(read_err)? {
+                Some(value) => tree.push(value),
+                None => return Ok(None),
+            }
+        }
+        Ok(tree.finalize())
+    }
+
+    /// Reads every recorded chunk back from disk and compares its value with its slot;
+    /// clears the slots that do not match and returns those chunks. Run on a partial
+    /// opened again (see the module docs), reading only what was received.
+    pub(super) fn recheck_chunks(&mut self) -> Result<ChunkSet, StorageError> {
+        let layout = self.layout();
+        let count = layout.count();
+        let read_err = |e| StorageError::io(format!("reading {}", self.log_path.display()), e);
+        let mut slots = LogReader::open(&self.log_path).map_err(read_err)?;
+        let mut bad = ChunkSet::new(count);
+        let mut good = ChunkSet::new(count);
         let mut buf = Vec::new();
-        while let Some((index, expected)) = records.next_record().map_err(read_err)? {
-            let Some(len) = layout.len(index) else {
+        for index in 0..count {
+            let Some(expected) = slots.next_slot().map_err(read_err)? else {
                 continue;
             };
-            buf.resize(len as usize, 0);
+            let len = layout.len(index).unwrap_or(0) as usize;
+            buf.resize(len, 0);
             self.file
                 .read_exact_at(&mut buf, layout.offset(index))
                 .map_err(|e| {
                     StorageError::io(format!("reading {}", self.part_path.display()), e)
                 })?;
-            if hash_bytes(&buf) == expected {
+            if chunk_value(&layout, index, &buf) == expected {
                 good.insert(index);
-                out.write_all(&record(index, &expected))
-                    .map_err(write_err)?;
             } else {
-                mismatched.insert(index);
+                bad.insert(index);
             }
         }
-        let mut bad = ChunkSet::new(count);
-        for r in mismatched.ranges() {
-            for i in (r.start..r.end).filter(|&i| !good.contains(i)) {
-                bad.insert(i);
+        for r in bad.ranges().collect::<Vec<_>>() {
+            for index in r.start..r.end {
+                self.log
+                    .write_all_at(
+                        &slot(None),
+                        self.slots_at + u64::from(index) * LOG_SLOT as u64,
+                    )
+                    .map_err(|e| {
+                        StorageError::io(format!("writing {}", self.log_path.display()), e)
+                    })?;
             }
         }
-        if bad.present() == 0 {
-            drop(out);
-            let _ = fs::remove_file(&tmp);
-            return Ok(bad);
-        }
-        out.into_inner()
-            .map_err(|e| write_err(e.into_error()))?
-            .sync_all()
-            .map_err(write_err)?;
-        fs::rename(&tmp, &self.log_path)
-            .map_err(|e| StorageError::io(format!("renaming {}", tmp.display()), e))?;
-        self.log = OpenOptions::new()
-            .append(true)
-            .open(&self.log_path)
-            .map_err(|e| StorageError::io(format!("opening {}", self.log_path.display()), e))?;
         self.state.have = good;
         Ok(bad)
     }
@@ -197,8 +216,7 @@ impl Partial {
 
     /// Bytes of the file not received yet.
     pub fn missing_bytes(&self) -> u64 {
-        let layout = ChunkLayout::new(self.state.size, self.state.chunk_size);
-        self.state.have.missing_bytes(&layout)
+        self.state.have.missing_bytes(&self.layout())
     }
 }
 
@@ -222,11 +240,13 @@ pub(super) fn describe(set: &ChunkSet) -> String {
     text
 }
 
-fn record(index: u32, hash: &Hash) -> [u8; LOG_RECORD] {
-    let mut rec = [0u8; LOG_RECORD];
-    rec[..4].copy_from_slice(&index.to_be_bytes());
-    rec[4..].copy_from_slice(hash);
-    rec
+fn slot(value: Option<&Hash>) -> [u8; LOG_SLOT] {
+    let mut slot = [0u8; LOG_SLOT];
+    if let Some(v) = value {
+        slot[0] = 1;
+        slot[1..].copy_from_slice(v);
+    }
+    slot
 }
 
 fn header(s: &PartialState, rel: &RelPath) -> Vec<u8> {
@@ -236,7 +256,8 @@ fn header(s: &PartialState, rel: &RelPath) -> Vec<u8> {
     out.push(LOG_VERSION);
     out.extend_from_slice(&s.size.to_be_bytes());
     out.extend_from_slice(&s.mtime_ns.to_be_bytes());
-    out.extend_from_slice(&s.file_hash);
+    out.push(u8::from(s.file_hash.is_some()));
+    out.extend_from_slice(&s.file_hash.unwrap_or([0; 32]));
     out.extend_from_slice(&s.chunk_size.to_be_bytes());
     // A RelPath is at most MAX_PATH_LEN (4096) bytes: it fits in a u16.
     out.extend_from_slice(&(p.len() as u16).to_be_bytes());
@@ -244,30 +265,23 @@ fn header(s: &PartialState, rel: &RelPath) -> Vec<u8> {
     out
 }
 
-/// Writes a fresh log atomically: header, then the given chunk records.
-fn write_log(
-    path: &Path,
-    s: &PartialState,
-    rel: &RelPath,
-    chunks: impl Iterator<Item = (u32, Hash)>,
-) -> Result<(), StorageError> {
+/// Writes a fresh log (header, no chunk held) atomically.
+fn write_log(path: &Path, s: &PartialState, rel: &RelPath) -> Result<(), StorageError> {
     let tmp = path.with_extension("log.tmp");
     let io = |e| StorageError::io(format!("writing {}", tmp.display()), e);
-    let mut f = BufWriter::new(File::create(&tmp).map_err(io)?);
+    let mut f = File::create(&tmp).map_err(io)?;
     f.write_all(&header(s, rel)).map_err(io)?;
-    for (i, h) in chunks {
-        f.write_all(&record(i, &h)).map_err(io)?;
-    }
-    f.flush().map_err(io)?;
     drop(f);
     fs::rename(&tmp, path).map_err(|e| StorageError::io(format!("renaming {}", tmp.display()), e))
 }
 
-/// A partial log read front to back with a small buffer.
+/// A partial log read front to back with a small buffer: the header, then slot by slot.
 struct LogReader {
     reader: BufReader<File>,
     state: PartialState,
     rel: Vec<u8>,
+    /// The end of the file was reached: every further slot is empty.
+    ended: bool,
 }
 
 impl LogReader {
@@ -289,10 +303,17 @@ impl LogReader {
         };
         let size = u64_at(5);
         let mtime_ns = u64_at(13) as i64;
-        let mut file_hash = [0u8; 32];
-        file_hash.copy_from_slice(&h[21..53]);
-        let chunk_size = u32::from_be_bytes([h[53], h[54], h[55], h[56]]);
-        let plen = u16::from_be_bytes([h[57], h[58]]) as usize;
+        let file_hash = match h[21] {
+            0 => None,
+            1 => {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&h[22..54]);
+                Some(hash)
+            }
+            _ => return Err(bad("bad hash flag")),
+        };
+        let chunk_size = u32::from_be_bytes([h[54], h[55], h[56], h[57]]);
+        let plen = u16::from_be_bytes([h[58], h[59]]) as usize;
         if chunk_size == 0 {
             return Err(bad("chunk size 0"));
         }
@@ -308,36 +329,99 @@ impl LogReader {
             chunk_size,
             have: ChunkSet::new(layout.count()),
         };
-        Ok(LogReader { reader, state, rel })
+        Ok(LogReader {
+            reader,
+            state,
+            rel,
+            ended: false,
+        })
     }
 
-    /// The next whole record; `None` at the end (a torn last record is ignored).
-    fn next_record(&mut self) -> std::io::Result<Option<(u32, Hash)>> {
-        let mut rec = [0u8; LOG_RECORD];
+    /// The value in the next slot; `None` for an empty slot (or past the end of the log,
+    /// which is sparse: slots never written read as empty).
+    fn next_slot(&mut self) -> std::io::Result<Option<Hash>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut rec = [0u8; LOG_SLOT];
         let mut filled = 0;
-        while filled < LOG_RECORD {
+        while filled < LOG_SLOT {
             match self.reader.read(&mut rec[filled..]) {
-                Ok(0) => return Ok(None),
+                Ok(0) => {
+                    self.ended = true;
+                    return Ok(None);
+                }
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        let index = u32::from_be_bytes([rec[0], rec[1], rec[2], rec[3]]);
+        if rec[0] != 1 {
+            return Ok(None);
+        }
         let mut hash = [0u8; 32];
-        hash.copy_from_slice(&rec[4..]);
-        Ok(Some((index, hash)))
+        hash.copy_from_slice(&rec[1..]);
+        Ok(Some(hash))
     }
 }
 
-/// Reads a log: the partial's state, with every recorded chunk held.
+/// Reads a log: the partial's state, with every recorded chunk held (not re-checked).
 pub(super) fn read_log(path: &Path) -> std::io::Result<PartialState> {
     let mut log = LogReader::open(path)?;
-    while let Some((index, _)) = log.next_record()? {
-        // An index beyond the layout cannot come from this receiver; ignore it.
-        log.state.have.insert(index);
+    for index in 0..log.state.have.count() {
+        if log.next_slot()?.is_some() {
+            log.state.have.insert(index);
+        }
+        if log.ended {
+            break;
+        }
     }
     Ok(log.state)
+}
+
+/// The partial at `part`/`log` if it belongs to `offer`'s version, re-checked against
+/// the bytes on disk (module docs): the chunks it really holds. `None` when there is no
+/// usable partial of that version.
+pub(super) fn read_checked(
+    part: &Path,
+    log: &Path,
+    rel: &RelPath,
+    offer: &Offer,
+) -> Result<Option<PartialState>, StorageError> {
+    let Some(state) = read_log(log).ok().filter(|s| s.matches(offer)) else {
+        return Ok(read_log(log).ok());
+    };
+    if !part.is_file() {
+        // A log without its data: what a crash between publishing (the rename of the
+        // `.part`) and the log's removal leaves behind. Useless: remove it.
+        remove_if_exists(log)?;
+        return Ok(None);
+    }
+    let open = |p: &Path, write: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(p)
+            .map_err(|e| StorageError::io(format!("opening {}", p.display()), e))
+    };
+    let mut partial = Partial {
+        file: open(part, false)?,
+        log: open(log, true)?,
+        slots_at: (LOG_HEADER + rel.as_str().len()) as u64,
+        part_path: part.to_owned(),
+        log_path: log.to_owned(),
+        rel: rel.clone(),
+        state,
+    };
+    let bad = partial.recheck_chunks()?;
+    if bad.present() > 0 {
+        tracing::warn!(
+            path = ?rel.as_str(),
+            chunks = %describe(&bad),
+            "chunks of a resumed partial file do not match their recorded values (lost in a crash?); receiving them again"
+        );
+    }
+    Ok(Some(partial.state))
 }
 
 /// The relative path recorded in a partial log's header (reads the header only).
