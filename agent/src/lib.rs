@@ -13,6 +13,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod journal;
+pub mod link;
 pub mod metrics;
 pub mod metrics_endpoint;
 pub mod sender;

@@ -252,6 +252,12 @@ impl Sender {
             journal: self.journal.clone(),
             chunk_size: self.config.transfer.chunk_size,
             compression_level: self.config.transfer.compression_level,
+            link: Arc::new(crate::link::LinkMeter::new(
+                match self.config.transfer.compression_level {
+                    0 => skyferry_common::compress::Mode::Off,
+                    _ => self.config.transfer.compression,
+                },
+            )),
             window: self.config.transfer.chunks_in_flight(),
             metrics: self.metrics.clone(),
             tally: self.tally.clone(),

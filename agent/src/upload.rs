@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use skyferry_common::chunk::{chunk_value, file_tree_hash, ChunkLayout, TreeHasher};
 use skyferry_common::compress::Compressor;
-use skyferry_common::protocol::{Chunk, ErrorCode, Hash, Message, Offer, MAX_CONTROL_FRAME};
+use skyferry_common::protocol::{
+    Chunk, Codec, ErrorCode, Hash, Message, Offer, MAX_CONTROL_FRAME,
+};
 use skyferry_common::session::{ChunkRead, Outcome, SendSession};
 use skyferry_common::unix_time::mtime_ns;
 use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
@@ -32,6 +34,8 @@ pub struct UploadContext {
     pub journal: Arc<Mutex<Journal>>,
     pub chunk_size: u32,
     pub compression_level: i32,
+    /// Whether to compress chunks now (`transfer.compression`).
+    pub link: Arc<crate::link::LinkMeter>,
     /// Chunks in flight per file before waiting for the receiver's acknowledgement.
     pub window: u32,
     pub metrics: Arc<Metrics>,
@@ -357,6 +361,7 @@ async fn exchange(
             derive,
             source.file.clone(),
             ctx.compression_level,
+            ctx.link.clone(),
         );
         while session.outcome().is_none()
             && (session.chunks_to_send() > 0 || session.awaits_file_hash())
@@ -371,9 +376,11 @@ async fn exchange(
                     let Some(item) = item else { break };
                     match item.map_err(|e| WireError::Connection(format!("reading source: {e}")))? {
                         ReadItem::Chunk(msg, raw_len) => {
+                            let started = std::time::Instant::now();
                             if let Err(e) = writer.send(&msg).await {
                                 return rejection_after_stop(session, &mut replies, e).await.map(|()| None);
                             }
+                            ctx.link.note_blocked(started.elapsed());
                             ctx.metrics.chunks_sent.inc();
                             ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
                             let tally = ctx.tally.clone();
@@ -460,6 +467,7 @@ fn spawn_chunk_reader(
     derive: bool,
     file: Arc<File>,
     level: i32,
+    link: Arc<crate::link::LinkMeter>,
 ) -> mpsc::Receiver<std::io::Result<ReadItem>> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
@@ -493,7 +501,11 @@ fn spawn_chunk_reader(
                     .map(|()| {
                         let chunk_hash = chunk_value(&layout, index, &raw);
                         tree.push(chunk_hash);
-                        let (codec, payload) = compressor.encode(raw);
+                        let (codec, payload) = if link.compress_now() {
+                        compressor.encode(raw)
+                    } else {
+                        (Codec::Raw, raw)
+                    };
                         Some(ReadItem::Chunk(
                             Message::Chunk(Chunk {
                                 index,

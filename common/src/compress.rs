@@ -108,6 +108,49 @@ fn frame_header(payload: &[u8]) -> Result<FrameHeader, CompressError> {
     })
 }
 
+/// When the agent compresses chunks (`transfer.compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Never: every chunk goes raw.
+    Off,
+    /// Every chunk is tried (and sent raw when zstd saves too little).
+    Zstd,
+    /// Only while the link, not the CPU, is the bottleneck ([`AutoCompress`]).
+    Auto,
+}
+
+/// Above this fraction of wall time spent by uploads waiting for the network to take
+/// their data, the link is the bottleneck: compressing turns on.
+pub const AUTO_ON_ABOVE: f64 = 0.5;
+/// Below this fraction compressing turns off again (the gap keeps it from flapping).
+pub const AUTO_OFF_BELOW: f64 = 0.15;
+
+/// The `auto` decision, from measurements the I/O layer makes: the fraction of the last
+/// interval's wall time that uploads spent blocked on QUIC flow or congestion control
+/// (summed over uploads). Waiting for the network means spare CPU: spend it on fewer
+/// bytes. Not waiting means the CPU (or the disk) sets the pace: compressing would only
+/// slow the transfer down.
+#[derive(Debug, Clone, Default)]
+pub struct AutoCompress {
+    on: bool,
+}
+
+impl AutoCompress {
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    /// Takes the blocked fraction of the interval just ended; returns whether to compress.
+    pub fn handle_interval(&mut self, blocked_fraction: f64) -> bool {
+        if self.on && blocked_fraction < AUTO_OFF_BELOW {
+            self.on = false;
+        } else if !self.on && blocked_fraction > AUTO_ON_ABOVE {
+            self.on = true;
+        }
+        self.on
+    }
+}
+
 /// Compression decisions for one file's chunks, in order. Holds one zstd context that is
 /// reused for every chunk.
 pub struct Compressor {
@@ -266,6 +309,16 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_compresses_only_while_the_network_is_the_bottleneck() {
+        let mut auto = AutoCompress::default();
+        assert!(!auto.is_on(), "a fast link is assumed at first");
+        assert!(!auto.handle_interval(0.3));
+        assert!(auto.handle_interval(0.9), "uploads mostly wait for the link");
+        assert!(auto.handle_interval(0.3), "stays on inside the gap");
+        assert!(!auto.handle_interval(0.05), "the link keeps up: CPU is the limit");
+    }
 
     fn noisy(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;

@@ -192,6 +192,9 @@ pub struct TransferConfig {
     pub chunk_size: u32,
     pub parallel_files: usize,
     pub compression_level: i32,
+    /// `transfer.compression`: off, zstd (always tried), or auto (while the link is the
+    /// bottleneck). `compression_level = 0` also means off.
+    pub compression: crate::compress::Mode,
     /// Bytes per file sent ahead of the receiver's acknowledgement (`transfer.window`):
     /// what lets one file fill a long fat link, and what an interruption may send twice.
     pub window: u64,
@@ -419,6 +422,17 @@ impl AgentConfig {
             chunk_size: chunk_size as u32,
             parallel_files: s.integer_in("parallel_files", 8, (1, 256), p) as usize,
             compression_level: s.integer_in("compression_level", 1, (0, 19), p) as i32,
+            compression: match s.string("compression", p).as_deref() {
+                None | Some("auto") => crate::compress::Mode::Auto,
+                Some("zstd") => crate::compress::Mode::Zstd,
+                Some("off") => crate::compress::Mode::Off,
+                Some(other) => {
+                    p.push(format!(
+                        "transfer.compression = {other:?} is not one of \"auto\", \"zstd\", \"off\""
+                    ));
+                    crate::compress::Mode::Auto
+                }
+            },
             window: s.size("window", DEFAULT_WINDOW, p),
             max_udp_payload: s.integer("max_udp_payload", p).and_then(|v| {
                 let (min, max) = (crate::udp::MIN_UDP_PAYLOAD, crate::udp::MAX_UDP_PAYLOAD);
