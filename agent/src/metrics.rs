@@ -1,6 +1,9 @@
 //! The agent's metrics, defined in one place (`skyferry_agent_*`, base units, bounded
 //! labels).
 
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -62,6 +65,126 @@ pub struct Metrics {
     /// Files whose stream was abandoned before the commit because the source changed
     /// under it (`reason`: deleted, moved, replaced, modified).
     pub files_abandoned: Family<ReasonLabels, Counter>,
+    /// Quinn's statistics of the connection to the receiver.
+    pub quic: QuicMetrics,
+}
+
+/// Quinn's view of the connection to the receiver (`quinn::Connection::stats`), copied
+/// every second by the sender. The gauges describe the current (or last) connection; the
+/// counters add up every connection's, so they never go backwards across reconnects.
+#[derive(Default)]
+pub struct QuicMetrics {
+    pub rtt: Gauge<f64, AtomicU64>,
+    pub congestion_window: Gauge,
+    pub mtu: Gauge,
+    pub lost_packets: Counter,
+    pub sent_packets: Counter,
+    pub udp_tx_datagrams: Counter,
+    pub udp_tx_bytes: Counter,
+    pub congestion_events: Counter,
+}
+
+/// One reading of a connection's statistics: what [`QuicMetrics::observe`] needs of
+/// `quinn::ConnectionStats`, as plain numbers (the counters are totals since the
+/// connection started).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuicSample {
+    pub rtt: Duration,
+    pub congestion_window: u64,
+    pub mtu: u16,
+    pub lost_packets: u64,
+    pub sent_packets: u64,
+    pub udp_tx_datagrams: u64,
+    pub udp_tx_bytes: u64,
+    pub congestion_events: u64,
+}
+
+impl From<&quinn::ConnectionStats> for QuicSample {
+    fn from(s: &quinn::ConnectionStats) -> QuicSample {
+        QuicSample {
+            rtt: s.path.rtt,
+            congestion_window: s.path.cwnd,
+            mtu: s.path.current_mtu,
+            lost_packets: s.path.lost_packets,
+            sent_packets: s.path.sent_packets,
+            udp_tx_datagrams: s.udp_tx.datagrams,
+            udp_tx_bytes: s.udp_tx.bytes,
+            congestion_events: s.path.congestion_events,
+        }
+    }
+}
+
+impl QuicMetrics {
+    /// Sets the gauges from `now` and adds to each counter what the connection counted
+    /// since `last`, its previous reading (the default, all zeros, for a new connection);
+    /// `now` becomes `last`.
+    pub fn observe(&self, last: &mut QuicSample, now: QuicSample) {
+        self.rtt.set(now.rtt.as_secs_f64());
+        self.congestion_window
+            .set(i64::try_from(now.congestion_window).unwrap_or(i64::MAX));
+        self.mtu.set(i64::from(now.mtu));
+        // quinn's counters only grow within a connection; saturating in case one did not.
+        let add = |c: &Counter, was: u64, is: u64| {
+            c.inc_by(is.saturating_sub(was));
+        };
+        add(&self.lost_packets, last.lost_packets, now.lost_packets);
+        add(&self.sent_packets, last.sent_packets, now.sent_packets);
+        add(
+            &self.udp_tx_datagrams,
+            last.udp_tx_datagrams,
+            now.udp_tx_datagrams,
+        );
+        add(&self.udp_tx_bytes, last.udp_tx_bytes, now.udp_tx_bytes);
+        add(
+            &self.congestion_events,
+            last.congestion_events,
+            now.congestion_events,
+        );
+        *last = now;
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "quic_rtt_seconds",
+            "Smoothed round-trip time of the connection to the receiver (quinn)",
+            self.rtt.clone(),
+        );
+        r.register(
+            "quic_congestion_window_bytes",
+            "Congestion window of the connection to the receiver (quinn)",
+            self.congestion_window.clone(),
+        );
+        r.register(
+            "quic_mtu_bytes",
+            "Path MTU (UDP payload) in use on the connection to the receiver (quinn)",
+            self.mtu.clone(),
+        );
+        r.register(
+            "quic_lost_packets",
+            "Packets quinn declared lost, over all connections",
+            self.lost_packets.clone(),
+        );
+        r.register(
+            "quic_sent_packets",
+            "Packets sent, over all connections",
+            self.sent_packets.clone(),
+        );
+        r.register(
+            "quic_udp_tx_datagrams",
+            "UDP datagrams sent, over all connections",
+            self.udp_tx_datagrams.clone(),
+        );
+        r.register(
+            "quic_udp_tx_bytes",
+            "UDP payload bytes sent, over all connections",
+            self.udp_tx_bytes.clone(),
+        );
+        r.register(
+            "quic_congestion_events",
+            "Congestion events (window reductions after loss), over all connections",
+            self.congestion_events.clone(),
+        );
+    }
 }
 
 impl Metrics {
@@ -147,6 +270,7 @@ impl Metrics {
             "Transfers abandoned before the commit because the source was deleted, moved, replaced or modified meanwhile",
             self.files_abandoned.clone(),
         );
+        self.quic.register(r);
     }
 
     /// Counts one filesystem source error of `kind`.
@@ -167,5 +291,47 @@ impl Metrics {
                 reason: code.as_str(),
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(sent_packets: u64, lost_packets: u64, udp_tx_bytes: u64) -> QuicSample {
+        QuicSample {
+            rtt: Duration::from_millis(15),
+            congestion_window: 64_000,
+            mtu: 1452,
+            lost_packets,
+            sent_packets,
+            udp_tx_datagrams: sent_packets,
+            udp_tx_bytes,
+            congestion_events: lost_packets / 2,
+        }
+    }
+
+    #[test]
+    fn quic_counters_add_up_every_connection_and_never_go_backwards() {
+        let m = QuicMetrics::default();
+        // First connection: two readings, then it ends.
+        let mut last = QuicSample::default();
+        m.observe(&mut last, sample(100, 4, 140_000));
+        m.observe(&mut last, sample(250, 10, 350_000));
+        assert_eq!(m.sent_packets.get(), 250);
+        // A reconnect: the new connection counts from zero again.
+        let mut last = QuicSample::default();
+        m.observe(&mut last, sample(30, 1, 42_000));
+        assert_eq!(m.sent_packets.get(), 280, "not back to 30");
+        assert_eq!(m.lost_packets.get(), 11);
+        assert_eq!(m.udp_tx_bytes.get(), 392_000);
+        assert_eq!(m.udp_tx_datagrams.get(), 280);
+        assert_eq!(m.congestion_events.get(), 5);
+        // The same reading twice adds nothing.
+        m.observe(&mut last, sample(30, 1, 42_000));
+        assert_eq!(m.sent_packets.get(), 280);
+        assert_eq!(m.mtu.get(), 1452);
+        assert_eq!(m.congestion_window.get(), 64_000);
+        assert!((m.rtt.get() - 0.015).abs() < 1e-9);
     }
 }

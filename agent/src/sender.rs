@@ -1,6 +1,7 @@
 //! The sender: one QUIC connection to the receiver (reconnected with capped exponential
 //! backoff), the control stream with heartbeats both ways, and the dispatch of pending
-//! files from the journal onto parallel streams.
+//! files from the journal onto parallel streams; quinn's statistics of the connection are
+//! copied into the metrics every second.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
 use crate::journal::Journal;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, QuicSample};
 use crate::upload::{record, upload, UploadContext};
 
 pub struct Sender {
@@ -60,11 +61,19 @@ impl Sender {
                     self.metrics.connects.inc();
                     self.metrics.connected.set(1);
                     let span = tracing::info_span!("conn", remote = %conn.remote_address());
+                    let sampled = CancellationToken::new();
+                    let sampler = tokio::spawn(sample_quic(
+                        conn.clone(),
+                        self.metrics.clone(),
+                        sampled.clone(),
+                    ));
                     let why = self
                         .connected(&conn, control, &shutdown)
                         .instrument(span)
                         .await;
                     self.metrics.connected.set(0);
+                    sampled.cancel();
+                    let _ = sampler.await; // it only copies numbers; a panic would show in the log
                     let path = conn.stats().path;
                     info!(
                         rtt = ?path.rtt,
@@ -337,6 +346,28 @@ impl Sender {
         })
         .await;
         why
+    }
+}
+
+/// How often quinn's statistics are copied into the metrics.
+const QUIC_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Copies quinn's statistics of `conn` into the metrics every second until `done`, then
+/// once more, so that the counters include the whole connection.
+async fn sample_quic(conn: quinn::Connection, metrics: Arc<Metrics>, done: CancellationToken) {
+    let mut last = QuicSample::default();
+    let mut tick = tokio::time::interval(QUIC_SAMPLE_INTERVAL);
+    loop {
+        let end = tokio::select! {
+            _ = done.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        metrics
+            .quic
+            .observe(&mut last, QuicSample::from(&conn.stats()));
+        if end {
+            return;
+        }
     }
 }
 

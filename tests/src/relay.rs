@@ -1,6 +1,7 @@
 //! A UDP relay that sits between the agent and the receiver on 127.0.0.1 and breaks the
 //! link on command: drops a fraction of datagrams, delays them (each direction on its
-//! own), duplicates them, or black-holes everything (a partition) until healed.
+//! own), duplicates them, caps the rate (a bottleneck with a bounded queue), or
+//! black-holes everything (a partition) until healed.
 //!
 //! ```text
 //! agent ──► relay.addr() ──(faults, up)──► receiver
@@ -12,6 +13,10 @@
 //! from a [`SeededRng`] per direction, so a run is reproducible up to thread timing.
 //! Faults change at any time through [`Relay::set_faults`] and friends; datagrams already
 //! delayed are black-holed too if a partition starts before they are due.
+//!
+//! It copies every datagram in user space (twice through a channel when delayed): at high
+//! rates it can be the bottleneck itself. Its threads are named `relay-up`, `relay-down`
+//! and `relay-delay` so that a benchmark can read their CPU time.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -47,6 +52,12 @@ pub struct Faults {
     pub delay_down: Duration,
     /// Everything is dropped, both ways, including datagrams already delayed.
     pub partitioned: bool,
+    /// A bottleneck in each direction: at most this many bits per second of UDP payload
+    /// (0: no cap). Datagrams wait behind it (before their delay starts).
+    pub rate_bps: u64,
+    /// With `rate_bps`, the longest wait behind the cap: a datagram that would wait longer
+    /// is dropped, as by a router's full queue (counted in `overflowed`). Zero: no limit.
+    pub queue: Duration,
 }
 
 /// Which way a datagram travels.
@@ -61,6 +72,8 @@ pub enum Direction {
 /// Datagram counts per direction (index with `Direction as usize`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayStats {
+    /// Datagrams read from the sender's side.
+    pub received: [u64; 2],
     /// Datagrams sent on (a duplicate counts twice).
     pub forwarded: [u64; 2],
     /// Their UDP payload bytes.
@@ -71,20 +84,29 @@ pub struct RelayStats {
     pub duplicated: [u64; 2],
     /// Dropped because of a partition.
     pub blackholed: [u64; 2],
+    /// Dropped because the queue behind the rate cap was full.
+    pub overflowed: [u64; 2],
+    /// Lost because the relay's own send failed (e.g. the receiver is not listening).
+    pub send_failed: [u64; 2],
 }
 
 #[derive(Default)]
 struct Counters {
+    received: [AtomicU64; 2],
     forwarded: [AtomicU64; 2],
     forwarded_bytes: [AtomicU64; 2],
     dropped: [AtomicU64; 2],
     duplicated: [AtomicU64; 2],
     blackholed: [AtomicU64; 2],
+    overflowed: [AtomicU64; 2],
+    send_failed: [AtomicU64; 2],
 }
 
 struct Shared {
     faults: Mutex<Faults>,
     counters: Counters,
+    /// Per direction, when the rate-capped link has sent everything queued so far.
+    link_free: Mutex<[Option<Instant>; 2]>,
     stop: AtomicBool,
 }
 
@@ -150,6 +172,7 @@ impl Relay {
         let shared = Arc::new(Shared {
             faults: Mutex::new(Faults::default()),
             counters: Counters::default(),
+            link_free: Mutex::new([None; 2]),
             stop: AtomicBool::new(false),
         });
         let (delay_tx, delay_rx) = mpsc::channel::<Delayed>();
@@ -240,6 +263,12 @@ impl Relay {
         self.edit(|f| f.partitioned = false);
     }
 
+    /// Caps each direction at `bits_per_second` (0: no cap), dropping datagrams that would
+    /// wait longer than `queue` behind it (zero: none dropped).
+    pub fn set_rate(&self, bits_per_second: u64, queue: Duration) {
+        self.edit(|f| (f.rate_bps, f.queue) = (bits_per_second, queue));
+    }
+
     /// Removes every fault.
     pub fn clear(&self) {
         self.set_faults(Faults::default());
@@ -250,11 +279,14 @@ impl Relay {
         let c = &self.shared.counters;
         let read = |a: &[AtomicU64; 2]| [0, 1].map(|i| a[i].load(Ordering::Relaxed));
         RelayStats {
+            received: read(&c.received),
             forwarded: read(&c.forwarded),
             forwarded_bytes: read(&c.forwarded_bytes),
             dropped: read(&c.dropped),
             duplicated: read(&c.duplicated),
             blackholed: read(&c.blackholed),
+            overflowed: read(&c.overflowed),
+            send_failed: read(&c.send_failed),
         }
     }
 }
@@ -281,50 +313,92 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// What the faults do with one datagram: how many copies to send, and after what delay.
-fn decide(shared: &Shared, rng: &mut SeededRng, dir: Direction) -> (u32, Duration) {
+/// What the faults do with one datagram.
+struct Plan {
+    dir: Direction,
+    /// How many copies to send (0: dropped).
+    copies: u32,
+    delay: Duration,
+    rate_bps: u64,
+    queue: Duration,
+}
+
+/// Draws the fate of one datagram travelling `dir` (and counts it received).
+fn decide(shared: &Shared, rng: &mut SeededRng, dir: Direction) -> Plan {
+    shared.count(&shared.counters.received, dir);
     let f = shared.faults();
-    if f.partitioned {
-        shared.count(&shared.counters.blackholed, dir);
-        return (0, Duration::ZERO);
-    }
-    if f.loss > 0.0 && rng.chance(f.loss) {
-        shared.count(&shared.counters.dropped, dir);
-        return (0, Duration::ZERO);
-    }
-    let copies = if f.duplicate > 0.0 && rng.chance(f.duplicate) {
-        shared.count(&shared.counters.duplicated, dir);
-        2
-    } else {
-        1
-    };
     let delay = match dir {
         Direction::Up => f.delay_up,
         Direction::Down => f.delay_down,
     };
-    (copies, delay)
+    let mut plan = Plan {
+        dir,
+        copies: 1,
+        delay,
+        rate_bps: f.rate_bps,
+        queue: f.queue,
+    };
+    if f.partitioned {
+        shared.count(&shared.counters.blackholed, dir);
+        plan.copies = 0;
+    } else if f.loss > 0.0 && rng.chance(f.loss) {
+        shared.count(&shared.counters.dropped, dir);
+        plan.copies = 0;
+    } else if f.duplicate > 0.0 && rng.chance(f.duplicate) {
+        shared.count(&shared.counters.duplicated, dir);
+        plan.copies = 2;
+    }
+    plan
+}
+
+/// When a datagram of `len` bytes may leave through the rate cap, or `None` when the
+/// queue behind the cap is full. Reserves its transmission time.
+fn through_cap(shared: &Shared, plan: &Plan, len: usize, now: Instant) -> Option<Instant> {
+    let mut free = shared
+        .link_free
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let slot = &mut free[plan.dir as usize];
+    let start = slot.map_or(now, |f| f.max(now));
+    if !plan.queue.is_zero() && start - now > plan.queue {
+        return None;
+    }
+    let done = start + Duration::from_secs_f64(len as f64 * 8.0 / plan.rate_bps as f64);
+    *slot = Some(done);
+    Some(done)
 }
 
 /// Sends now, or hands to the delay thread.
-#[allow(clippy::too_many_arguments)]
 fn forward(
     shared: &Shared,
-    dir: Direction,
-    copies: u32,
-    delay: Duration,
+    plan: &Plan,
     socket: &Arc<UdpSocket>,
     to: Option<SocketAddr>,
     data: &[u8],
     delayed: &mpsc::Sender<Delayed>,
     seq: &mut u64,
 ) {
-    for _ in 0..copies {
-        if delay.is_zero() {
+    let dir = plan.dir;
+    for _ in 0..plan.copies {
+        let now = Instant::now();
+        let leaves = if plan.rate_bps == 0 {
+            now
+        } else {
+            match through_cap(shared, plan, data.len(), now) {
+                Some(t) => t,
+                None => {
+                    shared.count(&shared.counters.overflowed, dir);
+                    continue;
+                }
+            }
+        };
+        let due = leaves + plan.delay;
+        if due <= now {
             send(shared, dir, socket, to, data);
         } else {
             *seq += 1;
             let _ = delayed.send(Delayed {
-                due: Instant::now() + delay,
+                due,
                 seq: *seq,
                 dir,
                 socket: socket.clone(),
@@ -342,9 +416,12 @@ fn send(shared: &Shared, dir: Direction, socket: &UdpSocket, to: Option<SocketAd
     };
     // A failed send (buffer full, receiver not listening) is a lost datagram, like on a
     // real link.
-    if let Ok(n) = sent {
-        shared.count(&shared.counters.forwarded, dir);
-        shared.counters.forwarded_bytes[dir as usize].fetch_add(n as u64, Ordering::Relaxed);
+    match sent {
+        Ok(n) => {
+            shared.count(&shared.counters.forwarded, dir);
+            shared.counters.forwarded_bytes[dir as usize].fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(_) => shared.count(&shared.counters.send_failed, dir),
     }
 }
 
@@ -395,12 +472,10 @@ fn relay_up(
                 u
             }
         };
-        let (copies, delay) = decide(shared, &mut rng, Direction::Up);
+        let plan = decide(shared, &mut rng, Direction::Up);
         forward(
             shared,
-            Direction::Up,
-            copies,
-            delay,
+            &plan,
             &upstream,
             None,
             &buf[..n],
@@ -440,12 +515,10 @@ fn relay_down(
             // ECONNREFUSED while the receiver is down: keep listening for its return.
             Err(_) => continue,
         };
-        let (copies, delay) = decide(shared, &mut rng, Direction::Down);
+        let plan = decide(shared, &mut rng, Direction::Down);
         forward(
             shared,
-            Direction::Down,
-            copies,
-            delay,
+            &plan,
             &front,
             Some(client),
             &buf[..n],
@@ -565,6 +638,47 @@ mod tests {
         let stats = relay.stats();
         assert_eq!(stats.blackholed[Direction::Up as usize], 10);
         assert!(stats.dropped[0] > 0 && stats.dropped[1] > 0, "{stats:?}");
+        drop(relay);
+        stop.store(true, Ordering::Relaxed);
+        let _ = server.join();
+        Ok(())
+    }
+
+    #[test]
+    fn a_rate_cap_spaces_datagrams_and_drops_what_overflows_its_queue() -> Result<()> {
+        let (target, stop, server) = echo()?;
+        let relay = Relay::start(target, 3)?;
+        let c = client()?;
+        // 8 Mbit/s: one 1000-byte datagram per millisecond; a queue of 20 ms.
+        relay.set_rate(8_000_000, Duration::from_millis(20));
+        let start = Instant::now();
+        for i in 0..100u32 {
+            let mut d = vec![0u8; 1000];
+            d[..4].copy_from_slice(&i.to_be_bytes());
+            c.send_to(&d, relay.addr())?;
+        }
+        let mut got = 0u64;
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = c.recv(&mut buf) {
+            assert_eq!(n, 1000);
+            got += 1;
+        }
+        let stats = relay.stats();
+        // About 21 fit (the one on the wire and 20 ms of queue); a burst faster than the
+        // cap loses the rest.
+        assert!(
+            (15..=30).contains(&got),
+            "{got} of 100 came back: {stats:?}"
+        );
+        assert_eq!(
+            stats.overflowed[Direction::Up as usize],
+            100 - got,
+            "{stats:?}"
+        );
+        // They left at most one per millisecond (each way: the echo is capped as well).
+        assert!(start.elapsed() >= Duration::from_millis(got - 1));
+        relay.set_rate(0, Duration::ZERO);
+        assert_eq!(round_trip(&c, relay.addr(), 100)?.len(), 100, "cap removed");
         drop(relay);
         stop.store(true, Ordering::Relaxed);
         let _ = server.join();

@@ -2,7 +2,10 @@
 //! starts (ssh, sshd, rsync on both ends) and kernel work such as writeback, but also anything
 //! else running on the machine. Per-process time from `/proc/<pid>/stat` counts only the
 //! processes we name (and the children they waited for), so it is immune to other load.
+//! Per-thread time of this process (`/proc/self/task`) tells whether the in-process relay
+//! was the limit. Peak memory (VmHWM) is read here too: it is the same kind of reading.
 
+use std::collections::HashMap;
 use std::fs;
 use std::process::Command;
 
@@ -67,6 +70,56 @@ impl CpuClock {
         let seconds = |ticks: u64| ticks as f64 / self.ticks_per_second;
         Ok((seconds(utime + stime), seconds(cutime + cstime)))
     }
+}
+
+impl CpuClock {
+    /// CPU seconds of each thread of this process whose name starts with `prefix`, by
+    /// thread id, with the thread's name.
+    pub fn threads(&self, prefix: &str) -> Result<HashMap<u32, (String, f64)>> {
+        let mut out = HashMap::new();
+        let dir = fs::read_dir("/proc/self/task").context("cannot list /proc/self/task")?;
+        for entry in dir {
+            let entry = entry.context("cannot list /proc/self/task")?;
+            let Some(tid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let task = format!("self/task/{tid}");
+            // A thread that ended meanwhile has no files any more: skip it.
+            let Ok(name) = fs::read_to_string(format!("/proc/{task}/comm")) else {
+                continue;
+            };
+            let name = name.trim().to_string();
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            if let Ok((own, _)) = self.process_seconds(&task) {
+                out.insert(tid, (name, own));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Peak resident set size of process `pid` so far (VmHWM), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .with_context(|| format!("{path} has no VmHWM line"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("odd {path} line {line:?}"))?;
+    Ok(kib * 1024)
 }
 
 fn numbers<'a>(fields: impl Iterator<Item = &'a str>, source: &str) -> Result<Vec<u64>> {

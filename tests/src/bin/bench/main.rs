@@ -1,129 +1,126 @@
 //! `skyferry-bench`: how skyferry compares with the tools people use today, on the same
-//! machine and the same data, in one run. Not a test: run it in a release build with
-//! `cargo run --release --bin skyferry-bench [-- --quick --compression N]`.
+//! machine and the same data, in one run; how it fares on a link with delay and loss; and
+//! how long one file takes to arrive. Not a test: run it in a release build with
+//! `cargo run --release --bin skyferry-bench [-- OPTIONS]` (see `--help`).
 //!
-//! Data sets (Tomo-e Gozen-like FITS): one 2 GiB movie; one exposure of 84 single-frame
-//! files; 8 movies of 18 frames (~81 MB each). `--quick` shrinks them for a smoke run.
+//! Modes, each printing its own table:
+//! - loopback (the default, [`loopback`]): on one 2 GiB movie, one 84-file exposure and 8
+//!   movies of ~81 MB ([`datasets`]), skyferry against `rsync -a` over ssh to a private
+//!   sshd, `cp -r` + `sync`, and Flask + `wget` (the observatory's current path), the
+//!   median of `--runs` runs each, with skyferry's ratios to each;
+//! - `--link` ([`link`]): skyferry through the harness's UDP relay with added RTT and loss;
+//! - `--latency` ([`latency`]): one file at a time, from close (or Redis publish) to done.
 //!
-//! Tools, each run once on the same pre-written, page-cache-warm source tree:
-//! - skyferry: a real receiver and agent on loopback (4 MiB chunks, 8 parallel files, zstd
-//!   level 1 unless `--compression` says otherwise); the clock runs from starting the agent
-//!   until every file is published;
-//! - `rsync -a` over ssh to a private sshd on 127.0.0.1, followed by `sync`;
-//! - `cp -r` followed by `sync`.
-//!
-//! skyferry fsyncs every file before it acknowledges it, hence `sync` after the others. CPU
-//! per GB is reported twice: for the tool's own processes (immune to other load on this
-//! shared machine) and machine-wide from /proc/stat (which also sees kernel writeback, and
-//! everything else running: the idle background load is measured before and after).
+//! skyferry runs with the `[transfer]` defaults that `systemd/agent.toml.example` ships
+//! ([`config`]); flags override single keys and the report says so.
 
+mod config;
 mod cpu;
+mod datasets;
+mod flask;
+mod latency;
+mod link;
+mod loopback;
 mod report;
+mod scrape;
 mod sshd;
 mod tools;
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use skyferry_tests::binaries::binary;
-use skyferry_tests::fits::{self, FitsParams};
-use skyferry_tests::{compare_trees, Pair, PairOptions};
+use skyferry_tests::{Pair, PairOptions};
 
 use cpu::CpuClock;
-use report::{Outcome, Row};
-use sshd::Sshd;
+use datasets::Dataset;
+use report::Outcome;
 
-const USAGE: &str = "usage: skyferry-bench [--quick] [--compression N]
-  --quick           smaller data sets (256 MiB movie, 1 exposure, 2 movies of 18 frames)
-  --compression N   skyferry's zstd level (default 1; 0 = never compress)";
+const USAGE: &str = "usage: skyferry-bench [MODES] [OPTIONS]
+modes (default: --loopback):
+  --loopback           skyferry vs rsync+ssh, cp+sync, flask+wget on three data sets
+  --link               through the UDP relay: RTT 0/5/15 ms, loss 0/0.1 %
+  --latency            one 4.5 MB file at a time: close (or Redis publish) to done
+options:
+  --quick              smaller data (256 MiB movie, 2 movies of 18 frames; 20 latency files)
+  --runs N             runs per tool and per link setting, median reported (default 3)
+  --compression N      skyferry's compression_level instead of the example's
+  --connections N      link mode: also run with [transfer] connections = N, if the agent
+                       accepts that key
+  --transfer KEY=VAL   set any [transfer] key of the agent (repeatable)
+  --rate MBIT          link mode: cap the relay at MBIT Mbit/s each way
+  --latency-files N    latency mode: files per series (default 100)
+  --quiet-period D     latency mode: [[watch]] quiet_period instead of the example's";
 
 struct Args {
+    loopback: bool,
+    link: bool,
+    latency: bool,
     quick: bool,
-    compression: u32,
+    runs: usize,
+    compression: Option<String>,
+    connections: Option<u32>,
+    transfer: Vec<(String, String)>,
+    rate_mbit: Option<f64>,
+    latency_files: Option<usize>,
+    quiet_period: Option<String>,
 }
 
 fn parse_args() -> Result<Option<Args>> {
     let mut args = Args {
+        loopback: false,
+        link: false,
+        latency: false,
         quick: false,
-        compression: 1,
+        runs: 3,
+        compression: None,
+        connections: None,
+        transfer: Vec::new(),
+        rate_mbit: None,
+        latency_files: None,
+        quiet_period: None,
     };
     let mut it = std::env::args().skip(1);
+    fn number<T: std::str::FromStr>(flag: &str, value: Option<String>) -> Result<T> {
+        let value = value.with_context(|| format!("{flag} needs a value"))?;
+        value
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{flag} needs a number, got {value:?}"))
+    }
     while let Some(arg) = it.next() {
         match arg.as_str() {
+            "--loopback" => args.loopback = true,
+            "--link" => args.link = true,
+            "--latency" => args.latency = true,
             "--quick" => args.quick = true,
+            "--runs" => args.runs = number::<usize>("--runs", it.next())?.max(1),
             "--compression" => {
-                let value = it.next().context("--compression needs a level")?;
-                args.compression = value
-                    .parse()
-                    .with_context(|| format!("--compression needs a number, got {value:?}"))?;
+                args.compression = Some(number::<u32>("--compression", it.next())?.to_string())
+            }
+            "--connections" => args.connections = Some(number("--connections", it.next())?),
+            "--rate" => args.rate_mbit = Some(number("--rate", it.next())?),
+            "--latency-files" => args.latency_files = Some(number("--latency-files", it.next())?),
+            "--quiet-period" => {
+                let d = it.next().context("--quiet-period needs a duration")?;
+                config::duration(&d)?;
+                args.quiet_period = Some(d);
+            }
+            "--transfer" => {
+                let kv = it.next().context("--transfer needs KEY=VALUE")?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--transfer needs KEY=VALUE, got {kv:?}"))?;
+                args.transfer.push((k.trim().into(), v.trim().into()));
             }
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}"),
         }
     }
+    if !(args.link || args.latency) {
+        args.loopback = true;
+    }
     Ok(Some(args))
-}
-
-/// Bytes in one frame of one sensor.
-const FRAME_BYTES: u64 = 2 * fits::WIDTH as u64 * fits::HEIGHT as u64;
-
-/// A data set, written by the generator into a source directory.
-enum Dataset {
-    /// One movie file of this many frames.
-    Movie { frames: u32 },
-    /// Exposures of 84 single-frame files.
-    Exposures { count: u32 },
-    /// `files` movies of `frames` frames each.
-    Movies { files: u8, frames: u32 },
-}
-
-impl Dataset {
-    fn all(quick: bool) -> Vec<Dataset> {
-        let movie_bytes: u64 = if quick { 256 << 20 } else { 2 << 30 };
-        vec![
-            Dataset::Movie {
-                frames: movie_bytes.div_ceil(FRAME_BYTES) as u32,
-            },
-            Dataset::Exposures { count: 1 },
-            Dataset::Movies {
-                files: if quick { 2 } else { 8 },
-                frames: 18,
-            },
-        ]
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Dataset::Movie { frames } => format!("1 movie, {frames} frames"),
-            Dataset::Exposures { count } => format!("{count} exposure(s), 84 files"),
-            Dataset::Movies { files, frames } => format!("{files} movies, {frames} frames"),
-        }
-    }
-
-    fn write(&self, dir: &Path) -> Result<()> {
-        match *self {
-            Dataset::Movie { frames } => {
-                fits::write_fits(
-                    &dir.join(fits::exposure_file(1, 1)),
-                    &FitsParams::new(1, 1, frames),
-                )?;
-            }
-            Dataset::Exposures { count } => {
-                for exposure in 1..=count {
-                    fits::write_exposure(dir, exposure, 1)?;
-                }
-            }
-            Dataset::Movies { files, frames } => {
-                for detector in 1..=files {
-                    let params = FitsParams::new(2, detector, frames);
-                    fits::write_fits(&dir.join(fits::exposure_file(2, detector)), &params)?;
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 fn main() -> ExitCode {
@@ -141,7 +138,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("skyferry-bench: some runs failed (see the table)");
+            eprintln!("skyferry-bench: some runs failed or were skipped (see the tables)");
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -151,108 +148,85 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs everything; `Ok(false)` if a tool failed.
+/// Runs the chosen modes; `Ok(false)` if something failed.
 fn run(args: &Args) -> Result<bool> {
     if cfg!(debug_assertions) {
         println!("warning: debug build; use `cargo run --release --bin skyferry-bench`");
     }
-    binary("skyferry-agent")?; // build the daemons now, not while measuring the idle load
+    binary("skyferry-agent")?; // build the daemons now, not while measuring
     let clock = CpuClock::new()?;
-    let rsync_skip = sshd::ensure_tools();
-    let sshd = match &rsync_skip {
-        None => Some(Sshd::start().context("cannot start the private sshd for rsync")?),
-        Some(reason) => {
-            println!("skipping rsync: {reason}");
-            None
+    let skyferry = skyferry_config(args)?;
+    println!("skyferry: {}", skyferry.describe());
+    let mut ok = true;
+    if args.loopback {
+        ok &= loopback(args, &skyferry, &clock)?;
+    }
+    if args.link {
+        let mut connections = args.connections;
+        if let Some(n) = connections {
+            let probe = Pair::new(PairOptions::default())?;
+            let mut with = skyferry.clone();
+            with.set("connections", &n.to_string());
+            if let Err(why) = with.accepted(&probe, "connections")? {
+                println!(
+                    "--connections {n}: unsupported by this agent ({why}); the link mode runs without it"
+                );
+                connections = None;
+            }
         }
-    };
-    let background_before = background_load(&clock)?;
+        let opts = link::LinkOptions {
+            quick: args.quick,
+            runs: args.runs,
+            rate_mbit: args.rate_mbit,
+            connections,
+        };
+        ok &= link::run(&opts, &skyferry, &clock)?;
+    }
+    if args.latency {
+        let opts = latency::LatencyOptions {
+            count: args
+                .latency_files
+                .unwrap_or(if args.quick { 20 } else { 100 }),
+            quiet_period: args.quiet_period.clone(),
+        };
+        ok &= latency::run(&opts, &skyferry)?;
+    }
+    Ok(ok)
+}
+
+/// The examples' defaults with the flags' overrides, each checked by the agent itself.
+fn skyferry_config(args: &Args) -> Result<config::Skyferry> {
+    let mut skyferry = config::Skyferry::from_examples()?;
+    if let Some(level) = &args.compression {
+        skyferry.set("compression_level", level);
+    }
+    for (k, v) in &args.transfer {
+        skyferry.set(k, v);
+    }
+    if skyferry.overridden.is_empty() {
+        return Ok(skyferry);
+    }
+    let probe = Pair::new(PairOptions::default())?;
+    if let Err(why) = skyferry.accepted(&probe, "transfer")? {
+        bail!("the agent refuses the overridden [transfer] settings: {why}");
+    }
+    Ok(skyferry)
+}
+
+fn loopback(args: &Args, skyferry: &config::Skyferry, clock: &CpuClock) -> Result<bool> {
+    let others = loopback::Others::set_up()?;
+    let background_before = background_load(clock)?;
     let mut rows = Vec::new();
     for dataset in Dataset::all(args.quick) {
         println!("data set: {} …", dataset.name());
-        rows.push(bench_dataset(
-            &dataset,
-            args.compression,
-            &clock,
-            sshd.as_ref(),
-            rsync_skip.as_deref(),
+        rows.push(loopback::bench_dataset(
+            &dataset, skyferry, args.runs, clock, &others,
         )?);
     }
-    let background = (background_before, background_load(&clock)?);
-    report::print(&rows, args.compression, background);
+    let background = (background_before, background_load(clock)?);
+    report::print(&rows, args.runs, &skyferry.describe(), background);
     let failed = |(_, outcome): &(&str, Outcome)| matches!(outcome, Outcome::Failed(_));
     Ok(!rows.iter().any(|row| row.tools.iter().any(failed)))
-}
-
-/// Writes the data set into a fresh pair's source tree and runs every tool on it.
-fn bench_dataset(
-    dataset: &Dataset,
-    compression: u32,
-    clock: &CpuClock,
-    sshd: Option<&Sshd>,
-    rsync_skip: Option<&str>,
-) -> Result<Row> {
-    let mut pair = Pair::new(PairOptions {
-        chunk_size: "4 MiB".into(),
-        parallel_files: 8,
-        compression_level: compression,
-        ..PairOptions::default()
-    })?;
-    let src = pair.source();
-    let started = Instant::now();
-    dataset.write(&src)?;
-    let tree = compare_trees(&src, &src)?;
-    println!(
-        "  wrote {} files, {:.1} MB in {:.1} s",
-        tree.files,
-        tree.bytes as f64 / 1e6,
-        started.elapsed().as_secs_f64()
-    );
-    let timeout = Duration::from_secs(120 + tree.bytes / 10_000_000);
-    let mb = tree.bytes as f64 / 1e6;
-
-    let skyferry = outcome("skyferry", mb, tools::skyferry(&mut pair, clock, timeout));
-    let rsync = match (sshd, rsync_skip) {
-        (Some(sshd), _) => outcome(
-            "rsync+ssh",
-            mb,
-            tools::rsync(clock, sshd, &src, &pair.dir().join("rsync-dst")),
-        ),
-        (None, reason) => Outcome::Skipped(reason.unwrap_or("not available").to_string()),
-    };
-    let cp = outcome(
-        "cp+sync",
-        mb,
-        tools::cp(clock, &src, &pair.dir().join("cp-dst")),
-    );
-    Ok(Row {
-        dataset: dataset.name(),
-        files: tree.files,
-        bytes: tree.bytes,
-        tools: vec![
-            ("skyferry", skyferry),
-            ("rsync+ssh", rsync),
-            ("cp+sync", cp),
-        ],
-    })
-}
-
-/// Prints one progress line and turns the result into a table cell.
-fn outcome(tool: &str, mb: f64, result: Result<tools::Measurement>) -> Outcome {
-    match result {
-        Ok(m) => {
-            println!(
-                "  {tool:<10} {:>7.2} s {:>8.1} MB/s  (verified)",
-                m.seconds,
-                mb / m.seconds
-            );
-            Outcome::Done(m)
-        }
-        Err(e) => {
-            println!("  {tool:<10} FAILED: {e:#}");
-            Outcome::Failed(format!("{e:#}"))
-        }
-    }
 }
 
 /// Busy CPU seconds per second while the benchmark is idle, over 2 s: the load of

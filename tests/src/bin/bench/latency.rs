@@ -1,0 +1,260 @@
+//! `--latency`: how long one fresh 4.5 MB FITS file takes from the moment it exists to the
+//! agent's durable done, with the pair running and idle. N times (default 100), one file at
+//! a time: written and closed in the watched tree, timed until the agent counts it sent
+//! (the inotify path, which waits the watch's `quiet_period` by design); then the same
+//! with a Redis publish right after the close, timed from the publish (the observatory's
+//! path). "Done" is `skyferry_agent_files_sent_total` growing: the agent counts a file when
+//! the receiver's Ack arrives, which the receiver sends only after the file is fsynced,
+//! renamed into place and catalogued; the journal records it right after.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use skyferry_tests::fits::{self, FitsParams};
+use skyferry_tests::redis::RedisServer;
+use skyferry_tests::{Pair, PairOptions};
+
+use crate::config::{duration, Skyferry};
+use crate::report::{median, quantile};
+use crate::scrape::{get, scrape};
+
+const CHANNEL: &str = "skyferry-bench:files";
+const SENT: &str = "skyferry_agent_files_sent_total";
+/// Pause between two polls of the metrics.
+const POLL: Duration = Duration::from_millis(1);
+/// Longest wait for one file.
+const FILE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct LatencyOptions {
+    pub count: usize,
+    /// `[[watch]] quiet_period` instead of the example's.
+    pub quiet_period: Option<String>,
+}
+
+struct Series {
+    name: &'static str,
+    /// Milliseconds per file.
+    ms: Vec<f64>,
+}
+
+/// Runs both series and prints their table; `Ok(false)` if one could not run.
+pub fn run(opts: &LatencyOptions, skyferry: &Skyferry) -> Result<bool> {
+    let redis = match RedisServer::start() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            println!("latency: skipping the Redis series: {e:#}");
+            None
+        }
+    };
+    let quiet = opts
+        .quiet_period
+        .clone()
+        .unwrap_or_else(|| skyferry.quiet_period.clone());
+    let mut pair = Pair::new(PairOptions {
+        quiet_period: Some(quiet.clone()),
+        settle: skyferry.settle.clone(),
+        rescan_interval: skyferry.rescan_interval.clone(),
+        ..PairOptions::default()
+    })?;
+    let extra = match &redis {
+        Some(r) => format!(
+            "[[redis]]\nurl = \"{}\"\nchannel = \"{CHANNEL}\"\nformat = \"path\"\n",
+            r.url()
+        ),
+        None => String::new(),
+    };
+    let metrics = skyferry.apply(&pair, &extra)?;
+    pair.start_receiver()?;
+    pair.wait_receiver_listening(Duration::from_secs(10))?;
+    pair.start_agent()?;
+    wait(&mut pair, "the agent to connect", || {
+        Ok(get(&scrape(&metrics)?, "skyferry_agent_connected") >= 1.0)
+    })?;
+    let mut publisher = match &redis {
+        Some(r) => {
+            wait(&mut pair, "the agent to subscribe", || {
+                Ok(r.subscribers(CHANNEL)? >= 1)
+            })?;
+            Some(Publisher::connect(r.port())?)
+        }
+        None => None,
+    };
+    let quiet_period = duration(&quiet)?;
+    let mut polls = (0u64, Duration::ZERO);
+    let mut series = Vec::new();
+
+    println!(
+        "latency: {} files through the watch (quiet_period {quiet}) …",
+        opts.count
+    );
+    let mut ms = Vec::new();
+    for i in 0..=opts.count {
+        let path = file_path(&pair, 1, i);
+        let base = get(&scrape(&metrics)?, SENT);
+        write(&path, 1, i)?;
+        let t0 = Instant::now();
+        let took = until_sent(&mut pair, &metrics, base, t0, &mut polls)?;
+        if i > 0 {
+            ms.push(took); // the first file warms up the connection
+        }
+    }
+    series.push(Series {
+        name: "watch: close → done",
+        ms,
+    });
+
+    if let Some(publisher) = publisher.as_mut() {
+        println!(
+            "latency: {} files announced by a Redis publish …",
+            opts.count
+        );
+        let mut ms = Vec::new();
+        for i in 0..=opts.count {
+            let path = file_path(&pair, 2, i);
+            // Let the watch's own event for the previous file pass (it finds the file
+            // already sent), so that it is not counted as this file.
+            std::thread::sleep(quiet_period + Duration::from_millis(300));
+            let base = get(&scrape(&metrics)?, SENT);
+            write(&path, 2, i)?;
+            let t0 = Instant::now();
+            publisher.publish(&path.to_string_lossy())?;
+            let took = until_sent(&mut pair, &metrics, base, t0, &mut polls)?;
+            if i > 0 {
+                ms.push(took);
+            }
+        }
+        series.push(Series {
+            name: "redis: publish → done",
+            ms,
+        });
+    }
+    pair.stop_both()?;
+    let poll_ms = polls.1.as_secs_f64() * 1e3 / polls.0.max(1) as f64;
+    print(&series, skyferry, &quiet, poll_ms);
+    Ok(redis.is_some())
+}
+
+fn file_path(pair: &Pair, exposure: u32, i: usize) -> std::path::PathBuf {
+    pair.source()
+        .join(format!("latency{exposure}/file{i:04}.fits"))
+}
+
+/// One 4.5 MB single-frame FITS file, closed when this returns.
+fn write(path: &Path, exposure: u32, i: usize) -> Result<()> {
+    let detector = (i % usize::from(fits::DETECTORS)) as u8 + 1;
+    let params = FitsParams::new(1000 * exposure + i as u32, detector, 1);
+    fits::write_fits(path, &params)?;
+    Ok(())
+}
+
+/// Polls the agent's metrics until files sent exceeds `base`; milliseconds since `t0`.
+fn until_sent(
+    pair: &mut Pair,
+    metrics: &str,
+    base: f64,
+    t0: Instant,
+    polls: &mut (u64, Duration),
+) -> Result<f64> {
+    loop {
+        let p = Instant::now();
+        let sent = get(&scrape(metrics)?, SENT);
+        if sent > base {
+            let took = t0.elapsed().as_secs_f64() * 1e3;
+            polls.0 += 1;
+            polls.1 += p.elapsed();
+            return Ok(took);
+        }
+        std::thread::sleep(POLL);
+        polls.0 += 1;
+        polls.1 += p.elapsed();
+        if t0.elapsed() > FILE_TIMEOUT {
+            pair.ensure_alive()?;
+            bail!(
+                "a file was not sent within {FILE_TIMEOUT:?}\n{}",
+                pair.diagnostics()
+            );
+        }
+    }
+}
+
+fn wait(pair: &mut Pair, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond().unwrap_or(false) {
+        pair.ensure_alive()?;
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}\n{}", pair.diagnostics());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One Redis connection kept open, so that a publish costs a round trip, not a process.
+struct Publisher {
+    conn: BufReader<TcpStream>,
+}
+
+impl Publisher {
+    fn connect(port: u16) -> Result<Publisher> {
+        let conn = TcpStream::connect(("127.0.0.1", port))
+            .with_context(|| format!("cannot connect to redis on port {port}"))?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Publisher {
+            conn: BufReader::new(conn),
+        })
+    }
+
+    /// `PUBLISH CHANNEL message` in RESP; fails unless someone received it.
+    fn publish(&mut self, message: &str) -> Result<()> {
+        let mut request = String::from("*3\r\n");
+        for arg in ["PUBLISH", CHANNEL, message] {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        self.conn.get_mut().write_all(request.as_bytes())?;
+        let mut reply = String::new();
+        self.conn.read_line(&mut reply)?;
+        match reply.trim().strip_prefix(':').map(str::parse::<u64>) {
+            Some(Ok(n)) if n >= 1 => Ok(()),
+            _ => bail!("PUBLISH answered {reply:?} (is the agent subscribed?)"),
+        }
+    }
+}
+
+fn print(series: &[Series], skyferry: &Skyferry, quiet: &str, poll_ms: f64) {
+    println!();
+    println!("== latency: one 4.5 MB file at a time, pair idle, loopback ==");
+    println!("skyferry: {}.", skyferry.describe());
+    println!(
+        "watch: from the file's close; the agent waits quiet_period = {quiet} after a close by design."
+    );
+    println!("redis: from the PUBLISH (sent right after the close) on an open connection.");
+    println!(
+        "done: skyferry_agent_files_sent_total grew (receiver's Ack: fsynced, renamed, catalogued),"
+    );
+    println!(
+        "polled every {:.1} ms on average (1 ms pause + one scrape): that is the resolution.",
+        poll_ms
+    );
+    println!();
+    println!(
+        "{:<24} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "path", "files", "min ms", "p50 ms", "p99 ms", "max ms", "mean ms"
+    );
+    for s in series {
+        let mean = s.ms.iter().sum::<f64>() / s.ms.len().max(1) as f64;
+        println!(
+            "{:<24} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            s.name,
+            s.ms.len(),
+            quantile(&s.ms, 0.0),
+            median(&s.ms),
+            quantile(&s.ms, 0.99),
+            quantile(&s.ms, 1.0),
+            mean
+        );
+    }
+}
