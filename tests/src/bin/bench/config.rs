@@ -93,10 +93,11 @@ impl Skyferry {
     /// One line for the report: the settings that shape throughput.
     pub fn describe(&self) -> String {
         let mut line = format!(
-            "chunk_size {}, parallel_files {}, chunks_in_flight {}, compression_level {}",
+            "chunk_size {}, parallel_files {}, window {}, compression {} (level {})",
             self.value("chunk_size"),
             self.value("parallel_files"),
-            self.value("chunks_in_flight"),
+            self.value("window"),
+            self.value("compression"),
             self.value("compression_level"),
         );
         if self.transfer.contains_key("connections") {
