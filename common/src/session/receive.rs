@@ -166,14 +166,24 @@ impl ReceiveSession {
     }
 
     /// Ends the session with a rejection (also used by the I/O layer for storage errors).
+    ///
+    /// A session gives one verdict: once it has ended (acknowledged or rejected) this
+    /// sends nothing, so a late failure cannot put a second verdict behind the first.
     pub fn fail(&mut self, r: Reject) {
+        if self.state == State::Done {
+            return;
+        }
         self.state = State::Done;
         self.out.push_back(Message::Reject(r));
     }
 
     /// Ends the session with a rejection in place of anything queued and not sent yet
     /// (the I/O layer could not open storage after the session decided to receive).
+    /// Like [`fail`](ReceiveSession::fail), it leaves an ended session's verdict alone.
     pub fn fail_instead(&mut self, r: Reject) {
+        if self.state == State::Done {
+            return;
+        }
         self.out.clear();
         self.fail(r);
     }
@@ -187,7 +197,8 @@ impl ReceiveSession {
     /// Any message arriving on the file stream. Returns the validated path after an
     /// offer (the caller then looks it up and calls [`handle_lookup`]), and the verified
     /// chunk after a chunk (its bytes are in `buf`; the caller writes them and calls
-    /// [`handle_chunk_stored`]).
+    /// [`handle_chunk_stored`]). A message after the session ended is refused, and
+    /// nothing is sent for it.
     ///
     /// [`handle_lookup`]: ReceiveSession::handle_lookup
     /// [`handle_chunk_stored`]: ReceiveSession::handle_chunk_stored
@@ -361,8 +372,12 @@ impl ReceiveSession {
         })
     }
 
-    /// The chunk's bytes are written to the partial file and recorded: acknowledge it.
+    /// The chunk's bytes are written to the partial file and recorded: acknowledge it
+    /// (unless the session ended meanwhile: nothing follows its verdict).
     pub fn handle_chunk_stored(&mut self, index: u32) {
+        if self.state == State::Done {
+            return;
+        }
         self.have.insert(index);
         self.out.push_back(Message::ChunkAck(ChunkAck { index }));
     }
@@ -396,8 +411,13 @@ impl ReceiveSession {
         Ok(())
     }
 
-    /// The outcome of verifying the stored bytes and publishing them.
+    /// The outcome of verifying the stored bytes and publishing them. If the session
+    /// ended meanwhile (the agent broke the protocol during the publish), its verdict
+    /// stands and nothing more is sent.
     pub fn handle_published(&mut self, result: Result<String, Reject>) {
+        if self.state == State::Done {
+            return;
+        }
         match result {
             Ok(stored_path) => {
                 self.state = State::Done;

@@ -511,3 +511,80 @@ fn the_window_holds_back_chunks_until_they_are_acknowledged() {
     s.handle(ack(0)).unwrap();
     assert_eq!(s.next_chunk().map(|c| c.index), Some(1));
 }
+
+/// A session ends with one verdict. Whatever arrives or completes after it (a frame from
+/// an agent that keeps talking, a publish that finishes after a protocol error, a second
+/// failure reported by the I/O layer) is refused without sending anything: an agent must
+/// never read `Ack` after `Reject`, or a second verdict. Found by the `receive_session`
+/// fuzz target.
+#[test]
+fn a_finished_session_sends_nothing_after_its_verdict() {
+    let src = data(2 * CS as usize + 5, 1);
+    let o = offer("v/one.fits", &src);
+    let drain = |r: &mut ReceiveSession| -> Vec<Message> {
+        std::iter::from_fn(|| r.poll_transmit()).collect()
+    };
+    let stray = || {
+        Message::Chunk(Chunk {
+            index: 0,
+            codec: crate::protocol::Codec::Raw,
+            raw_len: CS,
+            chunk_hash: [0; 32],
+            payload: vec![0; CS as usize].into(),
+        })
+    };
+    let mut buf = Vec::new();
+
+    // Already stored: the ack is the verdict; a later frame and a later failure add nothing.
+    let mut recv = ReceiveSession::new(1 << 40);
+    assert_eq!(
+        recv.handle(Message::Offer(o.clone()), &mut buf),
+        Ok(Event::Offered)
+    );
+    let lookup = Lookup {
+        stored: Some(o.file_hash),
+        ..Lookup::default()
+    };
+    assert_eq!(recv.handle_lookup(lookup), OfferDecision::AlreadyStored);
+    assert!(recv.handle(stray(), &mut buf).is_err());
+    recv.fail(reject(ErrorCode::Busy, "late"));
+    recv.fail_instead(reject(ErrorCode::StorageError, "late"));
+    let out = drain(&mut recv);
+    assert!(
+        matches!(&out[..], [Message::Ack(a)] if a.already_stored),
+        "{out:?}"
+    );
+    assert!(recv.is_done());
+
+    // A frame while the file is being published ends the session with a protocol error;
+    // the publish that completes afterwards must not add an ack behind it.
+    let small = data(10, 2);
+    let o = offer("v/two.fits", &small);
+    let mut recv = ReceiveSession::new(1 << 40);
+    recv.handle(Message::Offer(o.clone()), &mut buf).unwrap();
+    recv.handle_lookup(Lookup::default());
+    assert!(matches!(drain(&mut recv)[..], [Message::Resume(_)]));
+    let chunk = Message::Chunk(Chunk {
+        index: 0,
+        codec: crate::protocol::Codec::Raw,
+        raw_len: 10,
+        chunk_hash: hash_bytes(&small),
+        payload: small.clone().into(),
+    });
+    let Ok(Event::Chunk(v)) = recv.handle(chunk, &mut buf) else {
+        panic!("a valid chunk")
+    };
+    recv.handle_chunk_stored(v.index);
+    assert!(matches!(drain(&mut recv)[..], [Message::ChunkAck(_)]));
+    let commit = Message::Commit(crate::protocol::Commit { chunks_sent: 1 });
+    assert_eq!(recv.handle(commit, &mut buf), Ok(Event::Commit));
+    assert!(recv.handle(stray(), &mut buf).is_err());
+    recv.handle_published(Ok("agent/v/two.fits".into()));
+    recv.handle_chunk_stored(0);
+    let out = drain(&mut recv);
+    assert!(
+        matches!(&out[..], [Message::Reject(r)] if r.code == ErrorCode::Protocol),
+        "{out:?}"
+    );
+    assert!(recv.is_done());
+}
