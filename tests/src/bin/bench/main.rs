@@ -19,6 +19,7 @@ mod cpu;
 mod datasets;
 mod flask;
 mod latency;
+mod memory;
 mod link;
 mod loopback;
 mod report;
@@ -154,6 +155,11 @@ fn run(args: &Args) -> Result<bool> {
         println!("warning: debug build; use `cargo run --release --bin skyferry-bench`");
     }
     binary("skyferry-agent")?; // build the daemons now, not while measuring
+    let touched = memory::prefault_free_memory()?;
+    println!(
+        "touched {:.1} GiB of free memory first, so that no tool pays the first-touch cost of fresh pages for the others",
+        touched as f64 / f64::from(1u32 << 30)
+    );
     let clock = CpuClock::new()?;
     let skyferry = skyferry_config(args)?;
     println!("skyferry: {}", skyferry.describe());
