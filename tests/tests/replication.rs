@@ -16,10 +16,10 @@ fn write_mix(root: &Path) -> u64 {
     let boundary = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 5 * CHUNK + 17];
     let mut total = 0u64;
     for i in 0..200usize {
-        let len = match i {
-            0..=6 => boundary[i],
-            7 => 100 * 1000 * 1000,
-            _ => (i * 7919) % (4 * CHUNK) + i,
+        let len = match boundary.get(i) {
+            Some(&len) => len,
+            None if i == 7 => 100 * 1000 * 1000,
+            None => (i * 7919) % (4 * CHUNK) + i,
         };
         let path = root.join(format!("night-{}/det{:02}/frame{i:03}.fits", i % 3, i % 84));
         write_atomic(&path, &content(len, i as u64));
