@@ -62,12 +62,15 @@ pub fn partial_of_other_version(offer: &Offer, have: ChunkSet, which: u8) -> Par
 }
 
 /// What storage found for an offered path.
+// The update is a no-op today; it keeps this compiling when `Lookup` gains a field.
+#[allow(clippy::needless_update)]
 pub fn lookup(stored: Option<Hash>, partial: Option<PartialState>, room: Option<u64>) -> Lookup {
-    let mut l = Lookup::default();
-    l.stored = stored;
-    l.partial = partial;
-    l.room = room;
-    l
+    Lookup {
+        stored,
+        partial,
+        room,
+        ..Lookup::default()
+    }
 }
 
 pub fn chunk(

@@ -30,18 +30,20 @@ pub fn agent_chunk_size(u: &mut Unstructured) -> Result<u32> {
 }
 
 /// A file size near the chunk boundaries of `chunk_size`: 0, a few bytes, k chunks
-/// minus one, exactly, plus one, many chunks, or anything up to `u64::MAX`.
+/// minus one, exactly, plus one, thousands of chunks (enough for a resume that must be
+/// coalesced), a huge file, or anything up to `u64::MAX`.
 pub fn file_size(u: &mut Unstructured, chunk_size: u32) -> Result<u64> {
     let cs = u64::from(chunk_size.max(1));
     let k = u64::from(u.int_in_range(1u8..=6)?);
-    Ok(match u.int_in_range(0u8..=7)? {
+    Ok(match u.int_in_range(0u8..=8)? {
         0 => 0,
         1 => u.int_in_range(1u64..=64)?,
         2 => cs * k - 1,
         3 => cs * k,
         4 => cs * k + 1,
         5 => cs * k + u.int_in_range(0..=cs - 1)?,
-        6 => u.int_in_range(0u64..=1 << 44)?,
+        6 => cs * u64::from(u.int_in_range(7u32..=20_000)?) + u.int_in_range(0..=cs - 1)?,
+        7 => u.int_in_range(0u64..=1 << 44)?,
         _ => u.arbitrary()?,
     })
 }
