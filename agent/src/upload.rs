@@ -13,9 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use skyferry_common::chunk::{chunk_value, file_tree_hash, ChunkLayout, TreeHasher};
 use skyferry_common::compress::Compressor;
-use skyferry_common::protocol::{
-    Chunk, Codec, ErrorCode, Hash, Message, Offer, MAX_CONTROL_FRAME,
-};
+use skyferry_common::protocol::{Chunk, Codec, ErrorCode, Hash, Message, Offer, MAX_CONTROL_FRAME};
 use skyferry_common::session::{ChunkRead, Outcome, SendSession};
 use skyferry_common::unix_time::mtime_ns;
 use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
@@ -502,10 +500,10 @@ fn spawn_chunk_reader(
                         let chunk_hash = chunk_value(&layout, index, &raw);
                         tree.push(chunk_hash);
                         let (codec, payload) = if link.compress_now() {
-                        compressor.encode(raw)
-                    } else {
-                        (Codec::Raw, raw)
-                    };
+                            compressor.encode(raw)
+                        } else {
+                            (Codec::Raw, raw)
+                        };
                         Some(ReadItem::Chunk(
                             Message::Chunk(Chunk {
                                 index,

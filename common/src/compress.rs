@@ -315,9 +315,15 @@ mod tests {
         let mut auto = AutoCompress::default();
         assert!(!auto.is_on(), "a fast link is assumed at first");
         assert!(!auto.handle_interval(0.3));
-        assert!(auto.handle_interval(0.9), "uploads mostly wait for the link");
+        assert!(
+            auto.handle_interval(0.9),
+            "uploads mostly wait for the link"
+        );
         assert!(auto.handle_interval(0.3), "stays on inside the gap");
-        assert!(!auto.handle_interval(0.05), "the link keeps up: CPU is the limit");
+        assert!(
+            !auto.handle_interval(0.05),
+            "the link keeps up: CPU is the limit"
+        );
     }
 
     fn noisy(len: usize, seed: u64) -> Vec<u8> {

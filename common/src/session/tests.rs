@@ -520,7 +520,7 @@ fn the_window_holds_back_chunks_until_they_are_acknowledged() {
 #[test]
 fn a_finished_session_sends_nothing_after_its_verdict() {
     let src = data(2 * CS as usize + 5, 1);
-    let o = offer("v/one.fits", &src);
+    let o = offer_hashed("v/one.fits", &src);
     let drain = |r: &mut ReceiveSession| -> Vec<Message> {
         std::iter::from_fn(|| r.poll_transmit()).collect()
     };
@@ -542,7 +542,7 @@ fn a_finished_session_sends_nothing_after_its_verdict() {
         Ok(Event::Offered)
     );
     let lookup = Lookup {
-        stored: Some(o.file_hash),
+        stored: o.file_hash.map(|hash| StoredVersion { size: o.size, hash }),
         ..Lookup::default()
     };
     assert_eq!(recv.handle_lookup(lookup), OfferDecision::AlreadyStored);
@@ -576,7 +576,10 @@ fn a_finished_session_sends_nothing_after_its_verdict() {
     };
     recv.handle_chunk_stored(v.index);
     assert!(matches!(drain(&mut recv)[..], [Message::ChunkAck(_)]));
-    let commit = Message::Commit(crate::protocol::Commit { chunks_sent: 1 });
+    let commit = Message::Commit(crate::protocol::Commit {
+        chunks_sent: 1,
+        file_hash: hash_bytes(&small),
+    });
     assert_eq!(recv.handle(commit, &mut buf), Ok(Event::Commit));
     assert!(recv.handle(stray(), &mut buf).is_err());
     recv.handle_published(Ok("agent/v/two.fits".into()));
