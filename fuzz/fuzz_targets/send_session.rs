@@ -1,26 +1,31 @@
 //! Fuzz target: the agent's file session (`SendSession`) against a hostile receiver.
 //!
 //! The fuzz input picks an offer the agent could make (a chunk size its configuration
-//! accepts, a file size near chunk boundaries or anything up to `u64::MAX`) and a
-//! window, then a script: the receiver's side is free (resumes valid, empty, random,
-//! overlapping, descending, out of the file, with thousands of ranges; chunk
-//! acknowledgements of the right chunk or another; acks, rejections, stray messages, raw
-//! frame bodies through the decoder), in any order and also after the session ended;
-//! the agent's side sends a chunk whenever the script says so and the window allows,
-//! the way `agent/src/upload.rs` does. Every message crosses the real codec with the
-//! agent's reply limit.
+//! accepts, a file size near chunk boundaries or anything up to `u64::MAX`, with or
+//! without the file hash) and a window, then a script: the receiver's side is free
+//! (`NeedHash`; resumes valid, empty, random, overlapping, descending, out of the file,
+//! with thousands of ranges; chunk acknowledgements of the right chunk or another; acks,
+//! rejections, stray messages, raw frame bodies through the decoder), in any order and
+//! also after the session ended; the agent's side sends a chunk whenever the script
+//! says so and the window allows, and hands the session the file hash (answering
+//! `NeedHash`, or derived while sending) when the script says so, the way
+//! `agent/src/upload.rs` does. Every message crosses the real codec with the agent's
+//! reply limit.
 //!
 //! Checked after every step, against a small model:
 //! - no panic; `handle` accepts exactly what the protocol allows in the current state
-//!   (a resume with ascending, disjoint, non-empty ranges within the file; the
-//!   acknowledgement of the oldest unacknowledged chunk; an ack; a rejection) and
-//!   refuses everything else;
-//! - the offer is sent first and alone; chunks are handed out in ascending order, each
+//!   (`NeedHash` before the resume when the hash is not known yet; a resume with
+//!   ascending, disjoint, non-empty ranges within the file; the acknowledgement of the
+//!   oldest unacknowledged chunk; an ack; a rejection) and refuses everything else;
+//! - the offer is sent first and alone; `FileHash` is sent exactly once per `NeedHash`,
+//!   with the hash the I/O layer gave; `needs_hash()`, `awaits_file_hash()` and
+//!   `file_hash()` follow the model; chunks are handed out in ascending order, each
 //!   requested, within the file, with the layout's offset and length, never more than
 //!   the window unacknowledged, never after the outcome; `plan()` lists exactly the
 //!   chunks `next_chunk()` will hand out;
-//! - one commit, once every requested chunk was sent, counting them; nothing else is
-//!   sent; the outcome is the receiver's verdict, and it does not change afterwards.
+//! - one commit, once every requested chunk was sent and the file hash is known,
+//!   counting the chunks and carrying that hash; nothing else is sent; the outcome is
+//!   the receiver's verdict, and it does not change afterwards.
 #![no_main]
 
 use std::collections::VecDeque;
@@ -30,7 +35,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use skyferry_common::chunk::ChunkLayout;
 use skyferry_common::protocol::{
-    decode_body, ChunkRange, Codec, Message, Offer, MAX_CONTROL_FRAME,
+    decode_body, ChunkRange, Codec, Hash, Message, Offer, MAX_CONTROL_FRAME,
 };
 use skyferry_common::session::{ChunkRead, Outcome, SendSession};
 use skyferry_fuzz::{build, shape, wire};
@@ -51,13 +56,13 @@ fuzz_target!(|data: &[u8]| {
 fn run(u: &mut Unstructured) -> Result<()> {
     let chunk_size = shape::agent_chunk_size(u)?;
     let size = shape::file_size(u, chunk_size)?;
-    let offer = build::offer(
-        shape::path(u)?,
-        size,
-        u.arbitrary()?,
-        u.arbitrary()?,
-        chunk_size,
-    );
+    // A new file is offered without a hash; a version the journal knows, with it.
+    let hash: Option<Hash> = if u.arbitrary()? {
+        None
+    } else {
+        Some(u.arbitrary()?)
+    };
+    let offer = build::offer(shape::path(u)?, size, u.arbitrary()?, hash, chunk_size);
     let window: u32 = match u.int_in_range(0u8..=3)? {
         0 => 0,
         1 => 1,
@@ -69,7 +74,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         if u.is_empty() {
             break;
         }
-        let msg = match u.int_in_range(0u8..=10)? {
+        let msg = match u.int_in_range(0u8..=12)? {
             0 => {
                 let body: &[u8] = u.arbitrary()?;
                 match decode_body(Bytes::copy_from_slice(body)) {
@@ -85,6 +90,11 @@ fn run(u: &mut Unstructured) -> Result<()> {
             6 | 7 => h.chunk_ack(u)?,
             8 => build::ack(shape::path(u)?, u.arbitrary()?),
             9 => build::reject(u.arbitrary()?, u.arbitrary()?),
+            10 => build::need_hash(),
+            11 => {
+                h.hash_ready(u)?;
+                continue;
+            }
             _ => stray(u, &h.offer)?,
         };
         if !h.deliver(msg) {
@@ -96,9 +106,10 @@ fn run(u: &mut Unstructured) -> Result<()> {
 
 /// Messages a receiver never sends on a file stream.
 fn stray(u: &mut Unstructured, offer: &Offer) -> Result<Message> {
-    Ok(match u.int_in_range(0u8..=2)? {
+    Ok(match u.int_in_range(0u8..=3)? {
         0 => Message::Offer(offer.clone()),
-        1 => build::commit(u.arbitrary()?),
+        1 => build::commit(u.arbitrary()?, u.arbitrary()?),
+        3 => build::file_hash(u.arbitrary()?),
         _ => build::chunk(u.arbitrary()?, Codec::Raw, 1, [0; 32], vec![0]),
     })
 }
@@ -106,6 +117,8 @@ fn stray(u: &mut Unstructured, offer: &Offer) -> Result<Message> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     AwaitResume,
+    /// `NeedHash` came; the I/O layer is hashing the file.
+    Hashing,
     Sending,
     AwaitAck,
     Done,
@@ -120,7 +133,10 @@ struct Model {
     unacked: VecDeque<u32>,
     sent: u32,
     last_sent: Option<u32>,
-    commit_due: bool,
+    /// The whole file's hash, once known: offered, or given by the I/O layer.
+    file_hash: Option<Hash>,
+    /// Messages the session must send next.
+    due: VecDeque<Message>,
     outcome: Option<Outcome>,
 }
 
@@ -129,8 +145,14 @@ impl Model {
         self.todo.iter().map(ChunkRange::len).sum()
     }
 
+    /// The window allows another chunk (there may be none left: once every chunk was
+    /// sent the session stays `Sending` until the file hash is known).
+    fn window_open(&self) -> bool {
+        self.state == State::Sending && self.unacked.len() < self.window
+    }
+
     fn next(&self) -> Option<u32> {
-        if self.state == State::Sending && self.unacked.len() < self.window {
+        if self.window_open() {
             self.todo.front().map(|r| r.start)
         } else {
             None
@@ -139,15 +161,36 @@ impl Model {
 
     fn maybe_commit(&mut self) {
         if self.state == State::Sending && self.todo.is_empty() {
-            self.state = State::AwaitAck;
-            self.commit_due = true;
+            if let Some(h) = self.file_hash {
+                self.state = State::AwaitAck;
+                self.due.push_back(build::commit(self.sent, h));
+            }
         }
+    }
+
+    /// Every requested chunk was sent and only the hash is missing for the commit.
+    fn awaits_hash(&self) -> bool {
+        self.state == State::Sending && self.todo.is_empty() && self.file_hash.is_none()
+    }
+
+    /// The I/O layer computed the file hash.
+    fn handle_file_hash(&mut self, h: Hash) {
+        self.file_hash = Some(h);
+        if self.state == State::Hashing {
+            self.due.push_back(build::file_hash(h));
+            self.state = State::AwaitResume;
+        }
+        self.maybe_commit();
     }
 
     /// Applies `msg`; `None` for a kind this model does not know.
     fn handle(&mut self, msg: &Message) -> Option<bool> {
         let count = self.layout.count();
         let ok = match (self.state, msg) {
+            (State::AwaitResume, Message::NeedHash) if self.file_hash.is_none() => {
+                self.state = State::Hashing;
+                true
+            }
             (State::AwaitResume, Message::Resume(r)) => {
                 let mut prev_end = 0;
                 let valid = r.missing.iter().all(|range| {
@@ -179,7 +222,10 @@ impl Model {
                 }
                 ok
             }
-            (State::AwaitResume | State::Sending | State::AwaitAck, Message::Reject(r)) => {
+            (
+                State::AwaitResume | State::Hashing | State::Sending | State::AwaitAck,
+                Message::Reject(r),
+            ) => {
                 self.state = State::Done;
                 self.todo.clear();
                 self.outcome = Some(Outcome::Rejected(r.clone()));
@@ -198,7 +244,9 @@ impl Model {
                 | Message::ChunkAck(_)
                 | Message::Commit(_)
                 | Message::Ack(_)
-                | Message::Reject(_),
+                | Message::Reject(_)
+                | Message::NeedHash
+                | Message::FileHash(_),
             ) => false,
             #[allow(unreachable_patterns)] // Message kinds added after this model.
             _ => return None,
@@ -230,7 +278,8 @@ impl Harness {
             unacked: VecDeque::new(),
             sent: 0,
             last_sent: None,
-            commit_due: false,
+            file_hash: build::offered_hash(&offer),
+            due: VecDeque::new(),
             outcome: None,
         };
         let h = Harness {
@@ -294,10 +343,30 @@ impl Harness {
         Ok(build::chunk_ack(index))
     }
 
+    /// The I/O layer hands the session the file hash: after `NeedHash`, or derived from
+    /// the chunk values while sending (`agent/src/upload.rs` does so once every chunk
+    /// was read; here at any time). Only while it is unknown: once known (offered, or
+    /// given), the agent never computes it again for this session.
+    fn hash_ready(&mut self, u: &mut Unstructured) -> Result<()> {
+        if self.model.file_hash.is_some() {
+            return Ok(());
+        }
+        let h: Hash = u.arbitrary()?;
+        self.session.handle_file_hash(h);
+        self.model.handle_file_hash(h);
+        self.check_output();
+        self.check_state();
+        Ok(())
+    }
+
     /// The agent sends the next chunk if the window allows it.
     fn send_chunk(&mut self) {
         let expected = self.model.next();
-        assert_eq!(self.session.can_send(), expected.is_some(), "can_send()");
+        assert_eq!(
+            self.session.can_send(),
+            self.model.window_open(),
+            "can_send()"
+        );
         let Some(read) = self.session.next_chunk() else {
             assert_eq!(
                 expected, None,
@@ -362,14 +431,8 @@ impl Harness {
     fn check_output(&mut self) {
         let out: Vec<Message> = std::iter::from_fn(|| self.session.poll_transmit()).collect();
         let m = &mut self.model;
-        match out.as_slice() {
-            [] => assert!(!m.commit_due, "no commit after the last chunk"),
-            [Message::Commit(c)] if m.commit_due => {
-                assert_eq!(c.chunks_sent, m.sent, "the commit's count");
-                m.commit_due = false;
-            }
-            other => panic!("while {:?}, the agent sent {other:?}", m.state),
-        }
+        let due: Vec<Message> = m.due.drain(..).collect();
+        assert_eq!(out, due, "what the agent sent while {:?}", m.state);
     }
 
     fn check_state(&self) {
@@ -381,7 +444,7 @@ impl Harness {
         );
         assert_eq!(
             s.can_send(),
-            m.next().is_some(),
+            m.window_open(),
             "can_send() while {:?}",
             m.state
         );
@@ -389,6 +452,9 @@ impl Harness {
         assert_eq!(s.chunks_to_send(), m.remaining(), "chunks_to_send()");
         assert_eq!(s.chunks_sent(), m.sent, "chunks_sent()");
         assert_eq!(s.outcome(), m.outcome.as_ref(), "outcome()");
+        assert_eq!(s.needs_hash(), m.state == State::Hashing, "needs_hash()");
+        assert_eq!(s.awaits_file_hash(), m.awaits_hash(), "awaits_file_hash()");
+        assert_eq!(s.file_hash(), m.file_hash, "file_hash()");
         if m.remaining() <= PLAN_CHECK_LIMIT {
             let plan: Vec<u32> = s.plan().iter().map(|c| c.index).collect();
             let want: Vec<u32> = if m.state == State::Sending {

@@ -5,27 +5,38 @@
 use arbitrary::{Result, Unstructured};
 use skyferry_common::protocol::{MAX_CHUNK_SIZE, MAX_PATH_LEN, MIN_CHUNK_SIZE};
 
-/// A chunk size as a peer may offer it: mostly valid, sometimes just outside the
-/// accepted range, sometimes anything (including 0).
+/// A power of two within `MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE`.
+fn power_of_two_chunk_size(u: &mut Unstructured) -> Result<u32> {
+    let (lo, hi) = (
+        MIN_CHUNK_SIZE.trailing_zeros(),
+        MAX_CHUNK_SIZE.trailing_zeros(),
+    );
+    Ok(1 << u.int_in_range(lo..=hi)?)
+}
+
+/// A chunk size as a peer may offer it: mostly valid (a power of two within the
+/// bounds), sometimes within the bounds but not a power of two, just outside them, or
+/// anything (including 0).
 pub fn offered_chunk_size(u: &mut Unstructured) -> Result<u32> {
-    Ok(match u.int_in_range(0u8..=9)? {
+    Ok(match u.int_in_range(0u8..=10)? {
         0..=3 => MIN_CHUNK_SIZE,
         4 => MIN_CHUNK_SIZE + 1,
         5 => 3 * MIN_CHUNK_SIZE / 2 + 7,
         6 => MAX_CHUNK_SIZE,
         7 => MIN_CHUNK_SIZE - 1,
         8 => MAX_CHUNK_SIZE + 1,
+        9 => power_of_two_chunk_size(u)?,
         _ => u.arbitrary()?,
     })
 }
 
 /// A chunk size the agent's configuration accepts (`transfer.chunk_size` is validated
-/// to `MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE`).
+/// to a power of two within `MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE`).
 pub fn agent_chunk_size(u: &mut Unstructured) -> Result<u32> {
-    Ok(match u.int_in_range(0u8..=5)? {
+    Ok(match u.int_in_range(0u8..=4)? {
         0..=2 => MIN_CHUNK_SIZE,
         3 => MAX_CHUNK_SIZE,
-        _ => u.int_in_range(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE)?,
+        _ => power_of_two_chunk_size(u)?,
     })
 }
 
