@@ -195,7 +195,9 @@ pub fn hash_bytes(data: &[u8]) -> Hash {
 /// the values of all chunks into the file's BLAKE3, equal to `b3sum` of the file.
 ///
 /// Requires a power-of-two chunk size of at least 1 KiB (BLAKE3's chunk) and `data` no
-/// longer than the chunk: the protocol checks both before any chunk is hashed.
+/// longer than the chunk, and not empty in a file of several chunks (BLAKE3 has no value
+/// for an empty subtree and panics): the protocol checks all three before any chunk is
+/// hashed (a chunk's `raw_len` must be the layout's, at least 1 byte).
 pub fn chunk_value(layout: &ChunkLayout, index: u32, data: &[u8]) -> Hash {
     use blake3::hazmat::HasherExt;
     debug_assert!(

@@ -417,6 +417,12 @@ impl AgentConfig {
             p.push(format!(
                 "transfer.chunk_size = {chunk_size} bytes is out of range (64 KiB..=16 MiB)"
             ));
+        } else if !chunk_size.is_power_of_two() {
+            // Chunk values are subtrees of the file's BLAKE3 tree only for a power of two
+            // (protocol §5); the receiver refuses any other chunk size in every offer.
+            p.push(format!(
+                "transfer.chunk_size = {chunk_size} bytes is not a power of two (e.g. 1 MiB, 4 MiB, 8 MiB)"
+            ));
         }
         let transfer = TransferConfig {
             chunk_size: chunk_size as u32,
@@ -751,4 +757,40 @@ pub fn split_host_port(addr: &str) -> Result<(&str, u16), String> {
         return Err(bad());
     }
     Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The problems listed for a config whose only variable is `transfer.chunk_size`.
+    fn chunk_size_problems(chunk_size: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "[agent]\nid = \"kiso-01\"\njournal = \"j.sqlite\"\n\
+             [receiver]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+             [transfer]\nchunk_size = {chunk_size:?}\n"
+        );
+        let table: toml::Table = text.parse().expect("toml");
+        match AgentConfig::from_table(&table, dir.path()) {
+            Ok(_) => Vec::new(),
+            Err(problems) => problems
+                .into_iter()
+                .filter(|p| p.contains("chunk_size"))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chunk_size_must_be_a_power_of_two() {
+        for ok in ["64 KiB", "1 MiB", "4 MiB", "16 MiB"] {
+            assert_eq!(chunk_size_problems(ok), Vec::<String>::new(), "{ok}");
+        }
+        let problems = chunk_size_problems("5 MiB");
+        assert_eq!(
+            problems,
+            ["transfer.chunk_size = 5242880 bytes is not a power of two (e.g. 1 MiB, 4 MiB, 8 MiB)"]
+        );
+        assert!(chunk_size_problems("32 MiB")[0].contains("out of range"));
+    }
 }
