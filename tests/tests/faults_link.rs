@@ -184,10 +184,12 @@ fn a_lossless_long_link_shows_no_phantom_loss_and_keeps_its_mtu() {
     let relay = pair.relay().expect("relay").stats();
     eprintln!("quinn lost {lost} packets, mtu {mtu}; relay {relay:?}");
     assert_eq!(relay.dropped, [0, 0], "the relay dropped nothing");
-    // Kernel drops at the relay's own socket are real (but rare) loss the relay cannot
-    // count: allow a sliver of the datagrams sent.
+    // Quinn also declares a packet lost when it arrives later than 9/8 of the RTT after a
+    // newer one (the relay's delay thread has millisecond jitter, and a loaded machine
+    // more): a few per cent, seen up to 4.5 % in a debug build on a loaded machine. The
+    // GSO failure lost about 40 % of the packets; allow an eighth.
     assert!(
-        lost <= relay.forwarded[0] / 50,
+        lost <= relay.forwarded[0] / 8,
         "quinn counted {lost} packets lost of {} sent through a relay that dropped none",
         relay.forwarded[0]
     );
