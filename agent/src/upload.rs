@@ -53,6 +53,19 @@ struct Abandoned {
     reason: &'static str,
 }
 
+impl Abandoned {
+    /// A blocking task of the upload failed (it panicked or was cancelled): retry later.
+    fn task_failed(what: &str, e: tokio::task::JoinError) -> Abandoned {
+        Abandoned {
+            finish: Finish::Retry {
+                reason: format!("{what} task failed: {e}"),
+                forget_hash: false,
+            },
+            reason: "stat_failed",
+        }
+    }
+}
+
 /// Whether `file` (open since the offer) is still the journaled file at `path`: not
 /// deleted (it has a link), the very inode `path` names now (not renamed away, not
 /// replaced), and unchanged in size and mtime. Checked before the commit so that the
@@ -143,16 +156,22 @@ fn hash_source(
     job: &Job,
     chunk_size: u32,
     journal: &Mutex<Journal>,
-) -> Result<Hash, Finish> {
+) -> Result<Hash, Abandoned> {
     let layout = ChunkLayout::new(job.size, chunk_size);
-    let hash = file_tree_hash(file, &layout).map_err(|e| Finish::Retry {
-        reason: format!("reading {}: {e}", job.path),
-        forget_hash: true,
+    let hash = file_tree_hash(file, &layout).map_err(|e| Abandoned {
+        finish: Finish::Retry {
+            reason: format!("reading {}: {e}", job.path),
+            forget_hash: true,
+        },
+        reason: "read_failed",
     })?;
     // Changed while hashing: wait for the writer to finish (a new version will be
     // discovered when it settles).
     if !unchanged(file, job) {
-        return Err(Finish::Superseded);
+        return Err(Abandoned {
+            finish: Finish::Superseded,
+            reason: "modified",
+        });
     }
     remember_hash(journal, job, &hash);
     Ok(hash)
@@ -324,21 +343,8 @@ async fn exchange(
             tokio::task::spawn_blocking(move || hash_source(&file, &j, cs, &journal)).await;
         match hashed {
             Ok(Ok(hash)) => session.handle_file_hash(hash),
-            Ok(Err(finish)) => {
-                return Ok(Some(Abandoned {
-                    finish,
-                    reason: "modified",
-                }))
-            }
-            Err(e) => {
-                return Ok(Some(Abandoned {
-                    finish: Finish::Retry {
-                        reason: format!("hashing task failed: {e}"),
-                        forget_hash: false,
-                    },
-                    reason: "stat_failed",
-                }))
-            }
+            Ok(Err(abandoned)) => return Ok(Some(abandoned)),
+            Err(e) => return Ok(Some(Abandoned::task_failed("hashing", e))),
         }
         while let Some(m) = session.poll_transmit() {
             writer.send(&m).await?;
@@ -406,15 +412,7 @@ async fn exchange(
         match check {
             Ok(Ok(())) => {}
             Ok(Err(abandoned)) => return Ok(Some(abandoned)),
-            Err(e) => {
-                return Ok(Some(Abandoned {
-                    finish: Finish::Retry {
-                        reason: format!("source check task failed: {e}"),
-                        forget_hash: false,
-                    },
-                    reason: "stat_failed",
-                }))
-            }
+            Err(e) => return Ok(Some(Abandoned::task_failed("source check", e))),
         }
     }
     while let Some(m) = session.poll_transmit() {
@@ -472,18 +470,13 @@ fn spawn_chunk_reader(
         let mut compressor = Compressor::new(level);
         let mut tree = TreeHasher::new(&layout);
         let mut planned = plan.into_iter().peekable();
-        let indexes: Box<dyn Iterator<Item = u32>> = if derive {
-            Box::new(0..layout.count())
-        } else {
-            Box::new(std::iter::from_fn(|| None))
-        };
-        let mut indexes = indexes.peekable();
+        let mut every = 0..layout.count();
         let mut held = Vec::new();
         loop {
             // The next chunk to read: the next of the whole file when deriving, else the
             // next planned one.
             let next = if derive {
-                indexes.next()
+                every.next()
             } else {
                 planned.peek().map(|c| c.index)
             };

@@ -335,7 +335,11 @@ async fn drive(
     } = work;
     let storage = shared.storage.clone();
     let a = agent.clone();
-    let expected = session.committed_hash();
+    // `Event::Commit` comes only with the agent's file hash recorded.
+    let Some(expected) = session.committed_hash() else {
+        session.fail(reject(ErrorCode::Protocol, "commit without a file hash"));
+        return (session, Ok(()));
+    };
     match blocking(move || storage.publish(&a, partial, expected)).await {
         Ok(published) => {
             shared.metrics.files_stored.inc();

@@ -275,7 +275,7 @@ impl Storage {
         &self,
         agent: &str,
         mut partial: Partial,
-        expected: Option<Hash>,
+        expected: Hash,
     ) -> Result<Published, PublishError> {
         let result = self.try_publish(agent, &mut partial, expected);
         if let Err(PublishError::Storage(_)) = &result {
@@ -288,7 +288,7 @@ impl Storage {
         &self,
         agent: &str,
         partial: &mut Partial,
-        expected: Option<Hash>,
+        expected: Hash,
     ) -> Result<Published, PublishError> {
         let io = |doing: String| move |e| StorageError::io(doing, e);
         // The published file keeps the source's mtime, like `rsync -a`.
@@ -306,14 +306,13 @@ impl Storage {
         // disk if the partial was resumed): the whole-file hash follows from the values,
         // and must be what the agent derived from its source.
         let derived = partial.derived_hash()?;
-        let committed = expected.unwrap_or([0; 32]);
-        let Some(hash) = derived.filter(|h| *h == committed) else {
+        let Some(hash) = derived.filter(|h| *h == expected) else {
             partial.discard();
             return Err(PublishError::Mismatch(format!(
                 "{}: whole-file checksum mismatch (the agent committed to {}, the received chunks give {}); \
                  the partial held chunks of another version of the source and was discarded",
                 partial.rel,
-                short_hex(&committed),
+                short_hex(&expected),
                 derived.map_or_else(|| "no hash".to_string(), |h| short_hex(&h)),
             )));
         };
@@ -571,7 +570,7 @@ mod tests {
         p.write_chunk(2, off as u64, bytes, &chunk_value(&layout, 2, bytes))
             .expect("rewrite");
         storage
-            .publish("kiso", p, Some(hash_bytes(&content)))
+            .publish("kiso", p, hash_bytes(&content))
             .expect("publish");
         let stored = fs::read(storage.published_path("kiso", &rel)).expect("read");
         assert!(stored == content, "published bytes equal the source");
@@ -590,7 +589,7 @@ mod tests {
             .open_partial("kiso", &rel, &o, false)
             .expect("partial");
         write_all_chunks(&mut p, &content, &[]);
-        match storage.publish("kiso", p, Some([7; 32])) {
+        match storage.publish("kiso", p, [7; 32]) {
             Err(PublishError::Mismatch(reason)) => {
                 assert!(reason.contains("another version"), "{reason}")
             }
@@ -666,7 +665,7 @@ mod tests {
         fs::create_dir_all(dir.path().join("kiso")).expect("agent dir");
         fs::write(dir.path().join("kiso/a"), b"not a directory").expect("blocker");
         assert!(matches!(
-            storage.publish("kiso", p, Some(hash_bytes(&content))),
+            storage.publish("kiso", p, hash_bytes(&content)),
             Err(PublishError::Storage(StorageError::Unsafe(_)))
         ));
         assert!(!part.exists() && !log.exists(), "partial discarded");
@@ -734,7 +733,7 @@ mod tests {
             .expect("partial");
         write_all_chunks(&mut p, &warm, &[]);
         storage
-            .publish("kiso", p, Some(hash_bytes(&warm)))
+            .publish("kiso", p, hash_bytes(&warm))
             .expect("publish the first file");
 
         let content = data(2 * CS as usize + 11);
@@ -753,7 +752,7 @@ mod tests {
             "the filesystem is full"
         );
 
-        if let Err(e) = storage.publish("kiso", p, Some(hash_bytes(&content))) {
+        if let Err(e) = storage.publish("kiso", p, hash_bytes(&content)) {
             panic!("a file that was renamed into place was rejected: {e}");
         }
         let stored = fs::read(storage.published_path("kiso", &rel)).expect("published");

@@ -388,8 +388,10 @@ pub(super) fn read_checked(
     rel: &RelPath,
     offer: &Offer,
 ) -> Result<Option<PartialState>, StorageError> {
-    let Some(state) = read_log(log).ok().filter(|s| s.matches(offer)) else {
-        return Ok(read_log(log).ok());
+    let state = match read_log(log) {
+        Ok(state) if state.matches(offer) => state,
+        // Another version's partial (the session discards it), or none.
+        other => return Ok(other.ok()),
     };
     if !part.is_file() {
         // A log without its data: what a crash between publishing (the rename of the
