@@ -313,7 +313,12 @@ impl Sender {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break "shutdown".to_string(),
-                _ = lost.cancelled() => break "no heartbeat from the receiver for three intervals, or its control stream ended".to_string(),
+                // The control stream also ends when the connection does (a stateless reset,
+                // a close): then the connection's own reason is the one to report.
+                _ = lost.cancelled() => break match conn.close_reason() {
+                    Some(e) => handshake_failure(&e, &self.viewpoint()),
+                    None => "no heartbeat from the receiver for three intervals, or its control stream ended".to_string(),
+                },
                 e = conn.closed() => break handshake_failure(&e, &self.viewpoint()),
                 Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
                 _ = self.wake.notified() => {}
