@@ -7,6 +7,7 @@
 //! interval that doubles each time (up to [`MAX_SKIP`]): an incompressible 2 GiB file
 //! costs a handful of compression attempts, not 512.
 
+use crate::buf::AlignedBuf;
 use crate::protocol::Codec;
 
 /// A chunk is compressed only if zstd removes at least this fraction of its bytes.
@@ -232,15 +233,16 @@ impl std::fmt::Debug for Decoder {
 }
 
 impl Decoder {
-    /// Decodes a payload into `out` (cleared first), which must end up exactly `raw_len`
-    /// bytes long (the caller checked `raw_len` against the chunk size).
+    /// Decodes a payload into `out`, which must end up exactly `raw_len` bytes long (the
+    /// caller checked `raw_len` against the chunk size). `out` is aligned for direct I/O,
+    /// so the receiver writes it to storage as it is.
     ///
     /// A `zstd` payload must be exactly one zstd frame (RFC 8878), checked before any
     /// byte is decompressed: not a skippable frame, no dictionary, a header that declares
     /// the decompressed size and declares `raw_len`, and no bytes after the frame. A
     /// content checksum in the frame is optional and verified by zstd when present. Then
-    /// zstd decodes into `out`'s capacity, which is what bounds memory, and itself checks
-    /// that the output is the declared size. One frame per chunk also bounds the CPU a
+    /// zstd decodes into `raw_len` bytes of `out` and no more, which is what bounds
+    /// memory, and the output must fill them exactly. One frame per chunk also bounds the CPU a
     /// payload can cost: many tiny frames in one payload would each pay zstd's per-frame
     /// set-up.
     pub fn decode(
@@ -248,11 +250,19 @@ impl Decoder {
         codec: Codec,
         payload: &[u8],
         raw_len: u32,
-        out: &mut Vec<u8>,
+        out: &mut AlignedBuf,
     ) -> Result<(), CompressError> {
-        out.clear();
-        match codec {
-            Codec::Raw => out.extend_from_slice(payload),
+        let written = match codec {
+            Codec::Raw => {
+                if payload.len() != raw_len as usize {
+                    return Err(CompressError::WrongLength {
+                        expected: raw_len,
+                        actual: payload.len(),
+                    });
+                }
+                out.copy_from(payload);
+                payload.len()
+            }
             Codec::Zstd => {
                 let header = frame_header(payload)?;
                 if header.dictionary != 0 {
@@ -289,17 +299,18 @@ impl Decoder {
                     expected: raw_len,
                     actual: 0,
                 })?;
-                // zstd writes only into the capacity already there and never grows the
-                // Vec, so memory stays bounded by the largest chunk seen.
-                out.reserve_exact(raw_len as usize);
-                z.decompress_to_buffer(payload, out)
-                    .map_err(CompressError::Corrupt)?;
+                // zstd writes into the slice only: output beyond `raw_len` is an error,
+                // so memory stays bounded by the chunk size.
+                out.set_len(raw_len as usize);
+                z.decompress_to_buffer(payload, &mut out[..])
+                    .map_err(CompressError::Corrupt)?
             }
-        }
-        if out.len() != raw_len as usize {
+        };
+        if written != raw_len as usize {
+            out.set_len(written.min(raw_len as usize));
             return Err(CompressError::WrongLength {
                 expected: raw_len,
-                actual: out.len(),
+                actual: written,
             });
         }
         Ok(())
@@ -344,11 +355,11 @@ mod tests {
         let text = b"SIMPLE  =                    T / conforming FITS file".repeat(1000);
         let (codec, payload) = c.encode(text.clone());
         assert_eq!(codec, Codec::Zstd);
-        let mut out = Vec::new();
+        let mut out = AlignedBuf::new();
         Decoder::default()
             .decode(codec, &payload, text.len() as u32, &mut out)
             .unwrap();
-        assert_eq!(out, text);
+        assert_eq!(&out[..], &text[..]);
 
         let random = noisy(100_000, 7);
         let (codec, payload) = c.encode(random.clone());
@@ -377,7 +388,7 @@ mod tests {
 
     #[test]
     fn rejects_wrong_length_and_garbage() {
-        let mut out = Vec::new();
+        let mut out = AlignedBuf::new();
         let mut d = Decoder::default();
         assert!(matches!(
             d.decode(Codec::Raw, b"abc", 4, &mut out),
@@ -403,10 +414,10 @@ mod tests {
     }
 
     fn decode(payload: &[u8], raw_len: u32) -> Result<Vec<u8>, CompressError> {
-        let mut out = Vec::new();
+        let mut out = AlignedBuf::new();
         Decoder::default()
             .decode(Codec::Zstd, payload, raw_len, &mut out)
-            .map(|()| out)
+            .map(|()| out.to_vec())
     }
 
     #[test]

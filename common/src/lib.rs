@@ -5,6 +5,7 @@
 // Tests may unwrap: a panic there is a failed test, not a crash.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod buf;
 pub mod chunk;
 pub mod compress;
 pub mod config;

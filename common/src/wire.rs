@@ -67,6 +67,9 @@ pub struct FrameReader {
     max: usize,
     timeout: Option<Duration>,
     peeked: Option<Message>,
+    /// Frame bodies are read into these buffers, in turn, and split off them.
+    bodies: [BytesMut; 2],
+    turn: bool,
 }
 
 impl FrameReader {
@@ -76,6 +79,8 @@ impl FrameReader {
             max,
             timeout: None,
             peeked: None,
+            bodies: [BytesMut::new(), BytesMut::new()],
+            turn: false,
         }
     }
 
@@ -120,14 +125,20 @@ impl FrameReader {
         }
         let len = frame_len(header, self.max).map_err(WireError::Frame)?;
         // Gather the body from QUIC's own buffers (no zero-fill of a 4 MiB buffer first).
-        let mut body = BytesMut::with_capacity(len);
+        // Two buffers take turns: a caller may hold one frame while the next is read, and
+        // once the older frame is dropped `reserve` reclaims its memory, so no fresh pages
+        // are faulted in for every chunk.
+        self.turn = !self.turn;
+        let body = &mut self.bodies[usize::from(self.turn)];
+        body.clear();
+        body.reserve(len);
         while body.len() < len {
             match self.stream.read_chunk(len - body.len(), true).await? {
                 Some(chunk) => body.extend_from_slice(&chunk.bytes),
                 None => return Err(WireError::Truncated),
             }
         }
-        decode_body(body.freeze())
+        decode_body(body.split().freeze())
             .map(Some)
             .map_err(WireError::Frame)
     }

@@ -43,6 +43,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use arbitrary::{Result, Unstructured};
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
+use skyferry_common::buf::AlignedBuf;
 use skyferry_common::chunk::{chunk_value, hash_bytes, ChunkLayout, ChunkSet, TreeHasher};
 use skyferry_common::protocol::{
     decode_body, max_data_frame, ChunkRange, Codec, ErrorCode, Hash, Message, Offer,
@@ -213,7 +214,7 @@ enum Expect {
 struct Harness {
     session: ReceiveSession,
     max_file_size: u64,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     /// The reader's frame limit: control-sized until the session receives chunks.
     reader_max: usize,
     phase: Phase,
@@ -236,7 +237,7 @@ impl Harness {
         Harness {
             session: ReceiveSession::new(max_file_size),
             max_file_size,
-            buf: Vec::new(),
+            buf: AlignedBuf::new(),
             reader_max: MAX_CONTROL_FRAME,
             phase: Phase::AwaitOffer,
             offer: None,
@@ -857,7 +858,7 @@ impl Harness {
         self.have.insert(v.index);
         self.values.insert(v.index, v.value);
         if small {
-            self.bytes.insert(v.index, self.buf.clone());
+            self.bytes.insert(v.index, self.buf.to_vec());
         }
         let out = self.drain();
         assert_eq!(out, [build::chunk_ack(v.index)], "answer to a stored chunk");

@@ -29,10 +29,12 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
-    let root = config.storage_root.clone();
-    let storage = tokio::task::spawn_blocking(move || storage::Storage::open(&root))
-        .await?
-        .with_context(|| format!("opening storage at {}", config.storage_root.display()))?;
+    let (root, direct_io) = (config.storage_root.clone(), config.direct_io);
+    let storage = tokio::task::spawn_blocking(move || {
+        storage::Storage::open(&root).map(|s| s.with_direct_io(direct_io))
+    })
+    .await?
+    .with_context(|| format!("opening storage at {}", config.storage_root.display()))?;
     let mut server_config = skyferry_common::tls::server_config(
         &config.ca,
         &config.cert,

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use skyferry_common::buf::AlignedBuf;
 use skyferry_common::protocol::{max_data_frame, ErrorCode, Message, MAX_CONTROL_FRAME};
 use skyferry_common::session::{reject, Event, OfferDecision, ReceiveSession};
 use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
@@ -138,11 +139,15 @@ fn refused(shared: &Shared, agent: &str, label: &'static str, reason: &str) {
 struct Work {
     session: ReceiveSession,
     partial: Partial,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 enum Step {
-    Chunk(u64),
+    /// A chunk was verified and written; its acknowledgement is to be sent.
+    Chunk {
+        bytes: u64,
+        ack: Option<Message>,
+    },
     Commit,
     Stop,
     /// Writing failed: the partial is discarded and the session rejected the file.
@@ -150,6 +155,95 @@ enum Step {
         full: bool,
         needed: u64,
     },
+}
+
+/// How the chunk phase of a session ended (the verdict, if any, is queued in the session).
+enum ChunksEnd {
+    Commit,
+    Stopped,
+    Failed { full: bool, needed: u64 },
+}
+
+/// Receives chunks until the agent's commit. One blocking worker per file verifies and
+/// writes the chunks while the async side reads the next frame and sends the
+/// acknowledgements, so that reading, hashing and the (direct, synchronous) write overlap
+/// and QUIC's receive buffers drain while a chunk is written (data left in them gets
+/// copied again when quinn compacts its buffers). The reader stays at most one frame
+/// ahead of the worker: a session holds two frames and one decoded chunk
+/// ([`crate::shared::session_bytes`]).
+async fn receive_chunks(
+    shared: &Arc<Shared>,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    work: Work,
+) -> (Work, Result<ChunksEnd, WireError>) {
+    let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<Message>(1);
+    let (steps_tx, mut steps_rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut work = work;
+        while let Some(msg) = frames_rx.blocking_recv() {
+            let step = work.step(msg);
+            let more = matches!(step, Step::Chunk { .. });
+            if steps_tx.send(step).is_err() || !more {
+                break;
+            }
+        }
+        work
+    });
+    let end = {
+        let forward = async move {
+            loop {
+                // A free slot first: the frame is read only once the worker took the last.
+                let Ok(slot) = frames_tx.reserve().await else {
+                    return Ok(()); // the worker stopped
+                };
+                let Some(msg) = reader.read().await? else {
+                    return Err(WireError::Truncated);
+                };
+                let commit = matches!(msg, Message::Commit(_));
+                slot.send(msg);
+                if commit {
+                    return Ok(());
+                }
+            }
+        };
+        let handle = async move {
+            while let Some(step) = steps_rx.recv().await {
+                match step {
+                    Step::Chunk { bytes, ack } => {
+                        shared.metrics.chunks_received.inc();
+                        shared.metrics.bytes_received.inc_by(bytes);
+                        // The chunk acknowledgement opens the agent's window.
+                        if let Some(ack) = ack {
+                            writer.send(&ack).await?;
+                        }
+                    }
+                    Step::Commit => return Ok(ChunksEnd::Commit),
+                    Step::Stop => return Ok(ChunksEnd::Stopped),
+                    Step::Failed { full, needed } => return Ok(ChunksEnd::Failed { full, needed }),
+                }
+            }
+            Ok(ChunksEnd::Stopped)
+        };
+        tokio::pin!(forward, handle);
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                read = &mut forward, if reading => match read {
+                    Ok(()) => reading = false,
+                    Err(e) => break Err(e),
+                },
+                end = &mut handle => break end,
+            }
+        }
+    };
+    // The futures are gone with their end of the frame channel: the worker finishes the
+    // frame in hand and returns.
+    match worker.await {
+        Ok(work) => (work, end),
+        // Input errors are values, never panics; a panic here is a bug and is re-raised.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 impl Work {
@@ -162,7 +256,10 @@ impl Work {
             {
                 Ok(()) => {
                     self.session.handle_chunk_stored(v.index);
-                    Step::Chunk(self.buf.len() as u64)
+                    Step::Chunk {
+                        bytes: self.buf.len() as u64,
+                        ack: self.session.poll_transmit(),
+                    }
                 }
                 Err(e) => {
                     // Discard and let the agent send the file again from the source: the
@@ -190,7 +287,7 @@ async fn drive(
     writer: &mut FrameWriter,
     mut session: ReceiveSession,
 ) -> (ReceiveSession, Result<(), WireError>) {
-    let mut buf = Vec::new();
+    let mut buf = AlignedBuf::new();
     let first = match reader.read().await {
         Ok(Some(m)) => m,
         Ok(None) => return (session, Ok(())),
@@ -289,43 +386,22 @@ async fn drive(
     debug!(agent = ?agent, path = ?path.as_str(), size = offer.size, have = resumed_from, "receiving");
     reader.set_max(max_data_frame(offer.chunk_size));
 
-    let mut work = Work {
+    let work = Work {
         session,
         partial,
         buf,
     };
-    loop {
-        let msg = match reader.read().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return (work.session, Err(WireError::Truncated)),
-            Err(e) => return (work.session, Err(e)),
-        };
-        let (w, step) = on_blocking_pool(move || {
-            let step = work.step(msg);
-            (work, step)
-        })
-        .await;
-        work = w;
-        match step {
-            Step::Chunk(n) => {
-                shared.metrics.chunks_received.inc();
-                shared.metrics.bytes_received.inc_by(n);
-                // The chunk acknowledgement opens the agent's window for the next one.
-                while let Some(ack) = work.session.poll_transmit() {
-                    if let Err(e) = writer.send(&ack).await {
-                        return (work.session, Err(e));
-                    }
-                }
+    let (work, end) = receive_chunks(shared, reader, writer, work).await;
+    match end {
+        Ok(ChunksEnd::Commit) => {}
+        Ok(ChunksEnd::Stopped) => return (work.session, Ok(())),
+        Ok(ChunksEnd::Failed { full, needed }) => {
+            if full {
+                note_full(shared, needed);
             }
-            Step::Stop => return (work.session, Ok(())),
-            Step::Failed { full, needed } => {
-                if full {
-                    note_full(shared, needed);
-                }
-                return (work.session, Ok(()));
-            }
-            Step::Commit => break,
+            return (work.session, Ok(()));
         }
+        Err(e) => return (work.session, Err(e)),
     }
 
     let Work {
@@ -399,13 +475,5 @@ where
             doing: "storage task".into(),
             source: std::io::Error::other(e.to_string()),
         })),
-    }
-}
-
-async fn on_blocking_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(t) => t,
-        // Input errors are values, never panics; a panic here is a bug and is re-raised.
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }

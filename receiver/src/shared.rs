@@ -61,10 +61,11 @@ pub struct LiveConnection {
 /// Bytes in flight are counted in KiB (semaphore permits are `u32`).
 const BYTES_UNIT: u64 = 1024;
 
-/// Frame memory one file session may hold: its largest frame plus the decompressed chunk.
+/// Frame memory one file session may hold: two of its largest frames (one being
+/// verified and written, the next one read) plus the decompressed chunk.
 pub fn session_bytes(chunk_size: u32) -> u64 {
     let cs = chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
-    max_data_frame(cs) as u64 + u64::from(cs)
+    2 * max_data_frame(cs) as u64 + u64::from(cs)
 }
 
 /// Why a file stream did not get a slot.
@@ -396,10 +397,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bytes_in_flight_bound_an_agent_with_large_chunks() {
-        let (_dir, shared) = shared_with("max_bytes_in_flight_per_agent = \"100 MiB\"");
+        let (_dir, shared) = shared_with("max_bytes_in_flight_per_agent = \"150 MiB\"");
         let agent: Arc<str> = Arc::from("kiso");
         let wait = Duration::from_secs(60);
-        let big = 16 << 20; // each session reserves a 16 MiB frame and chunk: ~32.2 MiB
+        let big = 16 << 20; // each session reserves two 16 MiB frames and a chunk: ~48.3 MiB
         let held: Vec<Slot> = vec![
             shared.acquire_slot(&agent, big, wait).await.unwrap(),
             shared.acquire_slot(&agent, big, wait).await.unwrap(),
@@ -407,7 +408,7 @@ mod tests {
         ];
         let refused = shared.acquire_slot(&agent, big, wait).await.err();
         assert!(
-            matches!(refused, Some(SlotRefusal::AgentBytes { cap, .. }) if cap == 100 << 20),
+            matches!(refused, Some(SlotRefusal::AgentBytes { cap, .. }) if cap == 150 << 20),
             "{refused:?}"
         );
         // Smaller chunks still fit in what is left.

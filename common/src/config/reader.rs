@@ -88,6 +88,11 @@ impl<'a> Section<'a> {
         self.required_string(key, p).map(PathBuf::from)
     }
 
+    pub fn boolean(&mut self, key: &'static str, default: bool, p: &mut Problems) -> bool {
+        self.typed(key, "true or false", p, toml::Value::as_bool)
+            .unwrap_or(default)
+    }
+
     pub fn integer(&mut self, key: &'static str, p: &mut Problems) -> Option<i64> {
         self.typed(key, "an integer", p, toml::Value::as_integer)
     }

@@ -13,6 +13,9 @@ pub struct ReceiverConfig {
     pub id: String,
     pub listen: SocketAddr,
     pub storage_root: PathBuf,
+    /// Write received data with `O_DIRECT` where the filesystem supports it (default):
+    /// no copy into the page cache. Off for filesystems where direct I/O is slow.
+    pub direct_io: bool,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -76,7 +79,7 @@ impl Default for PeerLimits {
 
 /// Smallest `limits.max_bytes_in_flight_per_agent`: one session with the largest chunk
 /// size must fit (a 16 MiB chunk frame plus its 16 MiB decompressed chunk).
-pub const MIN_BYTES_IN_FLIGHT_PER_AGENT: u64 = 33 << 20;
+pub const MIN_BYTES_IN_FLIGHT_PER_AGENT: u64 = 49 << 20;
 
 impl PeerLimits {
     /// Reads the keys of `[limits]` that belong to peer limits.
@@ -119,7 +122,7 @@ impl PeerLimits {
         }
         if limits.max_bytes_in_flight_per_agent < MIN_BYTES_IN_FLIGHT_PER_AGENT {
             p.push(format!(
-                "limits.max_bytes_in_flight_per_agent: {} bytes is too small (at least \"33 MiB\", one session with 16 MiB chunks; the default is \"256 MiB\")",
+                "limits.max_bytes_in_flight_per_agent: {} bytes is too small (at least \"49 MiB\", one session with 16 MiB chunks; the default is \"256 MiB\")",
                 limits.max_bytes_in_flight_per_agent
             ));
         }
@@ -206,6 +209,7 @@ impl ReceiverConfig {
                 ));
             }
         }
+        let direct_io = s.boolean("direct_io", true, p);
         let ca = existing_file_in(&mut s, "ca", base, p);
         let cert = existing_file_in(&mut s, "cert", base, p);
         let key = existing_file_in(&mut s, "key", base, p);
@@ -241,6 +245,7 @@ impl ReceiverConfig {
                     id,
                     listen,
                     storage_root,
+                    direct_io,
                     ca,
                     cert,
                     key,
@@ -299,6 +304,18 @@ mod tests {
         "#;
         let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
         assert_eq!(c.partial_max_age, DEFAULT_PARTIAL_MAX_AGE);
+        assert!(c.direct_io, "direct I/O is the default");
+        let off = base.replace("storage_root", "direct_io = false\nstorage_root");
+        let c = ReceiverConfig::from_table(&off.parse().unwrap(), dir.path()).unwrap();
+        assert!(!c.direct_io);
+        let wrong = base.replace("storage_root", "direct_io = \"yes\"\nstorage_root");
+        let problems = ReceiverConfig::from_table(&wrong.parse().unwrap(), dir.path()).unwrap_err();
+        assert!(
+            problems
+                .join("\n")
+                .contains("receiver.direct_io must be true or false, found string"),
+            "{problems:?}"
+        );
         let two_days = format!("{base}\n[limits]\npartial_max_age = \"2d\"\n");
         let c = ReceiverConfig::from_table(&two_days.parse().unwrap(), dir.path()).unwrap();
         assert_eq!(c.partial_max_age, Duration::from_secs(2 * 86400));

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 
+use crate::buf::AlignedBuf;
 use crate::chunk::{ChunkLayout, ChunkSet};
 use crate::compress;
 use crate::protocol::{
@@ -202,7 +203,7 @@ impl ReceiveSession {
     ///
     /// [`handle_lookup`]: ReceiveSession::handle_lookup
     /// [`handle_chunk_stored`]: ReceiveSession::handle_chunk_stored
-    pub fn handle(&mut self, msg: Message, buf: &mut Vec<u8>) -> Result<Event, Reject> {
+    pub fn handle(&mut self, msg: Message, buf: &mut AlignedBuf) -> Result<Event, Reject> {
         match msg {
             Message::Offer(o) if self.state == State::AwaitOffer => {
                 self.handle_offer(o).map(|()| Event::Offered)
@@ -327,7 +328,7 @@ impl ReceiveSession {
     /// raw length equal to the layout's, decompression bounded by that length, the
     /// chunk's BLAKE3 value at its index ([`crate::chunk::chunk_value`]) equal to the
     /// chunk hash. The value binds the offset: bytes sent under another index fail.
-    fn handle_chunk(&mut self, c: Chunk, buf: &mut Vec<u8>) -> Result<VerifiedChunk, Reject> {
+    fn handle_chunk(&mut self, c: Chunk, buf: &mut AlignedBuf) -> Result<VerifiedChunk, Reject> {
         let path = self.path().map(ToString::to_string).unwrap_or_default();
         let count = self.layout.count();
         let Some(expected_len) = self.layout.len(c.index) else {

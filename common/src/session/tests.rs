@@ -6,6 +6,7 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 
 use super::*;
+use crate::buf::AlignedBuf;
 use crate::chunk::{chunk_value, hash_bytes, ChunkLayout, ChunkSet};
 use crate::compress::Compressor;
 use crate::protocol::{
@@ -63,7 +64,7 @@ fn run(
     let mut send = SendSession::new(offer, 1);
     let mut recv = ReceiveSession::new(1 << 40);
     let mut compressor = Compressor::new(1);
-    let mut buf = Vec::new();
+    let mut buf = AlignedBuf::new();
 
     let mut deliver = |msg: Message, recv: &mut ReceiveSession, disk: &mut Disk| {
         let max = max_data_frame(CS);
@@ -395,7 +396,7 @@ fn an_offer_without_room_gets_only_a_storage_full_rejection() {
         chunk_size: MIN_CHUNK_SIZE,
     };
     let mut recv = ReceiveSession::new(tib);
-    let mut buf = Vec::new();
+    let mut buf = AlignedBuf::new();
     assert_eq!(
         recv.handle(Message::Offer(o.clone()), &mut buf),
         Ok(Event::Offered)
@@ -533,7 +534,7 @@ fn a_finished_session_sends_nothing_after_its_verdict() {
             payload: vec![0; CS as usize].into(),
         })
     };
-    let mut buf = Vec::new();
+    let mut buf = AlignedBuf::new();
 
     // Already stored: the ack is the verdict; a later frame and a later failure add nothing.
     let mut recv = ReceiveSession::new(1 << 40);

@@ -23,10 +23,11 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use skyferry_common::buf::DIRECT_IO_ALIGN;
 use skyferry_common::chunk::{chunk_value, ChunkLayout, ChunkSet, TreeHasher};
 use skyferry_common::protocol::{ChunkRange, Hash, Offer};
 use skyferry_common::relpath::RelPath;
@@ -47,6 +48,10 @@ const LOG_SLOT: usize = 33;
 /// A file being received.
 pub struct Partial {
     pub(super) file: File,
+    /// The same file opened with `O_DIRECT`, when asked for and the filesystem allows
+    /// it: chunks go from the receive buffer to the device without a copy into the page
+    /// cache (see [`Partial::write_chunk`]).
+    pub(super) direct: Option<File>,
     log: File,
     /// Offset of slot 0 in the log.
     slots_at: u64,
@@ -65,6 +70,7 @@ impl Partial {
         log: PathBuf,
         rel: &RelPath,
         offer: &Offer,
+        direct_io: bool,
     ) -> Result<Partial, StorageError> {
         let existing = read_log(&log).ok().filter(|s| s.matches(offer));
         let (state, fresh) = match existing {
@@ -103,6 +109,7 @@ impl Partial {
         match opened {
             Ok((file, log_file)) => Ok(Partial {
                 file,
+                direct: direct_io.then(|| open_direct(&part)).flatten(),
                 log: log_file,
                 slots_at: (LOG_HEADER + rel.as_str().len()) as u64,
                 part_path: part,
@@ -134,8 +141,7 @@ impl Partial {
         data: &[u8],
         value: &Hash,
     ) -> Result<(), StorageError> {
-        self.file
-            .write_all_at(data, offset)
+        self.write_data(data, offset)
             .map_err(|e| StorageError::io(format!("writing {}", self.part_path.display()), e))?;
         self.log
             .write_all_at(
@@ -145,6 +151,35 @@ impl Partial {
             .map_err(|e| StorageError::io(format!("writing {}", self.log_path.display()), e))?;
         self.state.have.insert(index);
         Ok(())
+    }
+
+    /// Writes chunk bytes at `offset`. With `O_DIRECT` the aligned part goes straight to
+    /// the device and only a tail shorter than [`DIRECT_IO_ALIGN`] (the file's last
+    /// bytes) through the page cache; both reach the disk at the publish's fsync. On a
+    /// virtual machine the page-cache copy of a buffered write costs ~10 times a plain
+    /// memory copy (docs/architecture.md, "Storage writes"), and an archive that is
+    /// written once gains nothing from caching what it writes.
+    fn write_data(&mut self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let align = DIRECT_IO_ALIGN as u64;
+        let aligned = data.len() - data.len() % DIRECT_IO_ALIGN;
+        let direct_ok =
+            (data.as_ptr() as usize) & (DIRECT_IO_ALIGN - 1) == 0 && offset & (align - 1) == 0;
+        if let (Some(direct), true, true) = (&self.direct, direct_ok, aligned > 0) {
+            match direct.write_all_at(&data[..aligned], offset) {
+                Ok(()) => {
+                    return self
+                        .file
+                        .write_all_at(&data[aligned..], offset + aligned as u64)
+                }
+                // The filesystem took the O_DIRECT open but not this write: buffered
+                // writes from now on (what was written stays valid).
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    self.direct = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all_at(data, offset)
     }
 
     /// The whole file's BLAKE3, derived from the recorded chunk values in index order;
@@ -218,6 +253,17 @@ impl Partial {
     pub fn missing_bytes(&self) -> u64 {
         self.state.have.missing_bytes(&self.layout())
     }
+}
+
+/// The partial opened again with `O_DIRECT` for writing, or `None` where the filesystem
+/// does not support it (tmpfs before Linux 6.6, some network filesystems): writes then
+/// go through the page cache as usual.
+fn open_direct(part: &Path) -> Option<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(part)
+        .ok()
 }
 
 /// A short human list of chunk ranges (`[2], [7..9]`, then `and more (N in all)`), for
@@ -408,6 +454,7 @@ pub(super) fn read_checked(
     };
     let mut partial = Partial {
         file: open(part, false)?,
+        direct: None,
         log: open(log, true)?,
         slots_at: (LOG_HEADER + rel.as_str().len()) as u64,
         part_path: part.to_owned(),
