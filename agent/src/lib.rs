@@ -12,6 +12,7 @@
 // Tests may unwrap: a panic there is a failed test, not a crash.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod buffers;
 pub mod journal;
 pub mod link;
 pub mod metrics;

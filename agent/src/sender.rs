@@ -270,6 +270,7 @@ impl Sender {
             window: self.config.transfer.chunks_in_flight(),
             metrics: self.metrics.clone(),
             tally: self.tally.clone(),
+            buffers: Arc::new(crate::buffers::ChunkBuffers::new(POOLED_BUFFERS)),
         });
         let parallel = self.config.transfer.parallel_files;
         let mut uploads = JoinSet::new();
@@ -353,6 +354,9 @@ impl Sender {
         why
     }
 }
+
+/// Chunk buffers a connection keeps for reuse (16 × 4 MiB chunks at most while idle).
+const POOLED_BUFFERS: usize = 16;
 
 /// How often quinn's statistics are copied into the metrics.
 const QUIC_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);

@@ -38,6 +38,8 @@ pub struct UploadContext {
     pub window: u32,
     pub metrics: Arc<Metrics>,
     pub tally: Arc<Tally>,
+    /// Read buffers, reused once QUIC has let go of them.
+    pub buffers: Arc<crate::buffers::ChunkBuffers>,
 }
 
 /// The source file, opened and checked to be the journaled version.
@@ -366,6 +368,7 @@ async fn exchange(
             source.file.clone(),
             ctx.compression_level,
             ctx.link.clone(),
+            ctx.buffers.clone(),
         );
         while session.outcome().is_none()
             && (session.chunks_to_send() > 0 || session.awaits_file_hash())
@@ -464,6 +467,7 @@ fn spawn_chunk_reader(
     file: Arc<File>,
     level: i32,
     link: Arc<crate::link::LinkMeter>,
+    buffers: Arc<crate::buffers::ChunkBuffers>,
 ) -> mpsc::Receiver<std::io::Result<ReadItem>> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
@@ -485,17 +489,20 @@ fn spawn_chunk_reader(
             let len = layout.len(index).unwrap_or(0);
             let item = if send {
                 planned.next();
-                // A fresh buffer per chunk: it becomes the payload and is handed to QUIC
-                // without a copy.
-                let mut raw = vec![0u8; len as usize];
+                // The buffer becomes the payload and is handed to QUIC without a copy;
+                // the pool takes it back once QUIC has dropped it.
+                let mut raw = buffers.take(len as usize);
                 file.read_exact_at(&mut raw, layout.offset(index))
                     .map(|()| {
                         let chunk_hash = chunk_value(&layout, index, &raw);
                         tree.push(chunk_hash);
                         let (codec, payload) = if link.compress_now() {
-                            compressor.encode(raw)
+                            let (codec, payload) = compressor.encode(raw.to_vec());
+                            (codec, Bytes::from(payload))
                         } else {
-                            (Codec::Raw, raw)
+                            let payload = raw.freeze();
+                            buffers.keep(&payload);
+                            (Codec::Raw, payload)
                         };
                         Some(ReadItem::Chunk(
                             Message::Chunk(Chunk {
@@ -503,7 +510,7 @@ fn spawn_chunk_reader(
                                 codec,
                                 raw_len: len,
                                 chunk_hash,
-                                payload: Bytes::from(payload),
+                                payload,
                             }),
                             len,
                         ))
