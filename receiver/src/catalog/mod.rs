@@ -88,6 +88,11 @@ pub struct Catalog {
     staging: Mutex<Staging>,
     metrics: CatalogMetrics,
     exporter: export::Exporter,
+    /// Test hook for crash tests: `SKYFERRY_CATALOG_KILL_BEFORE_ROW=N` makes the process
+    /// SIGKILL itself before writing its N-th new row (the file is published, its row
+    /// not written: the moment the kill -9 test needs). Unset in production.
+    kill_before_row: Option<u64>,
+    rows_started: std::sync::atomic::AtomicU64,
 }
 
 impl Catalog {
@@ -113,6 +118,10 @@ impl Catalog {
             staging: Mutex::new(staging),
             metrics,
             exporter,
+            kill_before_row: std::env::var("SKYFERRY_CATALOG_KILL_BEFORE_ROW")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            rows_started: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -143,6 +152,14 @@ impl Catalog {
     }
 
     fn insert(&self, row: &Row) -> Result<(), CatalogError> {
+        if let Some(n) = self.kill_before_row {
+            let started = self
+                .rows_started
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if started + 1 == n {
+                kill_self();
+            }
+        }
         let inserted = self.staging().insert(row, now_us());
         match inserted {
             Ok(Inserted::New { .. }) => {
@@ -253,6 +270,18 @@ pub fn read_row(
         superseded_at_us: None,
         night,
         fields,
+    }
+}
+
+/// SIGKILL to this process (through `kill`: no unsafe code), for the crash-test hook.
+fn kill_self() -> ! {
+    tracing::warn!("SKYFERRY_CATALOG_KILL_BEFORE_ROW: killing this process (-9) as asked");
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &std::process::id().to_string()])
+        .status();
+    // The signal is on its way; never go on to write the row.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
