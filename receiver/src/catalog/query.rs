@@ -474,3 +474,153 @@ pub fn read_summary(dir: &Path) -> Result<Vec<NightSummary>, QueryError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::arrow_file::{write_night, write_summary, NightSummary};
+    use crate::catalog::row::{Fields, Row};
+    use proptest::prelude::*;
+
+    /// Rows spread over the sphere, denser near the poles and around RA = 0/360, in two
+    /// nights of several batches each; one row in ten has no position.
+    fn catalog() -> (tempfile::TempDir, Vec<Row>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut rows = Vec::new();
+        let nights: [NaiveDate; 2] = ["2024-05-01".parse().unwrap(), "2024-05-02".parse().unwrap()];
+        for i in 0..12_000u32 {
+            let (ra, dec) = match i % 4 {
+                0 => (next() * 360.0, (2.0 * next() - 1.0).asin().to_degrees()),
+                1 => (next() * 360.0, 85.0 + 5.0 * next()),
+                2 => (next() * 360.0, -85.0 - 5.0 * next()),
+                _ => ((next() * 4.0 - 2.0).rem_euclid(360.0), next() * 10.0 - 5.0),
+            };
+            let positioned = i % 10 != 9;
+            let mut f = Fields {
+                data_format: "fits".into(),
+                ..Fields::default()
+            };
+            if positioned {
+                f.s_ra = Some(ra);
+                f.s_dec = Some(dec);
+                f.healpix = Some(sky::index(ra, dec));
+            }
+            rows.push(Row {
+                agent: "kiso".into(),
+                path: format!("f{i}.fits"),
+                blake3: [0; 32],
+                size_bytes: 1,
+                mtime_ns: 0,
+                received_at_us: 0,
+                version: 1,
+                superseded_at_us: None,
+                night: nights[(i % 2) as usize],
+                fields: f,
+            });
+        }
+        let mut summaries = Vec::new();
+        for n in nights {
+            let of: Vec<Row> = rows.iter().filter(|r| r.night == n).cloned().collect();
+            let bytes = write_night(dir.path(), n, of.clone(), "test").unwrap();
+            summaries.push(NightSummary::of(n, &of, bytes));
+        }
+        write_summary(dir.path(), &summaries).unwrap();
+        (dir, rows)
+    }
+
+    fn brute_force(rows: &[Row], c: Cone) -> Vec<String> {
+        let mut v: Vec<String> = rows
+            .iter()
+            .filter(|r| match (r.fields.s_ra, r.fields.s_dec) {
+                (Some(ra), Some(dec)) => sky::separation(c.ra, c.dec, ra, dec) <= c.radius,
+                _ => false,
+            })
+            .map(|r| r.path.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn searched(dir: &Path, c: Cone) -> (Vec<String>, usize) {
+        let m = run(
+            dir,
+            &Query {
+                cone: Some(c),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        let path = m.schema.index_of("path").unwrap();
+        let mut v: Vec<String> = m
+            .batches
+            .iter()
+            .flat_map(|(b, rows)| {
+                let col = b.column(path).as_string::<i32>().clone();
+                rows.iter().map(move |&i| col.value(i).to_owned()).collect::<Vec<_>>()
+            })
+            .collect();
+        v.sort();
+        (v, m.batches_read)
+    }
+
+    static CATALOG: std::sync::OnceLock<(tempfile::TempDir, Vec<Row>)> = std::sync::OnceLock::new();
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// The cone search is exact: it finds what a brute-force distance test over every
+        /// row finds, for cones anywhere (across RA = 0/360 and over the poles), small and
+        /// large.
+        #[test]
+        fn cone_search_equals_brute_force(
+            ra in prop_oneof![0.0..360.0, 358.0..360.0, 0.0..2.0],
+            dec in prop_oneof![-90.0..=90.0, 80.0..=90.0, -90.0..=-80.0],
+            radius in prop_oneof![0.01..1.0, 1.0..20.0, 20.0..120.0],
+        ) {
+            let (dir, rows) = CATALOG.get_or_init(catalog);
+            let c = Cone { ra, dec, radius };
+            prop_assert_eq!(searched(dir.path(), c).0, brute_force(rows, c));
+        }
+    }
+
+    #[test]
+    fn a_small_cone_reads_few_batches_and_the_pole_and_ra_zero_are_found() {
+        let (dir, rows) = CATALOG.get_or_init(catalog);
+        for c in [
+            Cone { ra: 0.0, dec: 90.0, radius: 2.0 },
+            Cone { ra: 359.9, dec: 0.0, radius: 1.5 },
+            Cone { ra: 120.0, dec: -89.0, radius: 3.0 },
+        ] {
+            let (found, _) = searched(dir.path(), c);
+            assert!(!found.is_empty(), "{c:?} found nothing");
+            assert_eq!(found, brute_force(rows, c));
+        }
+        let (_, read) = searched(dir.path(), Cone { ra: 200.0, dec: 30.0, radius: 0.1 });
+        let total = rows.len().div_ceil(2).div_ceil(arrow_file::BATCH_ROWS) * 2;
+        assert!(read <= 2, "read {read} of {total} batches for a 0.1° cone");
+    }
+
+    #[test]
+    fn bad_cones_and_times_say_what_is_wrong() {
+        for (arg, want) in [
+            ("361,0,1", "RA \"361\""),
+            ("10,-91,1", "Dec \"-91\""),
+            ("10,0,0", "radius \"0\""),
+            ("10,0", "expected RA,DEC,RADIUS"),
+            ("24:00:00,0,1", "RA"),
+        ] {
+            let e = Cone::parse(arg).unwrap_err().to_string();
+            assert!(e.contains(want), "{arg}: {e}");
+        }
+        let c = Cone::parse("05:35:17.3,-05:23:28,0.5").unwrap();
+        assert!((c.ra - 83.822).abs() < 1e-3 && (c.dec + 5.391).abs() < 1e-3);
+        assert!(parse_time_arg("--since", "2024-13-40").is_err());
+        assert_eq!(parse_time_arg("--since", "2024-05-01T10:30:00Z").unwrap(), 60431.4375);
+    }
+}
