@@ -563,7 +563,9 @@ mod tests {
             .iter()
             .flat_map(|(b, rows)| {
                 let col = b.column(path).as_string::<i32>().clone();
-                rows.iter().map(move |&i| col.value(i).to_owned()).collect::<Vec<_>>()
+                rows.iter()
+                    .map(move |&i| col.value(i).to_owned())
+                    .collect::<Vec<_>>()
             })
             .collect();
         v.sort();
@@ -593,15 +595,34 @@ mod tests {
     fn a_small_cone_reads_few_batches_and_the_pole_and_ra_zero_are_found() {
         let (dir, rows) = CATALOG.get_or_init(catalog);
         for c in [
-            Cone { ra: 0.0, dec: 90.0, radius: 2.0 },
-            Cone { ra: 359.9, dec: 0.0, radius: 1.5 },
-            Cone { ra: 120.0, dec: -89.0, radius: 3.0 },
+            Cone {
+                ra: 0.0,
+                dec: 90.0,
+                radius: 2.0,
+            },
+            Cone {
+                ra: 359.9,
+                dec: 0.0,
+                radius: 1.5,
+            },
+            Cone {
+                ra: 120.0,
+                dec: -89.0,
+                radius: 3.0,
+            },
         ] {
             let (found, _) = searched(dir.path(), c);
             assert!(!found.is_empty(), "{c:?} found nothing");
             assert_eq!(found, brute_force(rows, c));
         }
-        let (_, read) = searched(dir.path(), Cone { ra: 200.0, dec: 30.0, radius: 0.1 });
+        let (_, read) = searched(
+            dir.path(),
+            Cone {
+                ra: 200.0,
+                dec: 30.0,
+                radius: 0.1,
+            },
+        );
         let total = rows.len().div_ceil(2).div_ceil(arrow_file::BATCH_ROWS) * 2;
         assert!(read <= 2, "read {read} of {total} batches for a 0.1° cone");
     }
@@ -621,6 +642,9 @@ mod tests {
         let c = Cone::parse("05:35:17.3,-05:23:28,0.5").unwrap();
         assert!((c.ra - 83.822).abs() < 1e-3 && (c.dec + 5.391).abs() < 1e-3);
         assert!(parse_time_arg("--since", "2024-13-40").is_err());
-        assert_eq!(parse_time_arg("--since", "2024-05-01T10:30:00Z").unwrap(), 60431.4375);
+        assert_eq!(
+            parse_time_arg("--since", "2024-05-01T10:30:00Z").unwrap(),
+            60431.4375
+        );
     }
 }
