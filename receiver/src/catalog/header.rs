@@ -200,7 +200,8 @@ fn read_one(input: &mut impl Read, primary: bool) -> One {
         if n == 0 {
             let first = &block[..got.min(CARD)];
             let want: &[u8] = if primary { b"SIMPLE  =" } else { b"XTENSION=" };
-            if !first.starts_with(want) && !(got < want.len() && want.starts_with(first)) {
+            let partial = got < want.len() && want.starts_with(first);
+            if !(first.starts_with(want) || partial) {
                 return if primary {
                     One::NotFits("does not start with a FITS SIMPLE card".into())
                 } else {
@@ -267,8 +268,8 @@ fn parse_card(card: &str, cards: &mut Vec<(String, String)>) {
         }
         return;
     }
-    if rest.starts_with("= ") {
-        push(cards, keyword.to_owned(), parse_value(&rest[2..]));
+    if let Some(value) = rest.strip_prefix("= ") {
+        push(cards, keyword.to_owned(), parse_value(value));
     } else if matches!(keyword, "COMMENT" | "HISTORY" | "") {
         let text = rest.trim_end();
         if keyword.is_empty() && text.trim().is_empty() {

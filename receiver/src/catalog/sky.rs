@@ -18,7 +18,7 @@ pub fn index(ra: f64, dec: f64) -> u64 {
 /// superfluous area stays small and the number of ranges bounded.
 pub fn cone_ranges(ra: f64, dec: f64, radius: f64) -> Vec<Range<u64>> {
     if radius >= 180.0 {
-        return vec![0..12u64 << (2 * DEPTH as u32)];
+        return std::iter::once(0..12u64 << (2 * DEPTH as u32)).collect();
     }
     // Cell size at depth d is about 58.6° / 2^d.
     let mut depth = 0u8;
@@ -89,7 +89,7 @@ fn sexagesimal(s: &str) -> Option<(bool, f64, f64, f64)> {
         None => (false, t.strip_prefix('+').unwrap_or(t)),
     };
     let parts: Vec<&str> = t
-        .split(|c: char| matches!(c, ':' | ' ' | 'h' | 'd' | 'm' | 's' | '°' | '\'' | '"'))
+        .split([':', ' ', 'h', 'd', 'm', 's', '°', '\'', '"'])
         .filter(|p| !p.is_empty())
         .collect();
     if parts.len() < 2 || parts.len() > 3 {
