@@ -93,6 +93,32 @@ impl Inventory {
         Ok(())
     }
 
+    /// Every row, with the time it was stored (Unix seconds), in (agent, path) order: what
+    /// `catalog rebuild` walks.
+    pub fn all(&self) -> rusqlite::Result<Vec<(StoredFile, i64)>> {
+        let mut stmt = self.db.prepare(
+            "SELECT agent, path, hash, size, mtime_ns, stored_at FROM stored ORDER BY agent, path",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let blob: Vec<u8> = r.get(2)?;
+            let mut hash = [0u8; 32];
+            if blob.len() == 32 {
+                hash.copy_from_slice(&blob);
+            }
+            Ok((
+                StoredFile {
+                    agent: r.get(0)?,
+                    path: r.get(1)?,
+                    hash,
+                    size: r.get::<_, i64>(3)? as u64,
+                    mtime_ns: r.get(4)?,
+                },
+                r.get(5)?,
+            ))
+        })?;
+        rows.collect()
+    }
+
     /// Removes the row of (agent, path), if any.
     pub fn forget(&self, agent: &str, path: &str) -> rusqlite::Result<()> {
         self.db

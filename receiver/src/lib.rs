@@ -7,6 +7,7 @@
 // Tests may unwrap: a panic there is a failed test, not a crash.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod catalog;
 pub mod health;
 pub mod inventory;
 pub mod metrics;
@@ -55,13 +56,32 @@ pub async fn run(
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
     ready(addr);
-    let shared = Arc::new(shared::Shared::new(config, storage));
+    let mut shared = shared::Shared::new(config, storage);
+    if shared.config.catalog.enabled {
+        let (c, root, metrics) = (
+            shared.config.catalog.clone(),
+            shared.config.storage_root.clone(),
+            shared.metrics.catalog.clone(),
+        );
+        let catalog =
+            tokio::task::spawn_blocking(move || catalog::Catalog::open(&c, &root, metrics))
+                .await?
+                .context("opening the catalog")?;
+        shared = shared.with_catalog(Arc::new(catalog));
+    }
+    let shared = Arc::new(shared);
     let background = TaskTracker::new();
     background.spawn(sweep_partials(shared.clone(), shutdown.clone()));
     let grace = shared.config.shutdown_grace;
+    let catalog = shared.catalog.clone();
     server::serve(endpoint, shared, shutdown, grace).await;
     background.close();
     background.wait().await;
+    if let Some(catalog) = catalog {
+        // Night files still out of date are written now (they would be at the next start
+        // otherwise: which nights are out of date is durable).
+        let _ = tokio::task::spawn_blocking(move || catalog.close()).await;
+    }
     Ok(())
 }
 

@@ -24,8 +24,30 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// The catalog's counters (`skyferry_receiver_catalog_*`), cloned into the catalog.
+#[derive(Clone, Default)]
+pub struct CatalogMetrics {
+    /// Rows added (new file versions).
+    pub rows: Counter,
+    /// Files catalogued without a usable header, by `data_format` (`not_fits`,
+    /// `fits_truncated`, `fits_broken`: a fixed set).
+    pub unreadable: Family<FormatLabels, Counter>,
+    /// Rows that could not be written (the file was not acknowledged).
+    pub errors: Counter,
+    /// Night files written.
+    pub exports: Counter,
+    /// Night file writes that failed (retried at the next flush).
+    pub export_errors: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FormatLabels {
+    pub format: &'static str,
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    pub catalog: CatalogMetrics,
     pub files_stored: Counter,
     pub files_already_stored: Counter,
     pub bytes_stored: Counter,
@@ -118,6 +140,34 @@ impl Metrics {
             "Connections closed because a newer one of the same agent id arrived (after an \
              agent crash; a steady rise means two agents run with one id)",
             self.connections_superseded.clone(),
+        );
+        let c = &self.catalog;
+        r.register(
+            "catalog_rows",
+            "Catalog rows added, one per new stored file version",
+            c.rows.clone(),
+        );
+        r.register(
+            "catalog_unreadable_files",
+            "Files stored and catalogued without a usable FITS header, by data_format \
+             (not_fits, fits_truncated, fits_broken)",
+            c.unreadable.clone(),
+        );
+        r.register(
+            "catalog_errors",
+            "Catalog rows that could not be written (the file was not acknowledged; the \
+             agent offers it again)",
+            c.errors.clone(),
+        );
+        r.register(
+            "catalog_exports",
+            "Night files of the catalog written",
+            c.exports.clone(),
+        );
+        r.register(
+            "catalog_export_errors",
+            "Night file writes that failed (retried at the next flush)",
+            c.export_errors.clone(),
         );
     }
 

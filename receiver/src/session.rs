@@ -316,6 +316,16 @@ async fn drive(
             return (session, Ok(()));
         }
     };
+    // Whatever is stored at the path has its catalog row before anything is acknowledged
+    // (a crash between publication and the catalog write left it without one).
+    if let (Some(stored), Some(catalog)) = (lookup.stored, &shared.catalog) {
+        let catalogued =
+            catalog.ensure_stored(agent, path.as_str(), stored.hash, stored.size, None);
+        if let Err(r) = catalogued.await {
+            session.fail(r);
+            return (session, Ok(()));
+        }
+    }
     let mut decision = session.handle_lookup(lookup);
     if decision == OfferDecision::NeedHash {
         // A file of this path and size is stored: the agent hashes its source and
@@ -438,7 +448,21 @@ async fn drive(
                     }
                 }
             }
-            session.handle_published(Ok(published.stored_path));
+            // Acknowledged only once its catalog row is durable.
+            let catalogued = match &shared.catalog {
+                Some(c) => {
+                    c.ensure_stored(
+                        agent,
+                        path.as_str(),
+                        expected,
+                        offer.size,
+                        Some(offer.mtime_ns),
+                    )
+                    .await
+                }
+                None => Ok(()),
+            };
+            session.handle_published(catalogued.map(|()| published.stored_path));
         }
         Err(e) => {
             if let PublishError::Storage(s) = &e {

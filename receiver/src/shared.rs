@@ -18,6 +18,7 @@ use skyferry_common::protocol::{max_data_frame, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::Catalog;
 use crate::health::StorageHealth;
 use crate::metrics::Metrics;
 use crate::storage::Storage;
@@ -28,6 +29,8 @@ pub struct Shared {
     pub storage: Arc<Storage>,
     pub health: StorageHealth,
     pub metrics: Metrics,
+    /// The catalog, unless `catalog.enabled = false`.
+    pub catalog: Option<Arc<Catalog>>,
     /// `limits.max_concurrent_files`, over all agents.
     pub file_slots: Arc<Semaphore>,
     busy: Mutex<HashSet<(Arc<str>, String)>>,
@@ -163,6 +166,7 @@ impl Shared {
             storage: Arc::new(storage),
             health: StorageHealth::default(),
             metrics: Metrics::default(),
+            catalog: None,
             busy: Mutex::new(HashSet::new()),
             agents: Mutex::new(HashMap::new()),
             per_certificate: Mutex::new(HashMap::new()),
@@ -170,6 +174,12 @@ impl Shared {
             next_generation: AtomicU64::new(1),
             throttle: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// With `catalog`: files are acknowledged once their row is written.
+    pub fn with_catalog(mut self, catalog: Arc<Catalog>) -> Shared {
+        self.catalog = Some(catalog);
+        self
     }
 
     fn busy_set(&self) -> MutexGuard<'_, HashSet<(Arc<str>, String)>> {

@@ -12,6 +12,7 @@
 //! The `skyferry-demo` and `skyferry-bench` binaries are built on these modules.
 
 pub mod binaries;
+pub mod catalog;
 pub mod faults;
 pub mod fits;
 pub mod hostile;

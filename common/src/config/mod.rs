@@ -6,6 +6,7 @@
 //! itself rather than going through serde, because serde stops at the first error.
 
 mod agent;
+mod catalog;
 mod check;
 mod reader;
 mod receiver;
@@ -14,6 +15,7 @@ pub use agent::{
     AgentConfig, Blocklist, Endpoint, MessageFormat, PathFilter, RedisConfig, RedisMode,
     TransferConfig, WatchConfig, DEFAULT_EXCLUDES,
 };
+pub use catalog::{CatalogConfig, HeaderKeys};
 pub use reader::{parse_duration, parse_size};
 pub use receiver::{PeerLimits, ReceiverConfig, MIN_BYTES_IN_FLIGHT_PER_AGENT};
 

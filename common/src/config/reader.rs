@@ -88,6 +88,11 @@ impl<'a> Section<'a> {
         self.required_string(key, p).map(PathBuf::from)
     }
 
+    /// Marks `key` as known without reading it (a sub-table read on its own).
+    pub fn known(&mut self, key: &'static str) {
+        self.used.insert(key);
+    }
+
     pub fn boolean(&mut self, key: &'static str, default: bool, p: &mut Problems) -> bool {
         self.typed(key, "true or false", p, toml::Value::as_bool)
             .unwrap_or(default)

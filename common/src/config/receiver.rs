@@ -29,6 +29,8 @@ pub struct ReceiverConfig {
     pub shutdown_grace: Duration,
     /// What one agent, and all of them together, may hold of the receiver.
     pub peer_limits: PeerLimits,
+    /// `[catalog]`: FITS headers into rows and Arrow files (docs/catalog.md).
+    pub catalog: super::CatalogConfig,
 }
 
 /// Per-agent and total limits on connections, streams, file slots, buffered bytes and
@@ -185,7 +187,7 @@ impl ReceiverConfig {
         depth: Depth<'_>,
     ) -> Result<ReceiverConfig, Problems> {
         let p = &mut Problems::new();
-        unknown_tables(root, &["receiver", "limits"], p);
+        unknown_tables(root, &["receiver", "limits", "catalog"], p);
 
         let mut s = Section::of(root, "receiver", p);
         let id = s
@@ -238,6 +240,7 @@ impl ReceiverConfig {
             ));
         }
         s.finish(p);
+        let catalog = super::CatalogConfig::read(root, base, storage_root.as_deref(), p);
 
         match (listen, storage_root, ca, cert, key) {
             (Some(listen), Some(storage_root), Some(ca), Some(cert), Some(key)) if p.is_empty() => {
@@ -255,6 +258,7 @@ impl ReceiverConfig {
                     partial_max_age,
                     shutdown_grace,
                     peer_limits,
+                    catalog,
                 })
             }
             _ => Err(std::mem::take(p)),

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{padded, FitsParams};
+use super::{padded, FitsParams, HeaderStyle};
 
 /// MJD of the first exposure: 2024-05-01T10:30:00 UTC (19:30 JST at Kiso).
 const FIRST_EXPOSURE_MJD: f64 = 60431.4375;
@@ -24,6 +24,7 @@ fn header_cards(p: &FitsParams) -> Vec<(&'static str, Value, &'static str)> {
     use Value::*;
     let mjd = exposure_mjd(p.exposure_id);
     let (ra, dec) = detector_centre(p.exposure_id, p.detector);
+    let tomoe = p.style == HeaderStyle::TomoE;
     let mut cards = vec![
         ("SIMPLE", Logical(true), "conforms to FITS standard"),
         ("BITPIX", Int(16), "array data type"),
@@ -53,11 +54,60 @@ fn header_cards(p: &FitsParams) -> Vec<(&'static str, Value, &'static str)> {
             Str("Tomo-e Gozen transient survey".into()),
             "project",
         ),
-        (
-            "OBJECT",
-            Str(format!("TMQ-F{:04}", p.exposure_id % 10_000)),
-            "field name",
-        ),
+        ("OBJECT", Str(object(p.exposure_id)), "field name"),
+    ]);
+    if tomoe {
+        let iso = iso_time(mjd);
+        let (date, time) = iso.split_once('T').unwrap_or((&iso, ""));
+        let det_key = if p.detector % 2 == 1 {
+            "DET_ID"
+        } else {
+            "DET-ID"
+        };
+        cards.extend([
+            ("EXP_ID", Int(p.exposure_id.into()), "exposure id"),
+            (det_key, Int(p.detector.into()), "detector id (1..84)"),
+            ("DATA-TYP", Str("OBJECT".into()), "data type"),
+            (
+                "DATE-OBS",
+                Str(date.to_owned()),
+                "[UTC] date of the exposure start",
+            ),
+            (
+                "UTC",
+                Str(time.to_owned()),
+                "[UTC] time of the exposure start",
+            ),
+            (
+                "TIME-OBS",
+                Str(time.to_owned()),
+                "[UTC] time of the exposure start",
+            ),
+            (
+                "DATA-FPS",
+                Real(1.0 / FRAME_SECONDS, 3),
+                "[Hz] frames per second",
+            ),
+            (
+                "TFRAME",
+                Real(FRAME_SECONDS, 3),
+                "[s] exposure time of one frame",
+            ),
+            (
+                "RA",
+                Str(ra_sexagesimal(ra)),
+                "[h:m:s] telescope pointing (J2000)",
+            ),
+            (
+                "DEC",
+                Str(dec_sexagesimal(dec)),
+                "[d:m:s] telescope pointing (J2000)",
+            ),
+            ("EQUINOX", Real(2000.0, 1), "equinox of coordinates"),
+        ]);
+        return cards;
+    }
+    cards.extend([
         ("EXP-ID", Int(p.exposure_id.into()), "exposure id"),
         ("DET-ID", Int(p.detector.into()), "detector id (1..84)"),
         ("DATE-OBS", Str(iso_time(mjd)), "[UTC] start of exposure"),
@@ -77,6 +127,60 @@ fn header_cards(p: &FitsParams) -> Vec<(&'static str, Value, &'static str)> {
         ("EQUINOX", Real(2000.0, 1), "equinox of coordinates"),
     ]);
     cards
+}
+
+fn object(exposure_id: u32) -> String {
+    format!("TMQ-F{:04}", exposure_id % 10_000)
+}
+
+/// `hh:mm:ss.s` of a right ascension in degrees.
+pub fn ra_sexagesimal(ra: f64) -> String {
+    let tenths = (ra / 15.0 * 36_000.0).round() as i64 % (24 * 36_000);
+    format!(
+        "{:02}:{:02}:{:02}.{}",
+        tenths / 36_000,
+        tenths / 600 % 60,
+        tenths / 10 % 60,
+        tenths % 10
+    )
+}
+
+/// `±dd:mm:ss` of a declination in degrees.
+pub fn dec_sexagesimal(dec: f64) -> String {
+    let secs = (dec.abs() * 3600.0).round() as i64;
+    let sign = if dec < 0.0 { '-' } else { '+' };
+    format!(
+        "{sign}{:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// What the header of `p` says, for tests to compare the catalog with.
+pub(super) fn expected(p: &FitsParams) -> super::Expected {
+    let mjd = exposure_mjd(p.exposure_id);
+    let (mut ra, mut dec) = detector_centre(p.exposure_id, p.detector);
+    if p.style == HeaderStyle::TomoE {
+        let t = (ra / 15.0 * 36_000.0).round() % (24.0 * 36_000.0);
+        ra = t / 36_000.0 * 15.0;
+        dec = dec.signum() * (dec.abs() * 3600.0).round() / 3600.0;
+    } else {
+        ra = (ra * 1e6).round() / 1e6;
+        dec = (dec * 1e6).round() / 1e6;
+    }
+    let n = night_of(mjd);
+    super::Expected {
+        object: object(p.exposure_id),
+        exp_id: p.exposure_id.to_string(),
+        det_id: p.detector.to_string(),
+        ra,
+        dec,
+        // The header holds milliseconds (ISO) or 8 decimals (MJD-OBS).
+        mjd: (mjd * 86_400_000.0).round() / 86_400_000.0,
+        night: format!("{}-{}-{}", &n[..4], &n[4..6], &n[6..]),
+        frames: p.frames,
+    }
 }
 
 /// Size of the header in bytes: cards and END, padded to whole blocks.

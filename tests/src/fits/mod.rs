@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+pub use header::{dec_sexagesimal, ra_sexagesimal};
 use header::{header, header_len, night};
 use pixels::{splitmix64, Pixels};
 
@@ -49,6 +50,20 @@ pub struct FitsParams {
     pub sources: u32,
     /// Seed of the pixel RNG; the same parameters always give the same bytes.
     pub seed: u64,
+    /// Which header dialect to write.
+    pub style: HeaderStyle,
+}
+
+/// The header dialect: textbook FITS, or what real Tomo-e Gozen files carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum HeaderStyle {
+    /// ISO `DATE-OBS` with the time, `MJD-OBS`, RA/DEC in degrees, `EXP-ID`, `DET-ID`.
+    #[default]
+    Plain,
+    /// `DATE-OBS` a date only with the time in `UTC` and `TIME-OBS`, RA/DEC sexagesimal
+    /// strings of the telescope pointing, `EXP_ID`, `DET_ID` (odd detectors) or `DET-ID`
+    /// (even ones), `DATA-FPS`, `TFRAME`; no `MJD-OBS`.
+    TomoE,
 }
 
 impl FitsParams {
@@ -63,6 +78,15 @@ impl FitsParams {
             detector,
             sources: 200 + (seed % 200) as u32,
             seed,
+            style: HeaderStyle::Plain,
+        }
+    }
+
+    /// [`FitsParams::new`] with a Tomo-e Gozen-style header.
+    pub fn tomoe(exposure_id: u32, detector: u8, frames: u32) -> FitsParams {
+        FitsParams {
+            style: HeaderStyle::TomoE,
+            ..FitsParams::new(exposure_id, detector, frames)
         }
     }
 
@@ -89,13 +113,46 @@ pub fn exposure_file(exposure_id: u32, detector: u8) -> PathBuf {
 /// Writes the 84 files of one exposure under `dir` (one per detector, `frames` frames each)
 /// and returns their paths.
 pub fn write_exposure(dir: &Path, exposure_id: u32, frames: u32) -> Result<Vec<PathBuf>> {
+    write_exposure_styled(dir, exposure_id, frames, HeaderStyle::Plain)
+}
+
+/// [`write_exposure`] with headers of `style`.
+pub fn write_exposure_styled(
+    dir: &Path,
+    exposure_id: u32,
+    frames: u32,
+    style: HeaderStyle,
+) -> Result<Vec<PathBuf>> {
     (1..=DETECTORS)
         .map(|detector| {
             let path = dir.join(exposure_file(exposure_id, detector));
-            write_fits(&path, &FitsParams::new(exposure_id, detector, frames))?;
+            let params = FitsParams {
+                style,
+                ..FitsParams::new(exposure_id, detector, frames)
+            };
+            write_fits(&path, &params)?;
             Ok(path)
         })
         .collect()
+}
+
+/// What the catalog should read from the header of `params` (the generator's truth).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expected {
+    pub object: String,
+    pub exp_id: String,
+    pub det_id: String,
+    /// Degrees, as the header states them (sexagesimal rounded to 0.1 s / 1").
+    pub ra: f64,
+    pub dec: f64,
+    pub mjd: f64,
+    /// `YYYY-MM-DD` of the observatory night.
+    pub night: String,
+    pub frames: u32,
+}
+
+pub fn expected(params: &FitsParams) -> Expected {
+    header::expected(params)
 }
 
 /// Writes one FITS file at `path` (creating its directory), through a temporary name in the

@@ -257,6 +257,11 @@ impl Pair {
     pub fn start_receiver(&mut self) -> Result<()> {
         self.receiver.start()
     }
+    /// Starts the receiver through `wrapper` (which must `exec` it, e.g. `env K=V`) from
+    /// its next start on; empty for none.
+    pub fn set_receiver_wrapper(&mut self, wrapper: Vec<String>) {
+        self.receiver.set_wrapper(wrapper);
+    }
     /// Waits until the receiver's UDP port is bound (seen in `/proc/net/udp`, so the harness
     /// never races the receiver for the port). Fails early if the receiver exits.
     pub fn wait_receiver_listening(&mut self, timeout: Duration) -> Result<()> {
