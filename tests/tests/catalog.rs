@@ -193,7 +193,9 @@ fn an_exposure_becomes_84_rows_reoffers_add_none_and_a_change_supersedes_one() {
         "TMQ-F0042",
         "what the header gave is kept"
     );
-    let status = pair.agent_status().expect("status");
+    let status = pair
+        .wait_done(84 + 1 + 2, Duration::from_secs(10))
+        .expect("status");
     // 84 files, a second version of one, two more files.
     assert_eq!(status["done"], 84 + 1 + 2, "{status}");
     assert_eq!(status["failed"], 0, "{status}");

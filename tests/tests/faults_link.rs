@@ -46,7 +46,9 @@ fn assert_stored_once(pair: &Pair, files: usize) {
         "no partial left: {:?}",
         pair.partial_files()
     );
-    let status = pair.agent_status().expect("agent status");
+    let status = pair
+        .wait_done(files as u64, Duration::from_secs(10))
+        .expect("agent status");
     assert_eq!(status["done"], files, "journal: {status}");
     assert_eq!(status["pending"], 0, "journal: {status}");
 }

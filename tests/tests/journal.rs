@@ -148,7 +148,9 @@ fn a_second_agent_on_the_same_journal_refuses_to_start_naming_the_journal_and_th
 
     // The first one is unharmed, and `status` reads the journal while it runs.
     pair.ensure_alive().expect("first agent alive");
-    let status = pair.agent_status().expect("status while running");
+    let status = pair
+        .wait_done(1, Duration::from_secs(10))
+        .expect("status while running");
     assert_eq!(status["done"], 1, "{status}");
     write_atomic(&pair.source().join("b.fits"), &content(100_000, 2)).expect("write");
     pair.wait_replicated(Duration::from_secs(60))

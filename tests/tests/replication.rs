@@ -38,7 +38,9 @@ fn two_hundred_mixed_files_arrive_identical() {
     report.ensure_identical().expect("identical trees");
     assert_eq!(report.files, 200);
     assert_eq!(report.bytes, bytes);
-    let status = pair.agent_status().expect("status");
+    let status = pair
+        .wait_done(200, Duration::from_secs(10))
+        .expect("status");
     assert_eq!(status["done"], 200, "journal: {status}");
     assert_eq!(status["pending"], 0, "journal: {status}");
 

@@ -62,7 +62,9 @@ fn assert_stored_exactly_once(pair: &mut Pair, files: u64) {
         .expect("replication");
     report.ensure_identical().expect("identical trees");
     assert_eq!(report.files as u64, files);
-    let status = pair.agent_status().expect("status");
+    let status = pair
+        .wait_done(files, Duration::from_secs(10))
+        .expect("status");
     assert_eq!(status["done"], files, "journal: {status}");
     assert_eq!(status["superseded"], 0, "journal: {status}");
     assert_eq!(status["pending"], 0, "journal: {status}");

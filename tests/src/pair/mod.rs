@@ -410,6 +410,20 @@ impl Pair {
             .with_context(|| format!("agent status printed no JSON object: {stdout:?}"))
     }
 
+    /// Polls `status` until the journal has `done` rows (a file is visible in the tree a
+    /// moment before its `Ack` reaches the agent: the receiver acknowledges after the
+    /// rename, the inventory and the catalog row); returns the last status.
+    pub fn wait_done(&self, done: u64, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.agent_status()?;
+            if status["done"] == done || Instant::now() >= deadline {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Everything the agent logged, over all its runs.
     pub fn agent_log(&self) -> Result<String> {
         self.agent.log()
