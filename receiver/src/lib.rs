@@ -9,6 +9,7 @@
 
 pub mod health;
 pub mod inventory;
+pub mod lanes;
 pub mod metrics;
 pub mod server;
 pub mod session;
