@@ -198,3 +198,76 @@ fn a_lossless_long_link_shows_no_phantom_loss_and_keeps_its_mtu() {
         "MTU discovery keeps jumbo datagrams to a loopback receiver"
     );
 }
+
+/// One of four connections loses its path in the middle of a burst (the relay
+/// black-holes that one agent socket both ways): the agent notices that lane's silence,
+/// returns only its files to the queue, the other lanes ship them, and every file arrives
+/// once while the lane stays cut.
+#[test]
+fn a_lane_whose_path_dies_requeues_only_its_files_and_the_others_ship_them_once() {
+    let mut pair = Pair::start(PairOptions {
+        via_relay: true,
+        connections: 4,
+        parallel_files: 4,
+        heartbeat_interval: "1s".into(),
+        ..PairOptions::default()
+    })
+    .expect("start pair");
+    let relay = pair.relay().expect("relay");
+    relay.set_delay(Duration::from_millis(5));
+    // A bottleneck, so that the burst outlasts the three heartbeats it takes to notice
+    // the cut and every lane has a file in flight when it comes.
+    relay.set_rate(48_000_000, Duration::from_millis(50));
+    // Every lane says hello before the burst, so that each has a socket to cut.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.clients().len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "four lanes: {:?}",
+            relay.clients()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let src = pair.source();
+    burst(&src, "striped", 0, 60);
+    std::thread::sleep(Duration::from_millis(800));
+    let victim = relay.clients()[1];
+    relay.cut(victim);
+    let report = pair
+        .wait_replicated(Duration::from_secs(120))
+        .expect("replication with one lane cut");
+    report.ensure_identical().expect("identical trees");
+    let log = pair.agent_log().expect("agent log");
+    let lost: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("disconnected from the receiver"))
+        .collect();
+    let lanes: std::collections::BTreeSet<&str> = lost
+        .iter()
+        .filter_map(|l| l.split("lane{lane=").nth(1)?.split('}').next())
+        .collect();
+    assert_eq!(lanes.len(), 1, "exactly one lane was lost: {lost:?}\n{log}");
+    // Its file in flight went back to the queue, and other lanes stored files after.
+    let victim = format!(
+        "lane{{lane={}}}",
+        lanes.iter().next().copied().unwrap_or_default()
+    );
+    let cut_at = log.find(lost[0]).unwrap_or(0);
+    assert!(
+        log[cut_at..]
+            .lines()
+            .any(|l| l.contains(": stored path=") && !l.contains(&victim)),
+        "other lanes stored files after the loss:\n{log}"
+    );
+    let stats = pair.relay().expect("relay").stats();
+    assert!(
+        stats.blackholed[0] > 0,
+        "the cut lane tried to send: {stats:?}"
+    );
+    eprintln!(
+        "one lane cut: {} files arrived; relay {stats:?}",
+        report.files
+    );
+    assert_eq!(report.files, 60);
+    assert_stored_once(&pair, 60);
+}
