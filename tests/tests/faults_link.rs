@@ -156,7 +156,15 @@ fn connection_stats(log: &str) -> Option<(u64, u64)> {
 /// the kernel refused every full batch (EMSGSIZE), quinn-udp dropped it silently, quinn
 /// counted thousands of packets lost that no network dropped, and black-hole detection
 /// pinned the MTU at 1200 bytes (3 MB/s at 15 ms RTT). Through a relay that drops nothing,
-/// quinn must see (almost) no loss and keep its jumbo MTU to the loopback receiver.
+/// every packet quinn counts lost must have been lost somewhere we can see, and the MTU
+/// stays jumbo to the loopback receiver.
+///
+/// Where the rest went: quinn counted 1.5–5 % lost here and the relay dropped none; the
+/// kernel dropped exactly that many datagrams at the receiver's UDP socket (its receive
+/// buffer, capped by `net.core.rmem_max`, overflowed: `RcvbufErrors` in /proc/net/snmp,
+/// `drops` of that socket in /proc/net/udp) while the receiver was slower than the
+/// relay's bursts. Those are real losses at the receiving host, so they are counted, not
+/// excused: quinn's count must match the relay's drops plus the receiver socket's.
 #[test]
 fn a_lossless_long_link_shows_no_phantom_loss_and_keeps_its_mtu() {
     let mut pair = Pair::new(PairOptions {
@@ -173,24 +181,32 @@ fn a_lossless_long_link_shows_no_phantom_loss_and_keeps_its_mtu() {
     pair.start_receiver().expect("receiver");
     pair.wait_receiver_listening(Duration::from_secs(10))
         .expect("listening");
+    let port = pair.port();
+    let socket_drops_before = skyferry_tests::sockets::udp_drops(port).unwrap_or(0);
     pair.start_agent().expect("agent");
     pair.wait_replicated(Duration::from_secs(240))
         .expect("replicated")
         .ensure_identical()
         .expect("identical");
     pair.stop_agent().expect("stop agent");
+    let socket_drops = skyferry_tests::sockets::udp_drops(port)
+        .expect("the receiver's socket in /proc/net/udp")
+        - socket_drops_before;
     let log = pair.agent_log().expect("agent log");
     let (lost, mtu) = connection_stats(&log).expect("the agent logged its connection stats");
     let relay = pair.relay().expect("relay").stats();
-    eprintln!("quinn lost {lost} packets, mtu {mtu}; relay {relay:?}");
+    eprintln!(
+        "quinn lost {lost} packets, mtu {mtu}; the receiver's socket dropped {socket_drops}; relay {relay:?}"
+    );
     assert_eq!(relay.dropped, [0, 0], "the relay dropped nothing");
-    // Quinn also declares a packet lost when it arrives later than 9/8 of the RTT after a
-    // newer one (the relay's delay thread has millisecond jitter, and a loaded machine
-    // more): a few per cent, seen up to 4.5 % in a debug build on a loaded machine. The
-    // GSO failure lost about 40 % of the packets; allow an eighth.
+    // Quinn may also declare a packet lost that arrives more than 9/8 of the RTT after a
+    // newer one (reordering); the relay keeps order, so allow only 0.2 % for that. The
+    // GSO failure lost about 40 % of the packets.
+    let seen = socket_drops + relay.dropped[0] + relay.overflowed[0] + relay.send_failed[0];
     assert!(
-        lost <= relay.forwarded[0] / 8,
-        "quinn counted {lost} packets lost of {} sent through a relay that dropped none",
+        lost <= seen + relay.forwarded[0] / 500,
+        "quinn counted {lost} packets lost of {} sent; the relay and the receiver's socket \
+         dropped {seen}",
         relay.forwarded[0]
     );
     assert_eq!(
