@@ -483,6 +483,18 @@ impl Journal {
             .map_err(sql(&self.path))
     }
 
+    /// Returns one file to `pending` if it is still in flight (its upload was aborted
+    /// before it recorded an end; an end recorded meanwhile stands).
+    pub fn requeue_if_inflight(&mut self, id: i64) -> Result<(), JournalError> {
+        self.db
+            .execute(
+                "UPDATE files SET state = 0 WHERE id = ?1 AND state = 1",
+                params![id],
+            )
+            .map(drop)
+            .map_err(sql(&self.path))
+    }
+
     /// Claims up to `limit` pending files and marks them in flight, in two classes:
     /// live files (source mtime at or after `live_since_ns`: tonight's data) first,
     /// newest first; then the backlog, oldest first. Both come off an index on mtime,

@@ -118,11 +118,13 @@ impl QuicMetrics {
     /// Sets the gauges from `now` and adds to each counter what the connection counted
     /// since `last`, its previous reading (the default, all zeros, for a new connection);
     /// `now` becomes `last`.
-    pub fn observe(&self, last: &mut QuicSample, now: QuicSample) {
-        self.rtt.set(now.rtt.as_secs_f64());
-        self.congestion_window
-            .set(i64::try_from(now.congestion_window).unwrap_or(i64::MAX));
-        self.mtu.set(i64::from(now.mtu));
+    pub fn observe(&self, last: &mut QuicSample, now: QuicSample, gauges: bool) {
+        if gauges {
+            self.rtt.set(now.rtt.as_secs_f64());
+            self.congestion_window
+                .set(i64::try_from(now.congestion_window).unwrap_or(i64::MAX));
+            self.mtu.set(i64::from(now.mtu));
+        }
         // quinn's counters only grow within a connection; saturating in case one did not.
         let add = |c: &Counter, was: u64, is: u64| {
             c.inc_by(is.saturating_sub(was));
@@ -222,7 +224,7 @@ impl Metrics {
         );
         r.register(
             "connected",
-            "1 while connected to the receiver",
+            "Connections (lanes) open to the receiver: 0 to transfer.connections",
             self.connected.clone(),
         );
         r.register(
@@ -316,19 +318,19 @@ mod tests {
         let m = QuicMetrics::default();
         // First connection: two readings, then it ends.
         let mut last = QuicSample::default();
-        m.observe(&mut last, sample(100, 4, 140_000));
-        m.observe(&mut last, sample(250, 10, 350_000));
+        m.observe(&mut last, sample(100, 4, 140_000), true);
+        m.observe(&mut last, sample(250, 10, 350_000), true);
         assert_eq!(m.sent_packets.get(), 250);
         // A reconnect: the new connection counts from zero again.
         let mut last = QuicSample::default();
-        m.observe(&mut last, sample(30, 1, 42_000));
+        m.observe(&mut last, sample(30, 1, 42_000), true);
         assert_eq!(m.sent_packets.get(), 280, "not back to 30");
         assert_eq!(m.lost_packets.get(), 11);
         assert_eq!(m.udp_tx_bytes.get(), 392_000);
         assert_eq!(m.udp_tx_datagrams.get(), 280);
         assert_eq!(m.congestion_events.get(), 5);
         // The same reading twice adds nothing.
-        m.observe(&mut last, sample(30, 1, 42_000));
+        m.observe(&mut last, sample(30, 1, 42_000), true);
         assert_eq!(m.sent_packets.get(), 280);
         assert_eq!(m.mtu.get(), 1452);
         assert_eq!(m.congestion_window.get(), 64_000);

@@ -1,8 +1,16 @@
-//! The sender: one QUIC connection to the receiver (reconnected with capped exponential
-//! backoff), the control stream with heartbeats both ways, and the dispatch of pending
-//! files from the journal onto parallel streams; quinn's statistics of the connection are
-//! copied into the metrics every second.
+//! The sender: `transfer.connections` QUIC connections (lanes) to the receiver, each with
+//! its own UDP socket, reconnected on its own with capped exponential backoff; per lane
+//! the control stream with heartbeats both ways and the dispatch of pending files from
+//! the journal onto parallel streams; quinn's statistics of each connection are copied
+//! into the metrics every second.
+//!
+//! Files are striped over the lanes, a whole file on one lane: `transfer.parallel_files`
+//! bounds the files in flight over all lanes, and a lane takes at most its share
+//! (`parallel_files / connections`, rounded up), so that the files spread over the
+//! congestion windows. A lane that is lost returns only its own files to the queue; the
+//! other lanes keep sending and pick them up.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,13 +18,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use skyferry_common::config::AgentConfig;
 use skyferry_common::protocol::{
-    AgentHeartbeat, Hello, Message, Refuse, StorageState, CLOSE_HEARTBEAT_LOST, CLOSE_REFUSED,
-    CLOSE_SHUTDOWN, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+    AgentHeartbeat, Hello, Lane, Message, Refuse, StorageState, CLOSE_HEARTBEAT_LOST,
+    CLOSE_REFUSED, CLOSE_SHUTDOWN, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
 use skyferry_common::tls::{handshake_failure, Viewpoint};
 use skyferry_common::udp;
 use skyferry_common::wire::{FrameReader, FrameWriter};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
@@ -37,7 +45,75 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// Runs every lane until `shutdown`; fails only when a lane cannot open its socket.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let this = Arc::new(self);
+        let count = this.config.transfer.connections.max(1);
+        // Tells the receiver which connections belong together (docs/protocol.md §2).
+        let instance = instance_number();
+        let slots = Arc::new(Semaphore::new(this.config.transfer.parallel_files));
+        let wakes: Vec<Arc<Notify>> = (0..count).map(|_| Arc::new(Notify::new())).collect();
+        let mut lanes = JoinSet::new();
+        for (index, wake) in (0..count).zip(&wakes) {
+            let lane = Lane {
+                instance,
+                index,
+                count,
+            };
+            let dispatch = Dispatch {
+                slots: slots.clone(),
+                share: this
+                    .config
+                    .transfer
+                    .parallel_files
+                    .div_ceil(usize::from(count)),
+                wake: wake.clone(),
+            };
+            let span = tracing::info_span!("lane", lane = index);
+            lanes.spawn(
+                this.clone()
+                    .lane(lane, dispatch, shutdown.clone())
+                    .instrument(span),
+            );
+        }
+        // Sources wake one waiter; every lane may have a free slot for the new files.
+        let fan_out = {
+            let (wake, wakes) = (this.wake.clone(), wakes.clone());
+            tokio::spawn(async move {
+                loop {
+                    wake.notified().await;
+                    for w in &wakes {
+                        w.notify_one();
+                    }
+                }
+            })
+        };
+        let mut failure = None;
+        while let Some(joined) = lanes.join_next().await {
+            let error = match joined {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(e) => anyhow!("a sender lane failed: {e}"),
+            };
+            failure.get_or_insert(error);
+            shutdown.cancel();
+        }
+        fan_out.abort();
+        // No lane runs any more: files still marked in flight (aborted after the grace)
+        // return to the queue.
+        let journal = this.journal.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || lock_journal(&journal).requeue_inflight()).await;
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// One lane: its own socket and connection, reconnected until `shutdown`.
+    async fn lane(
+        self: Arc<Self>,
+        lane: Lane,
+        dispatch: Dispatch,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let t = &self.config.transfer;
         let bound = skyferry_common::tls::client_endpoint(
             SocketAddr::from(([0u16; 8], 0)),
@@ -50,28 +126,31 @@ impl Sender {
             )
         })
         .context("opening a UDP socket")?;
-        bound.buffers.log();
+        if lane.index == 0 {
+            bound.buffers.log();
+        }
         let (endpoint, socket) = (bound.endpoint, bound.socket);
 
         let mut backoff = t.reconnect_min;
         while !shutdown.is_cancelled() {
-            match self.connect(&endpoint, &socket).await {
+            match self.connect(&endpoint, &socket, lane).await {
                 Ok((conn, control)) => {
                     backoff = t.reconnect_min;
                     self.metrics.connects.inc();
-                    self.metrics.connected.set(1);
+                    self.metrics.connected.inc();
                     let span = tracing::info_span!("conn", remote = %conn.remote_address());
                     let sampled = CancellationToken::new();
                     let sampler = tokio::spawn(sample_quic(
                         conn.clone(),
                         self.metrics.clone(),
                         sampled.clone(),
+                        lane.index == 0,
                     ));
                     let why = self
-                        .connected(&conn, control, &shutdown)
+                        .connected(&conn, control, &dispatch, &shutdown)
                         .instrument(span)
                         .await;
-                    self.metrics.connected.set(0);
+                    self.metrics.connected.dec();
                     sampled.cancel();
                     let _ = sampler.await; // it only copies numbers; a panic would show in the log
                     let path = conn.stats().path;
@@ -128,6 +207,7 @@ impl Sender {
         &self,
         endpoint: &quinn::Endpoint,
         socket: &udp::Socket,
+        lane: Lane,
     ) -> Result<(quinn::Connection, (FrameReader, FrameWriter)), ConnectFailure> {
         let r = &self.config.receiver;
         let addr = tokio::net::lookup_host(&r.address)
@@ -174,6 +254,7 @@ impl Sender {
                 version: PROTOCOL_VERSION,
                 agent_id: self.config.id.clone(),
                 capabilities: 0,
+                lane: Some(lane),
             }))
             .await
             .map_err(|e| ended("sending hello", &e))?;
@@ -241,6 +322,7 @@ impl Sender {
         &self,
         conn: &quinn::Connection,
         (reader, writer): (FrameReader, FrameWriter),
+        dispatch: &Dispatch,
         shutdown: &CancellationToken,
     ) -> String {
         let lost = CancellationToken::new();
@@ -272,40 +354,42 @@ impl Sender {
             tally: self.tally.clone(),
             buffers: Arc::new(crate::buffers::ChunkBuffers::new(POOLED_BUFFERS)),
         });
-        let parallel = self.config.transfer.parallel_files;
-        let mut uploads = JoinSet::new();
+        let mut uploads = Uploads::default();
         let why = loop {
-            // Fill the free slots from the journal.
-            if !paused.load(std::sync::atomic::Ordering::Relaxed) && uploads.len() < parallel {
+            // Fill this lane's free slots from the journal, within the agent's total.
+            let permits = if paused.load(std::sync::atomic::Ordering::Relaxed) {
+                Vec::new()
+            } else {
+                dispatch.take(uploads.len())
+            };
+            if !permits.is_empty() {
                 let journal = self.journal.clone();
-                let want = parallel - uploads.len();
+                let want = permits.len();
                 let live_since = live_since_ns(self.config.transfer.live_window);
                 let jobs = tokio::task::spawn_blocking(move || {
-                    journal
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .claim(want, live_since)
+                    lock_journal(&journal).claim(want, live_since)
                 })
                 .await;
                 match jobs {
                     Ok(Ok(jobs)) => {
-                        for job in jobs {
+                        // Permits beyond the jobs claimed are dropped, i.e. returned.
+                        for (job, permit) in jobs.into_iter().zip(permits) {
                             let (conn, ctx, metrics) =
                                 (conn.clone(), ctx.clone(), self.metrics.clone());
                             let span = tracing::info_span!("file", path = %job.path);
-                            uploads.spawn(
-                                async move {
-                                    metrics.files_in_flight.inc();
-                                    let how = upload(&conn, &ctx, &job).await;
-                                    metrics.files_in_flight.dec();
-                                    let journal = ctx.journal.clone();
-                                    let _ = tokio::task::spawn_blocking(move || {
-                                        record(&journal, &job, &how)
-                                    })
-                                    .await;
-                                }
-                                .instrument(span),
-                            );
+                            let id = job.id;
+                            let task = async move {
+                                let _permit = permit;
+                                metrics.files_in_flight.inc();
+                                let how = upload(&conn, &ctx, &job).await;
+                                metrics.files_in_flight.dec();
+                                let journal = ctx.journal.clone();
+                                let _ = tokio::task::spawn_blocking(move || {
+                                    record(&journal, &job, &how)
+                                })
+                                .await;
+                            };
+                            uploads.spawn(id, task.instrument(span));
                         }
                     }
                     Ok(Err(e)) => error!(error = %e, "cannot read pending files from the journal"),
@@ -321,18 +405,17 @@ impl Sender {
                     None => "no heartbeat from the receiver for three intervals, or its control stream ended".to_string(),
                 },
                 e = conn.closed() => break handshake_failure(&e, &self.viewpoint()),
-                Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
-                _ = self.wake.notified() => {}
+                true = uploads.join_next(), if !uploads.is_empty() => {}
+                _ = dispatch.wake.notified() => {}
                 // Retries become due with time even when nothing new arrives.
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         };
         if shutdown.is_cancelled() && !uploads.is_empty() {
             info!(files = uploads.len(), grace = ?self.grace, "draining files in flight");
-            let drained = tokio::time::timeout(self.grace, async {
-                while uploads.join_next().await.is_some() {}
-            })
-            .await;
+            let drained =
+                tokio::time::timeout(self.grace, async { while uploads.join_next().await {} })
+                    .await;
             if drained.is_err() {
                 warn!("grace period over; unfinished files stay pending and resume next time");
             }
@@ -340,17 +423,23 @@ impl Sender {
         if lost.is_cancelled() {
             conn.close(CLOSE_HEARTBEAT_LOST.into(), b"heartbeat lost");
         }
-        uploads.shutdown().await;
+        // Uploads on a closed connection end at once and record themselves (requeued);
+        // the rest are aborted and returned to the queue here. Only this lane's files:
+        // the other lanes' stay in flight.
+        let aborted = uploads.abort_all().await;
         heartbeat.abort();
-        // Interrupted uploads (aborted above) are still marked in flight: return them.
-        let journal = self.journal.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            journal
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .requeue_inflight()
-        })
-        .await;
+        if !aborted.is_empty() {
+            let journal = self.journal.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut j = lock_journal(&journal);
+                for id in aborted {
+                    if let Err(e) = j.requeue_if_inflight(id) {
+                        error!(error = %e, "cannot return an interrupted file to the queue");
+                    }
+                }
+            })
+            .await;
+        }
         why
     }
 }
@@ -358,12 +447,111 @@ impl Sender {
 /// Chunk buffers a connection keeps for reuse (16 × 4 MiB chunks at most while idle).
 const POOLED_BUFFERS: usize = 16;
 
+/// What a lane needs to take files: the agent-wide slots (`transfer.parallel_files`),
+/// its own share of them, and its wake-up when sources queue new files.
+struct Dispatch {
+    slots: Arc<Semaphore>,
+    share: usize,
+    wake: Arc<Notify>,
+}
+
+impl Dispatch {
+    /// Slots for as many new files as this lane (holding `held`) may start now.
+    fn take(&self, held: usize) -> Vec<OwnedSemaphorePermit> {
+        let want = self.share.saturating_sub(held);
+        std::iter::from_fn(|| self.slots.clone().try_acquire_owned().ok())
+            .take(want)
+            .collect()
+    }
+}
+
+/// A lane's upload tasks, with the journal id of each file.
+#[derive(Default)]
+struct Uploads {
+    set: JoinSet<()>,
+    jobs: HashMap<tokio::task::Id, i64>,
+}
+
+impl Uploads {
+    fn spawn(&mut self, job: i64, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.jobs.insert(handle.id(), job);
+    }
+
+    fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Waits for one upload to end; `false` when there are none.
+    async fn join_next(&mut self) -> bool {
+        match self.set.join_next_with_id().await {
+            Some(Ok((id, ()))) => {
+                self.jobs.remove(&id);
+                true
+            }
+            Some(Err(e)) => {
+                if e.is_panic() {
+                    error!(error = %e, "an upload task panicked");
+                }
+                // A panicked task recorded nothing: its file is returned by
+                // `abort_all`, like an aborted one.
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Aborts what is still running and returns the journal ids of the files whose
+    /// upload did not record its end.
+    async fn abort_all(mut self) -> Vec<i64> {
+        self.set.abort_all();
+        while let Some(joined) = self.set.join_next_with_id().await {
+            if let Ok((id, ())) = joined {
+                self.jobs.remove(&id);
+            }
+        }
+        self.jobs.into_values().collect()
+    }
+}
+
+/// A number for this agent process, different for every start (and from any other
+/// process with the same agent id): from the kernel's random source, else from the
+/// process id and the clock.
+fn instance_number() -> u64 {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        let mut h = blake3::Hasher::new();
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&skyferry_common::unix_time::now_ns().to_le_bytes());
+        bytes.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+fn lock_journal(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+    journal
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How often quinn's statistics are copied into the metrics.
 const QUIC_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Copies quinn's statistics of `conn` into the metrics every second until `done`, then
-/// once more, so that the counters include the whole connection.
-async fn sample_quic(conn: quinn::Connection, metrics: Arc<Metrics>, done: CancellationToken) {
+/// once more, so that the counters include the whole connection. The gauges (RTT,
+/// congestion window, MTU) come from one lane only: with `gauges` false, only counters.
+async fn sample_quic(
+    conn: quinn::Connection,
+    metrics: Arc<Metrics>,
+    done: CancellationToken,
+    gauges: bool,
+) {
     let mut last = QuicSample::default();
     let mut tick = tokio::time::interval(QUIC_SAMPLE_INTERVAL);
     loop {
@@ -373,7 +561,7 @@ async fn sample_quic(conn: quinn::Connection, metrics: Arc<Metrics>, done: Cance
         };
         metrics
             .quic
-            .observe(&mut last, QuicSample::from(&conn.stats()));
+            .observe(&mut last, QuicSample::from(&conn.stats()), gauges);
         if end {
             return;
         }

@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod health;
 pub mod inventory;
+pub mod lanes;
 pub mod metrics;
 pub mod server;
 pub mod session;

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use skyferry_common::config::validate_agent_id;
 use skyferry_common::protocol::{
-    ErrorCode, Message, ReceiverHeartbeat, Refuse, StorageState, Welcome, MAX_CONTROL_FRAME,
-    PROTOCOL_VERSION,
+    ErrorCode, Lane, Message, ReceiverHeartbeat, Refuse, StorageState, Welcome, MAX_CONTROL_FRAME,
+    MAX_LANES, PROTOCOL_VERSION,
 };
 use skyferry_common::tls;
 use skyferry_common::wire::{FrameReader, FrameWriter};
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+use crate::lanes::{Displaced, Instance};
 use crate::metrics::AgentLabels;
 use crate::shared::{ConnectionGuard, LiveConnection, Shared};
 
@@ -103,7 +104,7 @@ async fn connection(
             return;
         }
     }
-    let (agent, reader, writer) = match hello(&conn, &shared).await {
+    let (agent, lane, reader, writer) = match hello(&conn, &shared).await {
         Ok(a) => a,
         Err(refusal) => {
             shared.metrics.handshakes_failed.inc();
@@ -117,8 +118,14 @@ async fn connection(
     let finished = CancellationToken::new();
     // Cancelled when this function returns, i.e. after every file session has ended.
     let _finished = finished.clone().drop_guard();
-    let previous = shared.make_live(
+    let instance = match lane {
+        Some(l) => Instance::Laned(l.instance),
+        None => Instance::Single(generation),
+    };
+    let displaced = shared.make_live(
         &agent,
+        instance,
+        lane.map_or(0, |l| l.index),
         LiveConnection {
             generation,
             conn: conn.clone(),
@@ -130,9 +137,7 @@ async fn connection(
     let control = tokio::spawn(
         control_loop(shared.clone(), agent.clone(), reader, writer, lost.clone()).in_current_span(),
     );
-    if let Some(previous) = previous {
-        supersede(&shared, &agent, &conn, previous, &shutdown).await;
-    }
+    supersede(&shared, &agent, &conn, displaced, &shutdown).await;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -167,40 +172,70 @@ fn peer_certificate(conn: &quinn::Connection) -> Option<Arc<[u8]>> {
     chain.first().map(|c| Arc::from(c.as_ref()))
 }
 
-/// A newer connection of `agent` arrived while `previous` was still open: after a crash
-/// the previous one is dead but not yet timed out, or two agents run with one id. Either
-/// way the newer one wins: the previous is closed at once, and its file sessions are
-/// given up to [`TAKEOVER_WAIT`] to end, so that their per-file claims are free when this
-/// connection's streams are served (instead of answering `busy` until the previous one
-/// times out).
+/// A newer connection of `agent` displaced older ones: after a crash or restart the
+/// older instance's connections are dead but not yet timed out, or two agents run with
+/// one id (each of these is counted and a WARN names the id); or the agent dialled one of
+/// its lanes again (its path died; an INFO). Either way the newer one wins: the displaced
+/// connections are closed at once, and their file sessions are given up to
+/// [`TAKEOVER_WAIT`] to end, so that their per-file claims are free when this
+/// connection's streams are served (instead of answering `busy` until they time out).
 async fn supersede(
     shared: &Shared,
     agent: &str,
     conn: &quinn::Connection,
-    previous: LiveConnection,
+    displaced: Displaced<LiveConnection>,
     shutdown: &CancellationToken,
 ) {
-    shared
-        .metrics
-        .connections_superseded
-        .get_or_create(&AgentLabels {
-            agent: agent.to_owned(),
-        })
-        .inc();
-    warn!(
-        agent = %agent,
-        previous = %previous.conn.remote_address(),
-        new = %conn.remote_address(),
-        "agent connected again while its previous connection was open; closing the previous one \
-         (superseded). If this repeats, two agents are running with the same agent id"
-    );
-    previous.conn.close(
-        CLOSE_SUPERSEDED.into(),
-        b"superseded by a newer connection of the same agent id",
-    );
+    let (older, reason): (Vec<LiveConnection>, &[u8]) = match displaced {
+        Displaced::Nothing => return,
+        Displaced::SameLane(previous) => {
+            info!(
+                agent = %agent,
+                previous = %previous.conn.remote_address(),
+                new = %conn.remote_address(),
+                "agent dialled one of its lanes again; closing that lane's previous connection"
+            );
+            (
+                vec![previous],
+                b"superseded by a newer connection of the same lane",
+            )
+        }
+        Displaced::OtherInstance(older) => {
+            shared
+                .metrics
+                .connections_superseded
+                .get_or_create(&AgentLabels {
+                    agent: agent.to_owned(),
+                })
+                .inc();
+            let previous: Vec<String> = older
+                .iter()
+                .map(|p| p.conn.remote_address().to_string())
+                .collect();
+            warn!(
+                agent = %agent,
+                previous = ?previous,
+                new = %conn.remote_address(),
+                "agent connected again while its previous connections were open; closing them \
+                 (superseded). If this repeats, two agents are running with the same agent id"
+            );
+            (
+                older,
+                b"superseded by a newer connection of the same agent id",
+            )
+        }
+    };
+    for previous in &older {
+        previous.conn.close(CLOSE_SUPERSEDED.into(), reason);
+    }
+    let all_finished = async {
+        for previous in &older {
+            previous.finished.cancelled().await;
+        }
+    };
     tokio::select! {
         _ = shutdown.cancelled() => {}
-        _ = previous.finished.cancelled() => {}
+        _ = all_finished => {}
         _ = tokio::time::sleep(TAKEOVER_WAIT) => {
             warn!(agent = %agent, waited = ?TAKEOVER_WAIT,
                   "file sessions of the superseded connection are still running; their files answer busy until they end");
@@ -253,11 +288,12 @@ impl Refusal {
 }
 
 /// The first stream carries the hello; the agent id it claims must be a name in its
-/// (already CA-verified) certificate. Returns the agent id and the control stream.
+/// (already CA-verified) certificate. Returns the agent id, its lane (if it said) and
+/// the control stream.
 async fn hello(
     conn: &quinn::Connection,
     shared: &Shared,
-) -> Result<(Arc<str>, FrameReader, FrameWriter), Refusal> {
+) -> Result<(Arc<str>, Option<Lane>, FrameReader, FrameWriter), Refusal> {
     let (send, recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
         .await
         .map_err(|_| Refusal::without_frame("no hello within 10s"))?
@@ -297,6 +333,9 @@ async fn hello(
         );
         return Err(refuse(writer, ErrorCode::Unauthorized, reason));
     }
+    if let Some(Err(e)) = h.lane.map(|l| l.check(MAX_LANES)) {
+        return Err(refuse(writer, ErrorCode::Protocol, format!("hello: {e}")));
+    }
     let mut writer = writer;
     writer
         .send(&Message::Welcome(Welcome {
@@ -306,8 +345,12 @@ async fn hello(
         }))
         .await
         .map_err(|e| Refusal::without_frame(format!("connection lost during hello: {e}")))?;
-    info!(agent = %h.agent_id, "agent connected");
-    Ok((Arc::from(h.agent_id), reader, writer))
+    match h.lane {
+        Some(l) => info!(agent = %h.agent_id, instance = format!("{:016x}", l.instance),
+                         lane = l.index, lanes = l.count, "agent connected"),
+        None => info!(agent = %h.agent_id, "agent connected"),
+    }
+    Ok((Arc::from(h.agent_id), h.lane, reader, writer))
 }
 
 /// Heartbeats on the control stream: ours every interval, with the storage state; the

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::health::StorageHealth;
+use crate::lanes::{Displaced, Instance, LiveLanes};
 use crate::metrics::Metrics;
 use crate::storage::Storage;
 
@@ -48,10 +49,12 @@ struct AgentState {
     files: Arc<Semaphore>,
     /// Units of [`BYTES_UNIT`].
     bytes: Arc<Semaphore>,
-    live: Option<LiveConnection>,
+    /// Its live connections: the lanes of its newest instance ([`crate::lanes`]).
+    live: LiveLanes<LiveConnection>,
 }
 
-/// An agent's current connection, which a newer one of the same agent id supersedes.
+/// A live connection of an agent, which a newer instance of the same agent id (or a
+/// newer connection of the same lane) supersedes.
 #[derive(Clone)]
 pub struct LiveConnection {
     pub generation: u64,
@@ -233,20 +236,25 @@ impl Shared {
         self.next_generation.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Makes `conn` the agent's live connection and returns the one it supersedes.
-    pub fn make_live(&self, agent: &Arc<str>, conn: LiveConnection) -> Option<LiveConnection> {
+    /// Makes `conn` (lane `lane` of `instance`) one of the agent's live connections and
+    /// returns those it supersedes ([`crate::lanes`]).
+    pub fn make_live(
+        &self,
+        agent: &Arc<str>,
+        instance: Instance,
+        lane: u16,
+        conn: LiveConnection,
+    ) -> Displaced<LiveConnection> {
         let mut agents = lock(&self.agents);
         let state = self.agent_state(&mut agents, agent);
-        state.live.replace(conn)
+        state.live.admit(instance, lane, conn.generation, conn)
     }
 
-    /// Forgets `generation` as the agent's live connection (if it still is).
+    /// Forgets `generation` as one of the agent's live connections (if it still is).
     pub fn connection_ended(&self, agent: &Arc<str>, generation: u64) {
         let mut agents = lock(&self.agents);
         if let Some(state) = agents.get_mut(agent) {
-            if state.live.as_ref().map(|l| l.generation) == Some(generation) {
-                state.live = None;
-            }
+            state.live.remove(generation);
         }
     }
 
@@ -264,7 +272,7 @@ impl Shared {
                 (limits.max_bytes_in_flight_per_agent / BYTES_UNIT).min(u64::from(u32::MAX))
                     as usize,
             )),
-            live: None,
+            live: LiveLanes::default(),
         })
     }
 

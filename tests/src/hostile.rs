@@ -105,12 +105,23 @@ impl Hostile {
     /// second on the control stream (so the receiver keeps it) and never reads the
     /// receiver's heartbeats.
     pub async fn connect(&self, stop: &CancellationToken) -> Result<quinn::Connection> {
+        self.connect_lane(stop, None).await
+    }
+
+    /// [`Hostile::connect`] with `lane` in the hello, as an agent that stripes its files
+    /// over several connections says which of them this is.
+    pub async fn connect_lane(
+        &self,
+        stop: &CancellationToken,
+        lane: Option<skyferry_common::protocol::Lane>,
+    ) -> Result<quinn::Connection> {
         let conn = self.handshake().await?;
         let (mut send, mut recv) = conn.open_bi().await.context("hostile agent: control")?;
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             agent_id: self.agent_id.clone(),
             capabilities: 0,
+            lane,
         });
         send_frame(&mut send, &hello).await?;
         let mut header = [0u8; 5];

@@ -6,6 +6,7 @@
 //! - [`tree`] hashes and compares a source tree with its replica;
 //! - [`pair`] runs one agent and one receiver on loopback in a temporary directory;
 //! - [`relay`] is a UDP relay that drops, delays, duplicates and black-holes datagrams;
+//! - [`sockets`] reads the kernel's drop counts of the pair's UDP sockets;
 //! - [`faults`] holds what fault tests share: a seeded RNG, contents, a small tmpfs;
 //! - [`hostile`] is a hostile agent (a QUIC client of its own) for attack tests.
 //!
@@ -19,6 +20,7 @@ pub mod hostile;
 pub mod pair;
 pub mod redis;
 pub mod relay;
+pub mod sockets;
 pub mod tree;
 
 pub use pair::{Identity, Moment, Pair, PairOptions, Side};

@@ -104,6 +104,10 @@ struct Counters {
 
 struct Shared {
     faults: Mutex<Faults>,
+    /// Agent sockets seen, in order of their first datagram.
+    clients: Mutex<Vec<SocketAddr>>,
+    /// Agent sockets whose datagrams are black-holed, both ways ([`Relay::cut`]).
+    cut: Mutex<std::collections::HashSet<SocketAddr>>,
     counters: Counters,
     /// Per direction, when the rate-capped link has sent everything queued so far.
     link_free: Mutex<[Option<Instant>; 2]>,
@@ -117,6 +121,10 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    fn cut_set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SocketAddr>> {
+        self.cut.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn count(&self, which: &[AtomicU64; 2], dir: Direction) {
@@ -171,6 +179,8 @@ impl Relay {
         let addr = front.local_addr().context("relay address")?;
         let shared = Arc::new(Shared {
             faults: Mutex::new(Faults::default()),
+            clients: Mutex::new(Vec::new()),
+            cut: Mutex::new(std::collections::HashSet::new()),
             counters: Counters::default(),
             link_free: Mutex::new([None; 2]),
             stop: AtomicBool::new(false),
@@ -269,6 +279,27 @@ impl Relay {
         self.edit(|f| (f.rate_bps, f.queue) = (bits_per_second, queue));
     }
 
+    /// The agent sockets seen so far, in order of their first datagram (an agent with
+    /// several connections has a socket per connection).
+    pub fn clients(&self) -> Vec<SocketAddr> {
+        self.shared
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Black-holes everything from and to one agent socket (one connection's path) until
+    /// [`Relay::uncut`]; the other sockets are untouched.
+    pub fn cut(&self, client: SocketAddr) {
+        self.shared.cut_set().insert(client);
+    }
+
+    /// Ends [`Relay::cut`] of `client`.
+    pub fn uncut(&self, client: SocketAddr) {
+        self.shared.cut_set().remove(&client);
+    }
+
     /// Removes every fault.
     pub fn clear(&self) {
         self.set_faults(Faults::default());
@@ -324,9 +355,10 @@ struct Plan {
 }
 
 /// Draws the fate of one datagram travelling `dir` (and counts it received).
-fn decide(shared: &Shared, rng: &mut SeededRng, dir: Direction) -> Plan {
+fn decide(shared: &Shared, rng: &mut SeededRng, dir: Direction, client: SocketAddr) -> Plan {
     shared.count(&shared.counters.received, dir);
     let f = shared.faults();
+    let cut = shared.cut_set().contains(&client);
     let delay = match dir {
         Direction::Up => f.delay_up,
         Direction::Down => f.delay_down,
@@ -338,7 +370,7 @@ fn decide(shared: &Shared, rng: &mut SeededRng, dir: Direction) -> Plan {
         rate_bps: f.rate_bps,
         queue: f.queue,
     };
-    if f.partitioned {
+    if f.partitioned || cut {
         shared.count(&shared.counters.blackholed, dir);
         plan.copies = 0;
     } else if f.loss > 0.0 && rng.chance(f.loss) {
@@ -461,6 +493,11 @@ fn relay_up(
                 };
                 let u = Arc::new(u);
                 upstreams.insert(client, u.clone());
+                shared
+                    .clients
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(client);
                 let (s, f, up, tx) = (shared.clone(), front.clone(), u.clone(), delayed.clone());
                 let down_seed = seed ^ 0xD0D0_D0D0_D0D0_D0D0 ^ (downs.len() as u64);
                 if let Ok(t) = std::thread::Builder::new()
@@ -472,7 +509,7 @@ fn relay_up(
                 u
             }
         };
-        let plan = decide(shared, &mut rng, Direction::Up);
+        let plan = decide(shared, &mut rng, Direction::Up, client);
         forward(
             shared,
             &plan,
@@ -515,7 +552,7 @@ fn relay_down(
             // ECONNREFUSED while the receiver is down: keep listening for its return.
             Err(_) => continue,
         };
-        let plan = decide(shared, &mut rng, Direction::Down);
+        let plan = decide(shared, &mut rng, Direction::Down, client);
         forward(
             shared,
             &plan,
@@ -679,6 +716,25 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(got - 1));
         relay.set_rate(0, Duration::ZERO);
         assert_eq!(round_trip(&c, relay.addr(), 100)?.len(), 100, "cap removed");
+        drop(relay);
+        stop.store(true, Ordering::Relaxed);
+        let _ = server.join();
+        Ok(())
+    }
+
+    #[test]
+    fn a_cut_silences_one_agent_socket_and_leaves_the_others() -> Result<()> {
+        let (target, stop, server) = echo()?;
+        let relay = Relay::start(target, 5)?;
+        let (one, two) = (client()?, client()?);
+        assert_eq!(round_trip(&one, relay.addr(), 5)?.len(), 5);
+        assert_eq!(round_trip(&two, relay.addr(), 5)?.len(), 5);
+        assert_eq!(relay.clients(), [one.local_addr()?, two.local_addr()?]);
+        relay.cut(one.local_addr()?);
+        assert!(round_trip(&one, relay.addr(), 5)?.is_empty(), "cut");
+        assert_eq!(round_trip(&two, relay.addr(), 5)?.len(), 5, "not cut");
+        relay.uncut(one.local_addr()?);
+        assert_eq!(round_trip(&one, relay.addr(), 5)?.len(), 5, "uncut");
         drop(relay);
         stop.store(true, Ordering::Relaxed);
         let _ = server.join();

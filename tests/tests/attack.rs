@@ -14,7 +14,9 @@
 //! limits), and the receiver never dies. The receiver runs with its default limits.
 //!
 //! A second test checks that a newer connection of an agent id supersedes the older one
-//! (closed with code 3 and the reason) and takes over its per-file claims.
+//! (closed with code 3 and the reason) and takes over its per-file claims; a third that
+//! the lanes of one agent instance live side by side while a new instance supersedes
+//! them all.
 //!
 //! `SKYFERRY_ATTACKS=idle,huge,unread,oversize` (any subset) runs only those attacks,
 //! to see which one hurts. The attack is stopped at once if the receiver's RSS passes
@@ -311,5 +313,122 @@ fn a_newer_connection_of_an_agent_id_supersedes_the_older_and_takes_its_claims()
         log.lines()
             .any(|l| l.contains("WARN") && l.contains("superseded") && l.contains("agent=kiso-02")),
         "a WARN names the agent id:\n{log}"
+    );
+}
+
+/// The close code and reason of a connection closed by the receiver within 2 s.
+async fn closed_by_receiver(conn: &quinn::Connection, what: &str) -> (u32, String) {
+    let closed = tokio::time::timeout(Duration::from_secs(2), conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("{what} is closed within 2 s"));
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => (
+            u32::try_from(c.error_code.into_inner()).unwrap_or(u32::MAX),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
+        other => panic!("{what} ended otherwise: {other:?}"),
+    }
+}
+
+/// An agent that stripes files over several connections (lanes) keeps them all, each
+/// with its own file claims; a lane dialled again replaces only its older self; a new
+/// instance of the agent (a restart, or a second agent with the same id) supersedes
+/// every lane of the older one, counted and logged as before lanes existed.
+#[test]
+fn lanes_of_one_agent_instance_live_side_by_side_and_a_new_instance_supersedes_them_all() {
+    use skyferry_common::protocol::Lane;
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let identity = pair.issue_agent_identity("kiso-02").expect("identity");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], pair.port()));
+    let ca = pair.certs_dir().join("ca.pem");
+    let stop = CancellationToken::new();
+    let lane = |instance, index| Lane {
+        instance,
+        index,
+        count: 3,
+    };
+    runtime.block_on(async {
+        let agent = Hostile::new(server, &ca, &identity, "kiso-02").expect("client");
+        let a0 = agent
+            .connect_lane(&stop, Some(lane(1, 0)))
+            .await
+            .expect("lane 0");
+        let a1 = agent
+            .connect_lane(&stop, Some(lane(1, 1)))
+            .await
+            .expect("lane 1");
+        // Each lane serves its own files at the same time.
+        for (conn, path) in [(&a0, "lane0.fits"), (&a1, "lane1.fits")] {
+            let (answer, _send, _reader) =
+                skyferry_tests::hostile::offer_and_answer(conn, path, 1 << 20)
+                    .await
+                    .expect("offer");
+            assert_eq!(answer.kind(), "resume", "{path}: {answer:?}");
+        }
+        assert!(
+            a0.close_reason().is_none() && a1.close_reason().is_none(),
+            "both lanes live"
+        );
+
+        // Lane 1 dialled again (its path died): only the older lane 1 goes.
+        let a1_again = agent
+            .connect_lane(&stop, Some(lane(1, 1)))
+            .await
+            .expect("lane 1 again");
+        let (code, reason) = closed_by_receiver(&a1, "the older lane 1").await;
+        assert_eq!(code, 3, "{reason}");
+        assert!(reason.contains("same lane"), "{reason}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(a0.close_reason().is_none(), "lane 0 untouched");
+
+        // A lane of a new instance supersedes both lanes of the older one.
+        let b0 = agent
+            .connect_lane(&stop, Some(lane(2, 0)))
+            .await
+            .expect("new instance");
+        for (conn, what) in [(&a0, "lane 0"), (&a1_again, "lane 1")] {
+            let (code, reason) = closed_by_receiver(conn, what).await;
+            assert_eq!(code, 3, "{what}: {reason}");
+            assert!(reason.contains("same agent id"), "{what}: {reason}");
+        }
+        // And it takes over their claims.
+        let (answer, _send, _reader) =
+            skyferry_tests::hostile::offer_and_answer(&b0, "lane1.fits", 1 << 20)
+                .await
+                .expect("offer on the new instance");
+        assert_eq!(answer.kind(), "resume", "claim taken over: {answer:?}");
+
+        // A lane that does not fit its count is refused.
+        let bad = agent
+            .connect_lane(
+                &stop,
+                Some(Lane {
+                    instance: 2,
+                    index: 3,
+                    count: 3,
+                }),
+            )
+            .await;
+        assert!(bad.is_err(), "lane 3 of 3 refused");
+        assert!(
+            b0.close_reason().is_none(),
+            "a refused hello supersedes nothing"
+        );
+        stop.cancel();
+    });
+    let log = pair.receiver_log().expect("receiver log");
+    let superseded = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("superseded") && l.contains("agent=kiso-02"))
+        .count();
+    assert_eq!(superseded, 1, "one WARN for the one new instance:\n{log}");
+    assert!(
+        log.contains("lane index 3 is not below the lane count 3"),
+        "the refusal names the bad lane:\n{log}"
     );
 }

@@ -40,7 +40,7 @@ fn agent_config_problems_are_listed_together() {
     let cfg = dir.path().join("agent.toml");
     std::fs::write(
         &cfg,
-        "[agent]\nid = \"Kiso 01\"\njournal = \"j.sqlite\"\n[receiver]\naddress = \"nowhere\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[transfer]\nchunk_size = \"1 GiB\"\nchunks_in_flight = 4\nwindow = \"2 GiB\"\nmax_udp_payload = 9000\n[[watch]]\nroot = \"missing-dir\"\ninclude = [\"[unclosed\"]\n",
+        "[agent]\nid = \"Kiso 01\"\njournal = \"j.sqlite\"\n[receiver]\naddress = \"nowhere\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[transfer]\nchunk_size = \"1 GiB\"\nchunks_in_flight = 4\nwindow = \"2 GiB\"\nmax_udp_payload = 9000\nparallel_files = 2\nconnections = 3\n[[watch]]\nroot = \"missing-dir\"\ninclude = [\"[unclosed\"]\n",
     )
     .expect("write config");
     let out = Command::new(binary("skyferry-agent").expect("binary"))
@@ -57,6 +57,7 @@ fn agent_config_problems_are_listed_together() {
         "transfer.chunks_in_flight was replaced by transfer.window",
         "transfer.window = 2147483648 bytes is out of range",
         "transfer.max_udp_payload = 9000 is out of range",
+        "transfer.connections = 3 is more than transfer.parallel_files = 2",
         "missing-dir is not a directory",
         "bad glob \"[unclosed\"",
     ] {

@@ -158,7 +158,15 @@ fn connection_stats(log: &str) -> Option<(u64, u64)> {
 /// the kernel refused every full batch (EMSGSIZE), quinn-udp dropped it silently, quinn
 /// counted thousands of packets lost that no network dropped, and black-hole detection
 /// pinned the MTU at 1200 bytes (3 MB/s at 15 ms RTT). Through a relay that drops nothing,
-/// quinn must see (almost) no loss and keep its jumbo MTU to the loopback receiver.
+/// every packet quinn counts lost must have been lost somewhere we can see, and the MTU
+/// stays jumbo to the loopback receiver.
+///
+/// Where the rest went: quinn counted 1.5–5 % lost here and the relay dropped none; the
+/// kernel dropped exactly that many datagrams at the receiver's UDP socket (its receive
+/// buffer, capped by `net.core.rmem_max`, overflowed: `RcvbufErrors` in /proc/net/snmp,
+/// `drops` of that socket in /proc/net/udp) while the receiver was slower than the
+/// relay's bursts. Those are real losses at the receiving host, so they are counted, not
+/// excused: quinn's count must match the relay's drops plus the receiver socket's.
 #[test]
 fn a_lossless_long_link_shows_no_phantom_loss_and_keeps_its_mtu() {
     let mut pair = Pair::new(PairOptions {
@@ -175,28 +183,118 @@ fn a_lossless_long_link_shows_no_phantom_loss_and_keeps_its_mtu() {
     pair.start_receiver().expect("receiver");
     pair.wait_receiver_listening(Duration::from_secs(10))
         .expect("listening");
+    // The receiver's socket, and the relay's own socket towards the agent.
+    let ports = [pair.port(), pair.relay().expect("relay").addr().port()];
+    let drops = || ports.map(|p| skyferry_tests::sockets::udp_drops(p).unwrap_or(0));
+    let drops_before = drops();
     pair.start_agent().expect("agent");
     pair.wait_replicated(Duration::from_secs(240))
         .expect("replicated")
         .ensure_identical()
         .expect("identical");
     pair.stop_agent().expect("stop agent");
+    let [receiver_drops, relay_socket_drops] = {
+        let after = drops();
+        [after[0] - drops_before[0], after[1] - drops_before[1]]
+    };
     let log = pair.agent_log().expect("agent log");
     let (lost, mtu) = connection_stats(&log).expect("the agent logged its connection stats");
     let relay = pair.relay().expect("relay").stats();
-    eprintln!("quinn lost {lost} packets, mtu {mtu}; relay {relay:?}");
+    eprintln!(
+        "quinn lost {lost} packets, mtu {mtu}; the receiver's socket dropped {receiver_drops}, \
+         the relay's socket {relay_socket_drops}; relay {relay:?}"
+    );
     assert_eq!(relay.dropped, [0, 0], "the relay dropped nothing");
-    // Quinn also declares a packet lost when it arrives later than 9/8 of the RTT after a
-    // newer one (the relay's delay thread has millisecond jitter, and a loaded machine
-    // more): a few per cent, seen up to 4.5 % in a debug build on a loaded machine. The
-    // GSO failure lost about 40 % of the packets; allow an eighth.
+    // Alone on the machine quinn's count matched these drops exactly (0 of 0, 53 of 53,
+    // 103 of 103, 186 of 186); under the full suite's load up to 1.4 % more were counted
+    // lost without a drop we can see (not explained yet: the agent's own send path, or
+    // time-threshold declarations while its runtime was starved). Allow 2.5 % unexplained,
+    // against 12.5 % of everything before; the GSO failure lost about 40 %.
+    let seen = receiver_drops
+        + relay_socket_drops
+        + relay.dropped[0]
+        + relay.overflowed[0]
+        + relay.send_failed[0];
     assert!(
-        lost <= relay.forwarded[0] / 8,
-        "quinn counted {lost} packets lost of {} sent through a relay that dropped none",
+        lost <= seen + relay.forwarded[0] / 40,
+        "quinn counted {lost} packets lost of {} sent; the relay and the sockets dropped {seen}",
         relay.forwarded[0]
     );
     assert_eq!(
         mtu, 8952,
         "MTU discovery keeps jumbo datagrams to a loopback receiver"
     );
+}
+
+/// One of four connections loses its path in the middle of a burst (the relay
+/// black-holes that one agent socket both ways): the agent notices that lane's silence,
+/// returns only its files to the queue, the other lanes ship them, and every file arrives
+/// once while the lane stays cut.
+#[test]
+fn a_lane_whose_path_dies_requeues_only_its_files_and_the_others_ship_them_once() {
+    let mut pair = Pair::start(PairOptions {
+        via_relay: true,
+        connections: 4,
+        parallel_files: 4,
+        heartbeat_interval: "1s".into(),
+        ..PairOptions::default()
+    })
+    .expect("start pair");
+    let relay = pair.relay().expect("relay");
+    relay.set_delay(Duration::from_millis(5));
+    // A bottleneck, so that the burst outlasts the three heartbeats it takes to notice
+    // the cut and every lane has a file in flight when it comes.
+    relay.set_rate(48_000_000, Duration::from_millis(50));
+    // Every lane says hello before the burst, so that each has a socket to cut.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.clients().len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "four lanes: {:?}",
+            relay.clients()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let src = pair.source();
+    burst(&src, "striped", 0, 60);
+    std::thread::sleep(Duration::from_millis(800));
+    let victim = relay.clients()[1];
+    relay.cut(victim);
+    let report = pair
+        .wait_replicated(Duration::from_secs(120))
+        .expect("replication with one lane cut");
+    report.ensure_identical().expect("identical trees");
+    let log = pair.agent_log().expect("agent log");
+    let lost: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("disconnected from the receiver"))
+        .collect();
+    let lanes: std::collections::BTreeSet<&str> = lost
+        .iter()
+        .filter_map(|l| l.split("lane{lane=").nth(1)?.split('}').next())
+        .collect();
+    assert_eq!(lanes.len(), 1, "exactly one lane was lost: {lost:?}\n{log}");
+    // Its file in flight went back to the queue, and other lanes stored files after.
+    let victim = format!(
+        "lane{{lane={}}}",
+        lanes.iter().next().copied().unwrap_or_default()
+    );
+    let cut_at = log.find(lost[0]).unwrap_or(0);
+    assert!(
+        log[cut_at..]
+            .lines()
+            .any(|l| l.contains(": stored path=") && !l.contains(&victim)),
+        "other lanes stored files after the loss:\n{log}"
+    );
+    let stats = pair.relay().expect("relay").stats();
+    assert!(
+        stats.blackholed[0] > 0,
+        "the cut lane tried to send: {stats:?}"
+    );
+    eprintln!(
+        "one lane cut: {} files arrived; relay {stats:?}",
+        report.files
+    );
+    assert_eq!(report.files, 60);
+    assert_stored_once(&pair, 60);
 }

@@ -55,6 +55,7 @@ impl RawAgent {
                 version: PROTOCOL_VERSION,
                 agent_id: id.into(),
                 capabilities: 0,
+                lane: None,
             }))
             .await
             .expect("hello");

@@ -191,6 +191,10 @@ pub const MAX_WINDOW: u64 = 1 << 30;
 pub struct TransferConfig {
     pub chunk_size: u32,
     pub parallel_files: usize,
+    /// QUIC connections (lanes) files are striped over (`transfer.connections`); a file
+    /// stays on one of them. Each adds a congestion window (what a lossy long link
+    /// needs) and a driver task (what lets one agent use several cores).
+    pub connections: u16,
     pub compression_level: i32,
     /// `transfer.compression`: off, zstd (always tried), or auto (while the link is the
     /// bottleneck). `compression_level = 0` also means off.
@@ -427,6 +431,12 @@ impl AgentConfig {
         let transfer = TransferConfig {
             chunk_size: chunk_size as u32,
             parallel_files: s.integer_in("parallel_files", 8, (1, 256), p) as usize,
+            connections: s.integer_in(
+                "connections",
+                1,
+                (1, i64::from(crate::protocol::MAX_LANES)),
+                p,
+            ) as u16,
             compression_level: s.integer_in("compression_level", 1, (0, 19), p) as i32,
             compression: match s.string("compression", p).as_deref() {
                 None | Some("auto") => crate::compress::Mode::Auto,
@@ -473,6 +483,13 @@ impl AgentConfig {
             p.push(format!(
                 "transfer.window = {} bytes is out of range (at least transfer.chunk_size, at most 1 GiB)",
                 transfer.window
+            ));
+        }
+        if usize::from(transfer.connections) > transfer.parallel_files {
+            p.push(format!(
+                "transfer.connections = {} is more than transfer.parallel_files = {}: a file \
+                 stays on one connection, so the extra connections would carry nothing",
+                transfer.connections, transfer.parallel_files
             ));
         }
         if transfer.heartbeat_interval < Duration::from_millis(100) {
@@ -792,5 +809,49 @@ mod tests {
             ["transfer.chunk_size = 5242880 bytes is not a power of two (e.g. 1 MiB, 4 MiB, 8 MiB)"]
         );
         assert!(chunk_size_problems("32 MiB")[0].contains("out of range"));
+    }
+
+    /// The config of `[transfer]` lines `transfer`, or its problems.
+    fn with_transfer(transfer: &str) -> Result<AgentConfig, Vec<String>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "a.pem", "a.key"] {
+            std::fs::write(dir.path().join(f), "x").expect("file");
+        }
+        std::fs::create_dir(dir.path().join("src")).expect("watch root");
+        let text = format!(
+            "[agent]\nid = \"kiso-01\"\njournal = \"j.sqlite\"\n\
+             [receiver]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n\
+             [transfer]\n{transfer}\n[[watch]]\nroot = \"src\"\n"
+        );
+        let table: toml::Table = text.parse().expect("toml");
+        AgentConfig::from_table(&table, dir.path()).map_err(|p| p.into_iter().collect())
+    }
+
+    #[test]
+    fn connections_default_to_one_and_stay_within_lanes_and_parallel_files() {
+        let c = with_transfer("").expect("defaults");
+        assert_eq!(c.transfer.connections, 1);
+        let c = with_transfer("connections = 4").expect("4 of 8 files");
+        assert_eq!(c.transfer.connections, 4);
+        for (bad, says) in [
+            (
+                "connections = 0",
+                "transfer.connections = 0 is out of range (1..=16)",
+            ),
+            (
+                "connections = 17",
+                "transfer.connections = 17 is out of range (1..=16)",
+            ),
+            (
+                "connections = 4\nparallel_files = 3",
+                "transfer.connections = 4 is more than transfer.parallel_files = 3",
+            ),
+        ] {
+            let problems = with_transfer(bad).err().unwrap_or_default();
+            assert!(
+                problems.iter().any(|p| p.starts_with(says)),
+                "{bad}: {problems:?}"
+            );
+        }
     }
 }

@@ -26,11 +26,14 @@
 //!   (no length prefix).
 //!
 //! A body is the fields of its type, in order, and nothing else: bytes left
-//! over after the last field are an error.
+//! over after the last field are an error. The one optional group, a `Hello`'s
+//! lane (in brackets below), is present exactly when bytes follow
+//! `capabilities`; it was added to protocol 2 before its release, and a hello
+//! without it decodes as before.
 //!
 //! | type | message            | body |
 //! |------|--------------------|------|
-//! | 0x01 | Hello              | version u16, agent_id string, capabilities u64 |
+//! | 0x01 | Hello              | version u16, agent_id string, capabilities u64, [instance u64, lane u16, lanes u16] |
 //! | 0x02 | Welcome            | version u16, receiver_id string, heartbeat_interval_ms u32 |
 //! | 0x03 | Refuse             | code u16, reason string |
 //! | 0x04 | AgentHeartbeat     | seq u64, pending_files u64, pending_bytes u64, oldest_pending_age_s u64, send_rate_bps u64 |
@@ -57,8 +60,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::message::{
-    Ack, AgentHeartbeat, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode, Hello, Message,
-    Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
+    Ack, AgentHeartbeat, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode, Hello, Lane,
+    Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
 };
 use super::MAX_PATH_LEN;
 
@@ -189,6 +192,11 @@ impl Message {
                 dst.put_u16(m.version);
                 put_str(dst, kind, "agent_id", &m.agent_id)?;
                 dst.put_u64(m.capabilities);
+                if let Some(lane) = m.lane {
+                    dst.put_u64(lane.instance);
+                    dst.put_u16(lane.index);
+                    dst.put_u16(lane.count);
+                }
             }
             Message::Welcome(m) => {
                 dst.put_u8(WELCOME);
@@ -361,6 +369,16 @@ pub fn decode_body(body: Bytes) -> Result<Message, FrameError> {
             version: r.u16()?,
             agent_id: r.string("agent_id")?,
             capabilities: r.u64()?,
+            // Optional: present exactly when bytes follow (a partial group is an error).
+            lane: if r.rest.is_empty() {
+                None
+            } else {
+                Some(Lane {
+                    instance: r.u64()?,
+                    index: r.u16()?,
+                    count: r.u16()?,
+                })
+            },
         }),
         WELCOME => Message::Welcome(Welcome {
             version: r.u16()?,
@@ -617,6 +635,9 @@ mod tests {
     }
 
     /// The body (type byte onwards) of one encoded message.
+    /// Bytes of a hello's optional lane group: instance u64, lane u16, lanes u16.
+    const LANE_LEN: usize = 12;
+
     fn body(msg: &Message) -> Bytes {
         wire(std::slice::from_ref(msg)).freeze().slice(4..)
     }
@@ -662,13 +683,24 @@ mod tests {
 
     fn message(max_payload: usize) -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<u16>(), text(), any::<u64>()).prop_map(|(version, agent_id, capabilities)| {
-                Message::Hello(Hello {
-                    version,
-                    agent_id,
-                    capabilities,
-                })
-            }),
+            (
+                any::<u16>(),
+                text(),
+                any::<u64>(),
+                any::<Option<(u64, u16, u16)>>()
+            )
+                .prop_map(|(version, agent_id, capabilities, lane)| {
+                    Message::Hello(Hello {
+                        version,
+                        agent_id,
+                        capabilities,
+                        lane: lane.map(|(instance, index, count)| Lane {
+                            instance,
+                            index,
+                            count,
+                        }),
+                    })
+                }),
             (any::<u16>(), text(), any::<u32>()).prop_map(
                 |(version, receiver_id, heartbeat_interval_ms)| Message::Welcome(Welcome {
                     version,
@@ -754,6 +786,7 @@ mod tests {
                 version: 1,
                 agent_id: "edge-07".into(),
                 capabilities: 3,
+                lane: None,
             }),
             Message::Welcome(Welcome {
                 version: 1,
@@ -818,6 +851,16 @@ mod tests {
             }),
             Message::NeedHash,
             Message::FileHash(h),
+            Message::Hello(Hello {
+                version: 2,
+                agent_id: "edge-07".into(),
+                capabilities: 0,
+                lane: Some(Lane {
+                    instance: 0xfeed,
+                    index: 3,
+                    count: 4,
+                }),
+            }),
         ]
     }
 
@@ -874,16 +917,83 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_decodes_with_or_without_its_lane_but_not_with_part_of_one() {
+        let plain = Message::Hello(Hello {
+            version: 2,
+            agent_id: "kiso-01".into(),
+            capabilities: 0,
+            lane: None,
+        });
+        let laned = Message::Hello(Hello {
+            lane: Some(Lane {
+                instance: 42,
+                index: 0,
+                count: 2,
+            }),
+            ..match &plain {
+                Message::Hello(h) => h.clone(),
+                _ => unreachable!(),
+            }
+        });
+        // A hello as agents sent it before lanes existed still decodes, to `lane: None`.
+        assert_eq!(decode_body(body(&plain)).unwrap(), plain);
+        assert_eq!(decode_body(body(&laned)).unwrap(), laned);
+        // Any cut inside the lane group is an error, as is a byte after it.
+        let full = body(&laned);
+        for cut in body(&plain).len() + 1..full.len() {
+            assert!(
+                matches!(
+                    decode_body(full.slice(..cut)),
+                    Err(FrameError::Truncated { kind: "hello" })
+                ),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = BytesMut::from(&full[..]);
+        longer.put_u8(0);
+        assert!(decode_body(longer.freeze()).is_err());
+    }
+
+    #[test]
+    fn lane_meaning_is_checked_apart_from_the_codec() {
+        let lane = |index, count| Lane {
+            instance: 1,
+            index,
+            count,
+        };
+        assert!(lane(0, 1).check(16).is_ok());
+        assert!(lane(15, 16).check(16).is_ok());
+        assert!(lane(0, 0).check(16).is_err());
+        assert!(lane(4, 4).check(16).is_err());
+        assert!(lane(0, 17).check(16).is_err());
+    }
+
+    #[test]
     fn wire_format_is_pinned() {
         // Round trips cannot catch a change made to encoder and decoder alike.
         let hello = Message::Hello(Hello {
             version: 1,
             agent_id: "ab".into(),
             capabilities: 0x0102,
+            lane: None,
         });
         assert_eq!(
             &wire(&[hello])[..],
             b"\0\0\0\x0f\x01\0\x01\0\x02ab\0\0\0\0\0\0\x01\x02"
+        );
+        let hello = Message::Hello(Hello {
+            version: 2,
+            agent_id: "ab".into(),
+            capabilities: 0,
+            lane: Some(Lane {
+                instance: 0x0102_0304_0506_0708,
+                index: 1,
+                count: 4,
+            }),
+        });
+        assert_eq!(
+            &wire(&[hello])[..],
+            &b"\0\0\0\x1b\x01\0\x02\0\x02ab\0\0\0\0\0\0\0\0\x01\x02\x03\x04\x05\x06\x07\x08\0\x01\0\x04"[..]
         );
         let resume = Message::Resume(Resume {
             missing: vec![ChunkRange { start: 1, end: 3 }],
@@ -989,6 +1099,13 @@ mod tests {
             let full = body(&msg);
             for n in 1..full.len() {
                 let result = decode_body(full.slice(..n));
+                if let Message::Hello(h) = &msg {
+                    if h.lane.is_some() && n == full.len() - LANE_LEN {
+                        // The lane is optional: without it, a hello all the same.
+                        assert!(result.is_ok(), "hello prefix of {n} bytes: {result:?}");
+                        continue;
+                    }
+                }
                 if matches!(msg, Message::Chunk(_)) && n >= CHUNK_FIXED_LEN {
                     // The payload runs to the end of the frame: a shorter frame
                     // is a well-formed chunk with a shorter payload.
@@ -1025,6 +1142,12 @@ mod tests {
             if let Message::Chunk(_) = msg {
                 // Trailing bytes of a chunk are payload.
                 assert!(result.is_ok());
+            } else if let Message::Hello(Hello { lane: None, .. }) = msg {
+                // Bytes after a hello's capabilities start its lane: two are too few.
+                assert!(
+                    matches!(result, Err(FrameError::Truncated { kind: "hello" })),
+                    "hello: {result:?}"
+                );
             } else {
                 assert!(
                     matches!(result, Err(FrameError::TrailingBytes { kind, extra: 2 }) if kind == msg.kind()),
@@ -1141,6 +1264,7 @@ mod tests {
                 version: 1,
                 agent_id: long,
                 capabilities: 0,
+                lane: None,
             }),
             Message::Resume(Resume {
                 missing: vec![

@@ -83,6 +83,41 @@ pub struct Hello {
     pub agent_id: String,
     /// Feature bits; a receiver ignores bits it does not know.
     pub capabilities: u64,
+    /// Which of its agent instance's connections this is; `None` from an agent that
+    /// opens a single connection and does not say (docs/protocol.md §2, "Lanes").
+    pub lane: Option<Lane>,
+}
+
+/// One of the connections (lanes) an agent process stripes its files over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lane {
+    /// Drawn at random when the agent process starts: the receiver keeps the lanes of
+    /// one instance side by side and supersedes all of an older instance's.
+    pub instance: u64,
+    /// This connection's index, `0..count`.
+    pub index: u16,
+    /// How many connections the instance keeps (`transfer.connections`).
+    pub count: u16,
+}
+
+impl Lane {
+    /// Whether the receiver can accept this lane: `index < count <= max`. The codec
+    /// checks structure only; this is the meaning.
+    pub fn check(&self, max: u16) -> Result<(), String> {
+        if self.count == 0 || self.count > max {
+            return Err(format!(
+                "lane count {} is out of range (1..={max})",
+                self.count
+            ));
+        }
+        if self.index >= self.count {
+            return Err(format!(
+                "lane index {} is not below the lane count {}",
+                self.index, self.count
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Receiver → agent, accepts a [`Hello`].

@@ -28,7 +28,8 @@ mod message;
 pub use codec::{decode, decode_body, frame_len, FrameError};
 pub use message::{
     hex, short_hex, Ack, AgentHeartbeat, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode,
-    Hash, Hello, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
+    Hash, Hello, Lane, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState,
+    Welcome,
 };
 
 /// The QUIC ALPN protocol identifier. A new major protocol gets a new ALPN.
@@ -36,6 +37,10 @@ pub const ALPN: &[u8] = b"skyferry/2";
 
 /// Version carried in [`Hello`] and [`Welcome`].
 pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Most connections (lanes, [`Lane`]) one agent instance may keep; also the ceiling of
+/// the agent's `transfer.connections`.
+pub const MAX_LANES: u16 = 16;
 
 /// Application close codes of a connection (docs/protocol.md §2), the same numbers on
 /// both sides. Shutting down (either side).

@@ -20,6 +20,10 @@ pub struct PairOptions {
     /// `[transfer] window`: bytes per file in flight before an acknowledgement.
     pub window: String,
     pub parallel_files: u32,
+    /// `[transfer] connections`: lanes the agent stripes files over.
+    pub connections: u32,
+    /// Receiver `limits.max_connections_per_agent`; the receiver's default when `None`.
+    pub max_connections_per_agent: Option<u32>,
     pub compression_level: u32,
     pub settle: String,
     /// `[[watch]] quiet_period`; the agent's default when `None`.
@@ -53,6 +57,8 @@ impl Default for PairOptions {
             chunk_size: "64 KiB".into(),
             window: "24 MiB".into(),
             parallel_files: 4,
+            connections: 1,
+            max_connections_per_agent: None,
             compression_level: 1,
             settle: "200ms".into(),
             quiet_period: Some("200ms".into()),
@@ -79,7 +85,7 @@ impl Pair {
         let mut text = format!(
             "[agent]\nid = {}\njournal = {}\n\n\
              [receiver]\naddress = {}\nserver_name = {}\nca = {}\ncert = {}\nkey = {}\n\n\
-             [transfer]\nchunk_size = {}\nwindow = {}\nparallel_files = {}\ncompression_level = {}\n\
+             [transfer]\nchunk_size = {}\nwindow = {}\nparallel_files = {}\nconnections = {}\ncompression_level = {}\n\
              heartbeat_interval = {}\nreconnect_min = {}\nreconnect_max = {}\n\n\
              [[watch]]\nroot = {}\ninclude = {}\nexclude = {}\nsettle = {}\nrescan_interval = {}\n",
             quote(&o.agent_id),
@@ -92,6 +98,7 @@ impl Pair {
             quote(&o.chunk_size),
             quote(&o.window),
             o.parallel_files,
+            o.connections,
             o.compression_level,
             quote(&o.heartbeat_interval),
             quote(&o.reconnect_min),
@@ -127,6 +134,9 @@ impl Pair {
         );
         if let Some(age) = &o.partial_max_age {
             text.push_str(&format!("partial_max_age = {}\n", quote(age)));
+        }
+        if let Some(n) = o.max_connections_per_agent {
+            text.push_str(&format!("max_connections_per_agent = {n}\n"));
         }
         text
     }

@@ -51,6 +51,8 @@ options:
                        accepts that key
   --transfer KEY=VAL   set any [transfer] key of the agent (repeatable)
   --rate MBIT          link mode: cap the relay at MBIT Mbit/s each way
+  --rtt MS             link mode: only this added RTT (repeatable; default 0, 5, 15)
+  --loss FRACTION      link mode: only this loss each way (repeatable; default 0, 0.001)
   --latency-files N    latency mode: files per series (default 100)
   --quiet-period D     latency mode: [[watch]] quiet_period instead of the example's";
 
@@ -64,6 +66,8 @@ struct Args {
     connections: Option<u32>,
     transfer: Vec<(String, String)>,
     rate_mbit: Option<f64>,
+    rtts_ms: Vec<u64>,
+    losses: Vec<f64>,
     latency_files: Option<usize>,
     quiet_period: Option<String>,
 }
@@ -79,6 +83,8 @@ fn parse_args() -> Result<Option<Args>> {
         connections: None,
         transfer: Vec::new(),
         rate_mbit: None,
+        rtts_ms: Vec::new(),
+        losses: Vec::new(),
         latency_files: None,
         quiet_period: None,
     };
@@ -101,6 +107,8 @@ fn parse_args() -> Result<Option<Args>> {
             }
             "--connections" => args.connections = Some(number("--connections", it.next())?),
             "--rate" => args.rate_mbit = Some(number("--rate", it.next())?),
+            "--rtt" => args.rtts_ms.push(number("--rtt", it.next())?),
+            "--loss" => args.losses.push(number("--loss", it.next())?),
             "--latency-files" => args.latency_files = Some(number("--latency-files", it.next())?),
             "--quiet-period" => {
                 let d = it.next().context("--quiet-period needs a duration")?;
@@ -185,6 +193,8 @@ fn run(args: &Args) -> Result<bool> {
             runs: args.runs,
             rate_mbit: args.rate_mbit,
             connections,
+            rtts_ms: args.rtts_ms.clone(),
+            losses: args.losses.clone(),
         };
         ok &= link::run(&opts, &skyferry, &clock)?;
     }
