@@ -3,9 +3,10 @@
 //! a time: written and closed in the watched tree, timed until the agent counts it sent
 //! (the inotify path, which waits the watch's `quiet_period` by design); then the same
 //! with a Redis publish right after the close, timed from the publish (the observatory's
-//! path). "Done" is `skyferry_agent_files_sent_total` growing: the agent counts a file when
-//! the receiver's Ack arrives, which the receiver sends only after the file is fsynced,
-//! renamed into place and catalogued; the journal records it right after.
+//! path). "Done" is `skyferry_agent_files_done_total` growing: the agent counts a file once
+//! its journal durably records it done (an fsynced commit), after the receiver's Ack,
+//! which the receiver sends only after the file is fsynced, renamed into place (and its
+//! directory fsynced) and recorded.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -22,7 +23,7 @@ use crate::report::{median, quantile};
 use crate::scrape::{get, scrape};
 
 const CHANNEL: &str = "skyferry-bench:files";
-const SENT: &str = "skyferry_agent_files_sent_total";
+const SENT: &str = "skyferry_agent_files_done_total";
 /// Pause between two polls of the metrics.
 const POLL: Duration = Duration::from_millis(1);
 /// Longest wait for one file.
@@ -233,7 +234,7 @@ fn print(series: &[Series], skyferry: &Skyferry, quiet: &str, poll_ms: f64) {
     );
     println!("redis: from the PUBLISH (sent right after the close) on an open connection.");
     println!(
-        "done: skyferry_agent_files_sent_total grew (receiver's Ack: fsynced, renamed, catalogued),"
+        "done: skyferry_agent_files_done_total grew (the journal's done row fsynced, after the receiver's Ack),"
     );
     println!(
         "polled every {:.1} ms on average (1 ms pause + one scrape): that is the resolution.",
