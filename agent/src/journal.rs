@@ -415,7 +415,11 @@ impl Journal {
     /// Redis pub/sub: every file they report lies under a watch root and passed its
     /// rules), `Durable` when the notification is acknowledged on the strength of it
     /// (Redis Streams).
-    pub fn enqueue_with(&mut self, files: &[Discovered], sync: Durability) -> Result<usize, JournalError> {
+    pub fn enqueue_with(
+        &mut self,
+        files: &[Discovered],
+        sync: Durability,
+    ) -> Result<usize, JournalError> {
         self.sync(sync)?;
         let now = now_ns();
         let tx = self.db.transaction().map_err(sql(&self.path))?;
@@ -723,13 +727,24 @@ mod tests {
             j.claim(0, 0).unwrap();
             assert_eq!(synchronous(&j), 1);
             j.finish(job.id, &how).unwrap();
-            assert_eq!(synchronous(&j), 2, "{how:?} must be on disk when it returns");
+            assert_eq!(
+                synchronous(&j),
+                2,
+                "{how:?} must be on disk when it returns"
+            );
         }
         j.finish(jobs[2].id, &Finish::Requeue).unwrap();
         assert_eq!(synchronous(&j), 1, "an interrupted attempt is lazy");
         // Whatever the mode, the rows are there for the connection.
         let c = j.counts().unwrap();
-        assert_eq!((c.get(State::Done), c.get(State::Failed), c.get(State::Pending)), (1, 1, 1));
+        assert_eq!(
+            (
+                c.get(State::Done),
+                c.get(State::Failed),
+                c.get(State::Pending)
+            ),
+            (1, 1, 1)
+        );
     }
 
     #[test]

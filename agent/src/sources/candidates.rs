@@ -118,7 +118,8 @@ impl Candidate {
     /// When its rule is due, given an mtime (from the last look, if any).
     fn due(&self, t: &Timing, mtime_ns: Option<i64>, now: Instant, now_ns: i64) -> Instant {
         // The instant the wall clock reads `at_ns`, or `now` if that has passed.
-        let wall = |at_ns: i64| now + Duration::from_nanos(at_ns.saturating_sub(now_ns).max(0) as u64);
+        let wall =
+            |at_ns: i64| now + Duration::from_nanos(at_ns.saturating_sub(now_ns).max(0) as u64);
         let after = |d: Duration| mtime_ns.map(|m| m.saturating_add(d.as_nanos() as i64));
         match self.phase {
             Phase::Closed => self.since + t.quiet_period,
@@ -177,7 +178,13 @@ mod tests {
     /// Drives one candidate as the event loop does: look whenever it asks, until ready;
     /// the file has `size` and `mtime_ns` throughout. Returns when it was ready and how
     /// many looks it took.
-    fn ship(mut c: Candidate, t: &Timing, start: Instant, start_ns: i64, mtime_ns: i64) -> (Duration, u32) {
+    fn ship(
+        mut c: Candidate,
+        t: &Timing,
+        start: Instant,
+        start_ns: i64,
+        mtime_ns: i64,
+    ) -> (Duration, u32) {
         let mut looks = 0;
         let mut now = start;
         loop {
@@ -214,7 +221,11 @@ mod tests {
         assert!(!c.observe(10, start_ns, &t, start, start_ns));
         let later = start + 300 * MS;
         c.touched(later);
-        assert_eq!(c.next_look(&t, later, start_ns), later, "a fresh look at once");
+        assert_eq!(
+            c.next_look(&t, later, start_ns),
+            later,
+            "a fresh look at once"
+        );
         let (took, looks) = ship(c, &t, later, start_ns + 300_000_000, start_ns + 300_000_000);
         assert_eq!((took, looks), (t.quiet_period, 2));
     }
@@ -256,9 +267,16 @@ mod tests {
         let start_ns = 1_700_000_000_000_000_000;
         let mut c = Candidate::new(Phase::Writing, start);
         c.written(start);
-        assert_eq!(c.next_look(&t, start, start_ns), start + STALE_WRITER, "no look while writing");
+        assert_eq!(
+            c.next_look(&t, start, start_ns),
+            start + STALE_WRITER,
+            "no look while writing"
+        );
         let (took, _) = ship(c, &t, start, start_ns, start_ns);
-        assert!(took >= STALE_WRITER && took <= STALE_WRITER + t.recheck, "{took:?}");
+        assert!(
+            took >= STALE_WRITER && took <= STALE_WRITER + t.recheck,
+            "{took:?}"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use skyferry_common::config::{AgentConfig, Blocklist, PathFilter};
 use skyferry_common::relpath::RelPath;
 use tokio::sync::{watch, Notify};
 
-use crate::journal::{Discovered, Journal, JournalError, Durability};
+use crate::journal::{Discovered, Durability, Journal, JournalError};
 use crate::metrics::Metrics;
 
 /// What may be shipped: per-root filters and the blocklist. Immutable; a reload builds a
@@ -215,7 +215,11 @@ pub fn inspect(rules: &Rules, root: &Path, path: &Path) -> Result<Discovered, Re
 /// Records `files` in the journal (one transaction, off the runtime, as durable as
 /// `sync` says: see [`Durability`]) and wakes the sender if any was new. Returns how many were
 /// new; an error is the journal's, as text.
-pub async fn record(ctx: &Context, files: Vec<Discovered>, sync: Durability) -> Result<usize, String> {
+pub async fn record(
+    ctx: &Context,
+    files: Vec<Discovered>,
+    sync: Durability,
+) -> Result<usize, String> {
     if files.is_empty() {
         return Ok(0);
     }

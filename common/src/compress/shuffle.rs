@@ -142,7 +142,8 @@ pub struct ShuffleEncoder {
 impl ShuffleEncoder {
     pub fn new(level: i32) -> Option<ShuffleEncoder> {
         let mut cctx = zstd_safe::CCtx::try_create()?;
-        cctx.set_parameter(CParameter::CompressionLevel(level)).ok()?;
+        cctx.set_parameter(CParameter::CompressionLevel(level))
+            .ok()?;
         // After the level, which would set its own window.
         cctx.set_parameter(CParameter::WindowLog(WINDOW_LOG)).ok()?;
         cctx.set_parameter(CParameter::ContentSizeFlag(true)).ok()?;
@@ -160,7 +161,9 @@ impl ShuffleEncoder {
         self.cctx
             .reset(zstd_safe::ResetDirective::SessionOnly)
             .ok()?;
-        self.cctx.set_pledged_src_size(Some(raw.len() as u64)).ok()?;
+        self.cctx
+            .set_pledged_src_size(Some(raw.len() as u64))
+            .ok()?;
         let mut out = OutBuffer::around(out);
         let mut at = 0;
         loop {
@@ -216,7 +219,8 @@ pub enum ShuffleError {
 impl ShuffleDecoder {
     pub fn new() -> Option<ShuffleDecoder> {
         let mut dctx = zstd_safe::DCtx::try_create()?;
-        dctx.set_parameter(DParameter::WindowLogMax(WINDOW_LOG)).ok()?;
+        dctx.set_parameter(DParameter::WindowLogMax(WINDOW_LOG))
+            .ok()?;
         Some(ShuffleDecoder {
             dctx,
             piece: vec![0; PIECE],
@@ -309,7 +313,10 @@ mod tests {
 
     fn round_trip(raw: &[u8]) -> Vec<u8> {
         let mut z = Vec::with_capacity(zstd_safe::compress_bound(raw.len()));
-        ShuffleEncoder::new(1).unwrap().compress(raw, &mut z).unwrap();
+        ShuffleEncoder::new(1)
+            .unwrap()
+            .compress(raw, &mut z)
+            .unwrap();
         let mut out = vec![0; raw.len()];
         ShuffleDecoder::new()
             .unwrap()
@@ -322,7 +329,10 @@ mod tests {
     fn the_codec_round_trips_and_beats_plain_zstd_on_16_bit_pixels() {
         let raw = sky(1 << 20, 5); // 2 MiB: bigger than the window
         let mut z = Vec::with_capacity(zstd_safe::compress_bound(raw.len()));
-        ShuffleEncoder::new(1).unwrap().compress(&raw, &mut z).unwrap();
+        ShuffleEncoder::new(1)
+            .unwrap()
+            .compress(&raw, &mut z)
+            .unwrap();
         let plain = zstd::bulk::compress(&raw, 1).unwrap();
         assert!(
             z.len() < plain.len() * 9 / 10,
@@ -358,7 +368,10 @@ mod tests {
         ));
         // The same decoder still works afterwards.
         let mut z = Vec::with_capacity(zstd_safe::compress_bound(raw.len()));
-        ShuffleEncoder::new(1).unwrap().compress(&raw, &mut z).unwrap();
+        ShuffleEncoder::new(1)
+            .unwrap()
+            .compress(&raw, &mut z)
+            .unwrap();
         let mut short = vec![0; raw.len() - 2];
         assert!(matches!(
             d.decompress(&z, &mut short),

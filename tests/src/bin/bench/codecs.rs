@@ -57,10 +57,20 @@ pub fn run(opts: &CodecOptions, clock: &CpuClock) -> Result<bool> {
             })
             .collect::<Result<Vec<_>>>()?;
         let raw_bytes: u64 = files.iter().map(FitsParams::file_size).sum();
-        println!("codecs: {name}: {} files, {:.0} MB …", paths.len(), raw_bytes as f64 / 1e6);
+        println!(
+            "codecs: {name}: {} files, {:.0} MB …",
+            paths.len(),
+            raw_bytes as f64 / 1e6
+        );
         let level = opts.level;
         let zstd = repeat(opts.runs, || {
-            in_process(&paths, opts.chunk_size, clock, |raw, out| zstd_compress(raw, level, out), zstd_decompress)
+            in_process(
+                &paths,
+                opts.chunk_size,
+                clock,
+                |raw, out| zstd_compress(raw, level, out),
+                zstd_decompress,
+            )
         })?;
         let mut enc = ShuffleEncoder::new(level).context("cannot create a zstd context")?;
         let mut dec = ShuffleDecoder::new().context("cannot create a zstd context")?;
@@ -103,16 +113,14 @@ fn datasets(quick: bool) -> Vec<(String, Vec<FitsParams>)> {
 }
 
 fn which(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("-V")
-        .output()
-        .is_ok()
+    Command::new(tool).arg("-V").output().is_ok()
 }
 
 /// The median reading of `runs` runs (by compress speed; the ratio is the same each run).
 fn repeat(runs: usize, mut one: impl FnMut() -> Result<Reading>) -> Result<Reading> {
     let mut all = (0..runs).map(|_| one()).collect::<Result<Vec<_>>>()?;
-    let pick = |f: fn(&Reading) -> f64, all: &[Reading]| median(&all.iter().map(f).collect::<Vec<_>>());
+    let pick =
+        |f: fn(&Reading) -> f64, all: &[Reading]| median(&all.iter().map(f).collect::<Vec<_>>());
     let r = Reading {
         ratio: all[0].ratio,
         cpu_mb_s: (pick(|r| r.cpu_mb_s.0, &all), pick(|r| r.cpu_mb_s.1, &all)),
@@ -211,7 +219,9 @@ fn with_fpack(paths: &[PathBuf], dir: &Path, clock: &CpuClock) -> Result<Reading
 }
 
 fn tool(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}",
@@ -242,7 +252,10 @@ type Row = (String, u64, Reading, Reading, Option<Reading>);
 
 fn print(table: &[Row], opts: &CodecOptions, fpack: bool) {
     println!();
-    println!("== codecs: ratio and speed on one core, median of {} runs ==", opts.runs);
+    println!(
+        "== codecs: ratio and speed on one core, median of {} runs ==",
+        opts.runs
+    );
     println!(
         "skyferry: {} KiB chunks, zstd level {} (compression_level); MB/s of original bytes per CPU second (per wall second);",
         opts.chunk_size / 1024,
@@ -259,7 +272,10 @@ fn print(table: &[Row], opts: &CodecOptions, fpack: bool) {
     );
     for (name, bytes, zstd, shuffled, rice) in table {
         let name = format!("{name} ({:.0} MB)", *bytes as f64 / 1e6);
-        let mut rows = vec![(format!("zstd -{}", opts.level), zstd), (format!("shuffle16+zstd -{}", opts.level), shuffled)];
+        let mut rows = vec![
+            (format!("zstd -{}", opts.level), zstd),
+            (format!("shuffle16+zstd -{}", opts.level), shuffled),
+        ];
         if let Some(r) = rice {
             rows.push(("fpack (Rice)".into(), r));
         }
@@ -286,6 +302,10 @@ fn zstd_compress(raw: &[u8], level: i32, out: &mut Vec<u8>) -> Result<()> {
 
 fn zstd_decompress(z: &[u8], out: &mut [u8]) -> Result<()> {
     let n = zstd::bulk::decompress_to_buffer(z, out).context("zstd failed")?;
-    anyhow::ensure!(n == out.len(), "zstd decoded {n} bytes, expected {}", out.len());
+    anyhow::ensure!(
+        n == out.len(),
+        "zstd decoded {n} bytes, expected {}",
+        out.len()
+    );
     Ok(())
 }
