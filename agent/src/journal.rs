@@ -185,6 +185,28 @@ pub struct Journal {
     path: String,
     /// The `flock` held for as long as this journal is open for writing.
     _lock: Option<File>,
+    /// The `synchronous` mode the connection is in now.
+    sync: Durability,
+}
+
+/// Whether a commit waits for the disk (SQLite's `synchronous`, WAL mode).
+///
+/// Every commit is atomic; only some must survive a power loss the moment they return.
+/// A `Lazy` commit is written to the WAL without an fsync: it becomes durable with the
+/// next `Durable` commit (which fsyncs the WAL, and with it every frame before) or
+/// checkpoint, and a power loss before that rolls it back, never anything else. Lazy
+/// are the commits whose loss the agent repairs by itself: a file in flight (pending
+/// again after a restart anyway), a remembered hash (computed again), a file a source
+/// can report again (a rescan finds it on disk). A file done, failed, vanished or
+/// superseded, and what Redis Streams acknowledge, are `Durable`. Each fsync costs
+/// milliseconds (more when other writers keep the disk busy) on the path from a
+/// notification to done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous = FULL`: the commit is on disk when it returns.
+    Durable,
+    /// `synchronous = NORMAL`: on disk with the next durable commit or checkpoint.
+    Lazy,
 }
 
 /// Maps an SQLite error to a journal error naming the file.
@@ -298,7 +320,8 @@ impl Journal {
         let db = Connection::open(path).map_err(err)?;
         check(&db, "quick_check").map_err(corrupt)?;
         db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        // FULL: an acknowledged file is never forgotten, even on power loss.
+        // FULL: an acknowledged file is never forgotten, even on power loss. Commits that
+        // need not wait for the disk say so ([`Durability::Lazy`]).
         db.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         db.busy_timeout(Duration::from_secs(30)).map_err(err)?;
         let version: i64 = db
@@ -343,7 +366,23 @@ impl Journal {
             db,
             path: name,
             _lock: lock,
+            sync: Durability::Durable,
         })
+    }
+
+    /// Puts the connection in `sync` mode for the next commits (outside a transaction).
+    fn sync(&mut self, sync: Durability) -> Result<(), JournalError> {
+        if self.sync != sync {
+            let mode = match sync {
+                Durability::Durable => "FULL",
+                Durability::Lazy => "NORMAL",
+            };
+            self.db
+                .pragma_update(None, "synchronous", mode)
+                .map_err(sql(&self.path))?;
+            self.sync = sync;
+        }
+        Ok(())
     }
 
     /// Opens for reading only (the `status` command), without creating anything.
@@ -359,14 +398,29 @@ impl Journal {
             db,
             path: name,
             _lock: None,
+            sync: Durability::Durable,
         })
     }
 
-    /// Records discovered files in one transaction; returns how many were new. A file
-    /// seen again in a state that says it is not on disk (`vanished`, `superseded`) is
-    /// on disk after all, with exactly this size and mtime: it is pending again (and
-    /// counts as new).
+    /// Records discovered files in one durable transaction; returns how many were new.
+    /// A file seen again in a state that says it is not on disk (`vanished`,
+    /// `superseded`) is on disk after all, with exactly this size and mtime: it is
+    /// pending again (and counts as new).
     pub fn enqueue(&mut self, files: &[Discovered]) -> Result<usize, JournalError> {
+        self.enqueue_with(files, Durability::Durable)
+    }
+
+    /// [`Journal::enqueue`] with the commit's durability: `Lazy` for files a rescan
+    /// would find again should a power loss roll the commit back (the watch, rescans,
+    /// Redis pub/sub: every file they report lies under a watch root and passed its
+    /// rules), `Durable` when the notification is acknowledged on the strength of it
+    /// (Redis Streams).
+    pub fn enqueue_with(
+        &mut self,
+        files: &[Discovered],
+        sync: Durability,
+    ) -> Result<usize, JournalError> {
+        self.sync(sync)?;
         let now = now_ns();
         let tx = self.db.transaction().map_err(sql(&self.path))?;
         let mut inserted = 0;
@@ -477,7 +531,9 @@ impl Journal {
     }
 
     /// Returns interrupted transfers to pending (called at startup and after shutdown).
+    /// Lazy: a lost update leaves them in flight, which the next start undoes.
     pub fn requeue_inflight(&mut self) -> Result<usize, JournalError> {
+        self.sync(Durability::Lazy)?;
         self.db
             .execute("UPDATE files SET state = 0 WHERE state = 1", [])
             .map_err(sql(&self.path))
@@ -498,8 +554,10 @@ impl Journal {
     /// Claims up to `limit` pending files and marks them in flight, in two classes:
     /// live files (source mtime at or after `live_since_ns`: tonight's data) first,
     /// newest first; then the backlog, oldest first. Both come off an index on mtime,
-    /// so a claim costs the same with ten or ten million files pending.
+    /// so a claim costs the same with ten or ten million files pending. Lazy: a claim
+    /// lost to a power loss leaves the files pending, where a restart would put them.
     pub fn claim(&mut self, limit: usize, live_since_ns: i64) -> Result<Vec<Job>, JournalError> {
+        self.sync(Durability::Lazy)?;
         let now = now_ns();
         let tx = self.db.transaction().map_err(sql(&self.path))?;
         let jobs: Vec<Job> = {
@@ -547,7 +605,9 @@ impl Journal {
         Ok(jobs)
     }
 
+    /// Remembers a file's hash for later offers. Lazy: a hash lost is computed again.
     pub fn set_hash(&mut self, id: i64, hash: &Hash) -> Result<(), JournalError> {
+        self.sync(Durability::Lazy)?;
         self.db
             .execute(
                 "UPDATE files SET hash = ?2 WHERE id = ?1",
@@ -557,8 +617,13 @@ impl Journal {
             .map_err(sql(&self.path))
     }
 
-    /// Records how an attempt ended.
+    /// Records how an attempt ended: durably, except an interrupted attempt (`Requeue`,
+    /// pending again as after a restart).
     pub fn finish(&mut self, id: i64, how: &Finish) -> Result<(), JournalError> {
+        self.sync(match how {
+            Finish::Requeue => Durability::Lazy,
+            _ => Durability::Durable,
+        })?;
         let now = now_ns();
         let r = match how {
             Finish::Done => self.db.execute(
@@ -640,6 +705,58 @@ mod tests {
             size,
             mtime_ns: mtime,
         }
+    }
+
+    /// `PRAGMA synchronous` of the connection: 1 NORMAL, 2 FULL.
+    fn synchronous(j: &Journal) -> i64 {
+        j.db.pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn only_the_commits_the_agent_can_repair_skip_the_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        assert_eq!(synchronous(&j), 2, "durable unless a commit says otherwise");
+        j.enqueue_with(&[file("a", 1, 1), file("b", 1, 1)], Durability::Lazy)
+            .unwrap();
+        assert_eq!(synchronous(&j), 1);
+        j.enqueue(&[file("c", 1, 1)]).unwrap();
+        assert_eq!(synchronous(&j), 2, "enqueue without a say is durable");
+        let jobs = j.claim(10, 0).unwrap();
+        assert_eq!(synchronous(&j), 1, "a claim is lazy");
+        j.set_hash(jobs[0].id, &[7; 32]).unwrap();
+        assert_eq!(synchronous(&j), 1, "a remembered hash is lazy");
+        // Each end of an attempt, after lazy commits: durable.
+        for (job, how) in jobs.iter().zip([
+            Finish::Done,
+            Finish::Failed("bad_path".into()),
+            Finish::Retry {
+                reason: "x".into(),
+                forget_hash: false,
+            },
+        ]) {
+            j.claim(0, 0).unwrap();
+            assert_eq!(synchronous(&j), 1);
+            j.finish(job.id, &how).unwrap();
+            assert_eq!(
+                synchronous(&j),
+                2,
+                "{how:?} must be on disk when it returns"
+            );
+        }
+        j.finish(jobs[2].id, &Finish::Requeue).unwrap();
+        assert_eq!(synchronous(&j), 1, "an interrupted attempt is lazy");
+        // Whatever the mode, the rows are there for the connection.
+        let c = j.counts().unwrap();
+        assert_eq!(
+            (
+                c.get(State::Done),
+                c.get(State::Failed),
+                c.get(State::Pending)
+            ),
+            (1, 1, 1)
+        );
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct FsErrorLabels {
 #[derive(Default)]
 pub struct Metrics {
     pub files_sent: Counter,
+    /// Files the journal durably records as done (after `files_sent`).
+    pub files_done: Counter,
     pub chunks_sent: Counter,
     pub bytes_sent: Counter,
     pub files_rejected: Family<ReasonLabels, Counter>,
@@ -196,6 +198,11 @@ impl Metrics {
             "files_sent",
             "Files acknowledged as stored by the receiver",
             self.files_sent.clone(),
+        );
+        r.register(
+            "files_done",
+            "Files durably recorded as done in the journal (acknowledged by the receiver, then fsynced)",
+            self.files_done.clone(),
         );
         r.register(
             "chunks_sent",

@@ -384,10 +384,14 @@ impl Sender {
                                 let how = upload(&conn, &ctx, &job).await;
                                 metrics.files_in_flight.dec();
                                 let journal = ctx.journal.clone();
-                                let _ = tokio::task::spawn_blocking(move || {
+                                let done = matches!(how, crate::journal::Finish::Done);
+                                let recorded = tokio::task::spawn_blocking(move || {
                                     record(&journal, &job, &how)
                                 })
                                 .await;
+                                if done && matches!(recorded, Ok(true)) {
+                                    metrics.files_done.inc();
+                                }
                             };
                             uploads.spawn(id, task.instrument(span));
                         }

@@ -471,7 +471,8 @@ fn spawn_chunk_reader(
 ) -> mpsc::Receiver<std::io::Result<ReadItem>> {
     let (tx, rx) = mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
-        let mut compressor = Compressor::new(level);
+        // FITS files of 16-bit pixels get the byte-shuffle codec (docs/protocol.md §6).
+        let mut compressor = Compressor::for_head(level, &head(&file, level));
         let mut tree = TreeHasher::new(&layout);
         let mut planned = plan.into_iter().peekable();
         let mut every = 0..layout.count();
@@ -551,14 +552,29 @@ fn spawn_chunk_reader(
     rx
 }
 
-/// Records the end of an attempt in the journal (blocking).
-pub fn record(journal: &Mutex<Journal>, job: &Job, how: &Finish) {
+/// The file's first bytes, from which the compressor picks its codec; none when
+/// compression is off, or the file cannot be read (plain zstd then; the chunk reads
+/// report the error).
+fn head(file: &File, level: i32) -> Vec<u8> {
+    if level == 0 {
+        return Vec::new();
+    }
+    let mut head = vec![0; skyferry_common::compress::HEAD_LEN];
+    let n = file.read_at(&mut head, 0).unwrap_or(0);
+    head.truncate(n);
+    head
+}
+
+/// Records the end of an attempt in the journal (blocking); false if it could not.
+pub fn record(journal: &Mutex<Journal>, job: &Job, how: &Finish) -> bool {
     let mut j = journal
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Err(e) = j.finish(job.id, how) {
         tracing::error!(path = %job.path, error = %e, "cannot record the transfer result in the journal");
+        return false;
     }
+    true
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! Per-chunk zstd compression that is skipped when it does not pay.
 //!
+//! Two codecs: plain zstd, and for FITS files of 16-bit pixels a byte-shuffle before zstd
+//! ([`shuffle`], chosen per file from its first header cards by [`Compressor::for_head`]).
+//!
 //! Raw observatory frames compress modestly (noise dominates), already-compressed files
 //! (`.fits.fz`, `.gz`) not at all. Compressing costs CPU on the agent and the receiver,
 //! so a chunk is sent raw when zstd saves less than [`MIN_SAVING`]. After a chunk that did
@@ -7,8 +10,14 @@
 //! interval that doubles each time (up to [`MAX_SKIP`]): an incompressible 2 GiB file
 //! costs a handful of compression attempts, not 512.
 
+pub mod shuffle;
+
 use crate::buf::AlignedBuf;
 use crate::protocol::Codec;
+
+/// How many bytes of a file's start [`Compressor::for_head`] looks at: one FITS header
+/// block.
+pub const HEAD_LEN: usize = 2880;
 
 /// A chunk is compressed only if zstd removes at least this fraction of its bytes.
 pub const MIN_SAVING: f64 = 0.03;
@@ -109,6 +118,37 @@ fn frame_header(payload: &[u8]) -> Result<FrameHeader, CompressError> {
     })
 }
 
+/// Checks that `payload` is exactly one plain zstd frame that declares `raw_len` bytes
+/// (docs/protocol.md §6), from its headers alone: nothing is decompressed yet.
+fn one_frame_of(payload: &[u8], raw_len: u32) -> Result<(), CompressError> {
+    let header = frame_header(payload)?;
+    if header.dictionary != 0 {
+        return Err(CompressError::Dictionary {
+            id: header.dictionary,
+        });
+    }
+    match header.content_size {
+        None => return Err(CompressError::NoContentSize { expected: raw_len }),
+        Some(n) if n != u64::from(raw_len) => {
+            return Err(CompressError::DeclaredLength {
+                declared: n,
+                expected: raw_len,
+            })
+        }
+        Some(_) => {}
+    }
+    // Walks the block headers only (no decompression).
+    let frame = zstd::zstd_safe::find_frame_compressed_size(payload)
+        .map_err(|code| CompressError::Malformed(zstd::zstd_safe::get_error_name(code)))?;
+    if frame != payload.len() {
+        return Err(CompressError::Trailing {
+            frame,
+            extra: payload.len().saturating_sub(frame),
+        });
+    }
+    Ok(())
+}
+
 /// When the agent compresses chunks (`transfer.compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -157,6 +197,8 @@ impl AutoCompress {
 pub struct Compressor {
     level: i32,
     zstd: Option<zstd::bulk::Compressor<'static>>,
+    /// Set for FITS files of 16-bit pixels: chunks are shuffled before zstd.
+    shuffle: Option<shuffle::ShuffleEncoder>,
     /// Output buffer, kept across chunks that did not pay.
     scratch: Vec<u8>,
     skip: u32,
@@ -169,9 +211,28 @@ impl Compressor {
         Compressor {
             level,
             zstd: None,
+            shuffle: None,
             scratch: Vec::new(),
             skip: 0,
             next_skip: 1,
+        }
+    }
+
+    /// For the file that begins with `head` (its first [`HEAD_LEN`] bytes, or all of a
+    /// shorter file): the shuffle codec if it is FITS with 16-bit pixels, else plain zstd.
+    pub fn for_head(level: i32, head: &[u8]) -> Self {
+        let mut c = Compressor::new(level);
+        if level != 0 && shuffle::is_fits_16bit(head) {
+            c.shuffle = shuffle::ShuffleEncoder::new(level);
+        }
+        c
+    }
+
+    /// The codec chunks are tried with.
+    pub fn codec(&self) -> Codec {
+        match self.shuffle {
+            Some(_) => Codec::ZstdShuffle16,
+            None => Codec::Zstd,
         }
     }
 
@@ -188,21 +249,22 @@ impl Compressor {
         self.scratch.clear();
         self.scratch
             .reserve(zstd::zstd_safe::compress_bound(raw.len()));
-        if self.zstd.is_none() {
-            self.zstd = zstd::bulk::Compressor::new(self.level).ok();
-        }
         let scratch = &mut self.scratch;
-        let paid = match self
-            .zstd
-            .as_mut()
-            .map(|z| z.compress_to_buffer(&raw, scratch))
-        {
-            Some(Ok(n)) => (n as f64) <= raw.len() as f64 * (1.0 - MIN_SAVING),
-            _ => false,
+        let size = match self.shuffle.as_mut() {
+            Some(s) => s.compress(&raw, scratch).map(|()| scratch.len()),
+            None => {
+                if self.zstd.is_none() {
+                    self.zstd = zstd::bulk::Compressor::new(self.level).ok();
+                }
+                self.zstd
+                    .as_mut()
+                    .and_then(|z| z.compress_to_buffer(&raw, scratch).ok())
+            }
         };
+        let paid = size.is_some_and(|n| (n as f64) <= raw.len() as f64 * (1.0 - MIN_SAVING));
         if paid {
             self.next_skip = 1;
-            (Codec::Zstd, std::mem::take(&mut self.scratch))
+            (self.codec(), std::mem::take(&mut self.scratch))
         } else {
             self.skip = self.next_skip;
             self.next_skip = (self.next_skip * 2).min(MAX_SKIP);
@@ -224,6 +286,7 @@ impl std::fmt::Debug for Compressor {
 #[derive(Default)]
 pub struct Decoder {
     zstd: Option<zstd::bulk::Decompressor<'static>>,
+    shuffle: Option<shuffle::ShuffleDecoder>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -264,33 +327,7 @@ impl Decoder {
                 payload.len()
             }
             Codec::Zstd => {
-                let header = frame_header(payload)?;
-                if header.dictionary != 0 {
-                    return Err(CompressError::Dictionary {
-                        id: header.dictionary,
-                    });
-                }
-                match header.content_size {
-                    None => return Err(CompressError::NoContentSize { expected: raw_len }),
-                    Some(n) if n != u64::from(raw_len) => {
-                        return Err(CompressError::DeclaredLength {
-                            declared: n,
-                            expected: raw_len,
-                        })
-                    }
-                    Some(_) => {}
-                }
-                // Walks the block headers only (no decompression).
-                let frame =
-                    zstd::zstd_safe::find_frame_compressed_size(payload).map_err(|code| {
-                        CompressError::Malformed(zstd::zstd_safe::get_error_name(code))
-                    })?;
-                if frame != payload.len() {
-                    return Err(CompressError::Trailing {
-                        frame,
-                        extra: payload.len().saturating_sub(frame),
-                    });
-                }
+                one_frame_of(payload, raw_len)?;
                 if self.zstd.is_none() {
                     self.zstd =
                         Some(zstd::bulk::Decompressor::new().map_err(CompressError::Corrupt)?);
@@ -304,6 +341,26 @@ impl Decoder {
                 out.set_len(raw_len as usize);
                 z.decompress_to_buffer(payload, &mut out[..])
                     .map_err(CompressError::Corrupt)?
+            }
+            Codec::ZstdShuffle16 => {
+                one_frame_of(payload, raw_len)?;
+                if self.shuffle.is_none() {
+                    self.shuffle = shuffle::ShuffleDecoder::new();
+                }
+                let d = self
+                    .shuffle
+                    .as_mut()
+                    .ok_or(CompressError::Malformed("cannot create a zstd context"))?;
+                out.set_len(raw_len as usize);
+                // Fills all of `out` or fails: more or fewer bytes are an error.
+                d.decompress(payload, &mut out[..]).map_err(|e| match e {
+                    shuffle::ShuffleError::Zstd(name) => CompressError::Malformed(name),
+                    shuffle::ShuffleError::Length { produced } => CompressError::WrongLength {
+                        expected: raw_len,
+                        actual: produced,
+                    },
+                })?;
+                raw_len as usize
             }
         };
         if written != raw_len as usize {

@@ -493,7 +493,7 @@ impl Harness {
                             Expect::Refuse(mismatch)
                         }
                     }
-                    (Built::Unknown, Codec::Zstd) => Expect::Either(mismatch),
+                    (Built::Unknown, Codec::Zstd | Codec::ZstdShuffle16) => Expect::Either(mismatch),
                 }
             }
             (Phase::Receiving, Message::Commit(c)) => {

@@ -11,7 +11,7 @@
 //! When a file is ready: one the watch saw closed after writing, or renamed into place,
 //! once no further change was seen for the root's `quiet_period` (a writer that re-opens
 //! the file and appends within it yields one version); one the watch saw being written
-//! and never closed, once unchanged for [`STALE_WRITER`]; one found by a rescan, once its
+//! and never closed, once unchanged for [`STALE_WRITER`](super::candidates::STALE_WRITER); one found by a rescan, once its
 //! size and mtime held still for `settle` (and, in a directory that just appeared, the
 //! quiet period passed without an event). Rescans leave candidates to these rules. A
 //! file changed after it was queued is a new version (a new journal row); the upload
@@ -30,52 +30,14 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::candidates::{Candidate, Phase, Timing};
 use super::watcher::{Added, DirWatch, Seen};
 use super::{inspect, record, Context, Rejection, Rules};
-use crate::journal::Discovered;
+use crate::journal::{Discovered, Durability};
 use crate::metrics::WatchLabels;
-
-/// A file the watch saw being written is shipped when it is closed; should the close event
-/// be lost, once it has not changed for this long (or the root's `settle`, if longer).
-pub const STALE_WRITER: Duration = Duration::from_secs(60);
 
 /// Files per journal transaction during a rescan.
 const BATCH: usize = 2000;
-
-/// What the watch last saw of a candidate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Data was written and no close seen yet.
-    Writing,
-    /// Closed after writing or renamed into place: ready after the quiet period.
-    Closed,
-    /// Found young by a rescan, found in a directory that just appeared, or only its
-    /// metadata changed: ready once settled and the watch saw nothing of it for the
-    /// quiet period.
-    Settling,
-}
-
-/// A file waiting to be ready.
-#[derive(Clone)]
-struct Candidate {
-    /// Size and mtime at the last check.
-    size: u64,
-    mtime_ns: i64,
-    phase: Phase,
-    /// When the watch last reported a change of it.
-    since: Instant,
-}
-
-impl Candidate {
-    fn new(phase: Phase) -> Candidate {
-        Candidate {
-            size: u64::MAX,
-            mtime_ns: i64::MIN,
-            phase,
-            since: Instant::now(),
-        }
-    }
-}
 
 /// The state of one root's event loop besides its candidates.
 struct Root {
@@ -120,15 +82,17 @@ pub async fn watch_root(
     // Directories are watched by the first rescan's walk; the instance is created now.
     let _ = root.lock_dirs().start();
 
-    let quickest = root.watch.settle.min(root.watch.quiet_period);
-    let tick_every = (quickest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut tick = tokio::time::interval(tick_every);
+    let timing = root.timing();
+    // Only for lost events: candidates are looked at when they need it (see
+    // `candidates`), not on this tick.
+    let mut tick = tokio::time::interval(timing.recheck);
     let mut period = root.rescan_period();
     let mut rescan = tokio::time::interval(period);
     rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut candidates: HashMap<PathBuf, Candidate> = HashMap::new();
 
     loop {
+        let next_look = next_look(&timing, &candidates);
         let full = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = rescan.tick() => true,
@@ -145,15 +109,17 @@ pub async fn watch_root(
                 }
                 false
             }
+            _ = tokio::time::sleep_until(next_look.unwrap_or_else(tokio::time::Instant::now)), if next_look.is_some() => {
+                root.settle_candidates(&mut candidates).await;
+                false
+            }
             _ = tick.tick() => {
-                if overflow.swap(false, Ordering::Relaxed) {
+                let lost = overflow.swap(false, Ordering::Relaxed);
+                if lost {
                     root.ctx.metrics.fs_overflows.inc();
                     warn!(root = %root.watch.root.display(), "filesystem events were lost (event queue overflow or watch error); rescanning");
-                    true
-                } else {
-                    root.settle_candidates(&mut candidates).await;
-                    false
                 }
+                lost
             }
         };
         if full {
@@ -169,7 +135,24 @@ pub async fn watch_root(
     }
 }
 
+/// The earliest instant a candidate needs a look, if there is any candidate.
+fn next_look(
+    timing: &Timing,
+    candidates: &HashMap<PathBuf, Candidate>,
+) -> Option<tokio::time::Instant> {
+    let (now, now_ns) = (Instant::now(), skyferry_common::unix_time::now_ns());
+    candidates
+        .values()
+        .map(|c| c.next_look(timing, now, now_ns))
+        .min()
+        .map(tokio::time::Instant::from_std)
+}
+
 impl Root {
+    fn timing(&self) -> Timing {
+        Timing::new(self.watch.quiet_period, self.watch.settle)
+    }
+
     fn lock_dirs(&self) -> std::sync::MutexGuard<'_, DirWatch> {
         self.dirs
             .lock()
@@ -212,26 +195,27 @@ impl Root {
 
     /// Handles one event: files become candidates, new directories are scanned.
     async fn on_event(&mut self, seen: Seen, candidates: &mut HashMap<PathBuf, Candidate>) {
+        let now = Instant::now();
         match seen {
             Seen::Changed(p, writing) => {
-                let c = candidates.entry(p).or_insert(Candidate::new(if writing {
-                    Phase::Writing
-                } else {
-                    Phase::Settling
-                }));
+                let c = candidates.entry(p).or_insert(Candidate::new(
+                    if writing {
+                        Phase::Writing
+                    } else {
+                        Phase::Settling
+                    },
+                    now,
+                ));
                 if writing {
-                    c.phase = Phase::Writing;
-                    c.since = Instant::now();
-                } else if c.phase == Phase::Closed {
-                    // e.g. `cp -p` setting the mtime after the close: wait on.
-                    c.since = Instant::now();
+                    c.written(now);
+                } else {
+                    c.touched(now);
                 }
             }
-            Seen::Complete(p) => {
-                let c = candidates.entry(p).or_insert(Candidate::new(Phase::Closed));
-                c.phase = Phase::Closed;
-                c.since = Instant::now();
-            }
+            Seen::Complete(p) => candidates
+                .entry(p)
+                .or_insert(Candidate::new(Phase::Closed, now))
+                .closed(now),
             Seen::Gone(p) => {
                 candidates.remove(&p);
                 self.lock_dirs().forget(&p);
@@ -240,8 +224,8 @@ impl Root {
         }
     }
 
-    /// Queues the candidates that became ready; stat() can block (slow or hung
-    /// storage), so it runs off the runtime.
+    /// Looks at the candidates that need it and queues those that became ready; stat()
+    /// can block (slow or hung storage), so it runs off the runtime.
     async fn settle_candidates(&self, candidates: &mut HashMap<PathBuf, Candidate>) {
         if candidates.is_empty() {
             return;
@@ -298,10 +282,11 @@ impl Root {
         if w.new > 0 {
             self.ctx.wake.notify_one();
         }
+        let now = Instant::now();
         for p in w.young {
             candidates
                 .entry(p)
-                .or_insert(Candidate::new(Phase::Settling));
+                .or_insert_with(|| Candidate::new(Phase::Settling, now));
         }
         self.report(&w.unreadable, &w.unwatched, full);
         if full {
@@ -391,35 +376,27 @@ fn discovered(rules: &Rules, root: &Path, path: &Path) -> Option<Discovered> {
     }
 }
 
-/// Enqueues the candidates that are ready (see the module docs); drops those that are
-/// gone, filtered or not files.
+/// Looks at the candidates whose next look is due and returns those that are ready
+/// (see [`super::candidates`]); drops those that are gone, filtered or not files.
 fn settle(
     watch: &WatchConfig,
     rules: &Rules,
     candidates: &mut HashMap<PathBuf, Candidate>,
 ) -> Vec<Discovered> {
-    let now = skyferry_common::unix_time::now_ns();
-    let settle_ns = watch.settle.as_nanos() as i64;
-    let stale_ns = watch.settle.max(STALE_WRITER).as_nanos() as i64;
+    let timing = Timing::new(watch.quiet_period, watch.settle);
+    let (now, now_ns) = (Instant::now(), skyferry_common::unix_time::now_ns());
     let mut ready = Vec::new();
     candidates.retain(|path, c| {
+        if c.next_look(&timing, now, now_ns) > now {
+            return true;
+        }
         let Some(d) = discovered(rules, &watch.root, path) else {
             return false; // gone, filtered or not a file
         };
-        let unchanged = d.size == c.size && d.mtime_ns == c.mtime_ns;
-        let due = match c.phase {
-            Phase::Writing => now - d.mtime_ns >= stale_ns,
-            Phase::Closed => c.since.elapsed() >= watch.quiet_period,
-            Phase::Settling => {
-                now - d.mtime_ns >= settle_ns && c.since.elapsed() >= watch.quiet_period
-            }
-        };
-        if unchanged && due {
+        if c.observe(d.size, d.mtime_ns, &timing, now, now_ns) {
             ready.push(d);
             return false;
         }
-        c.size = d.size;
-        c.mtime_ns = d.mtime_ns;
         true
     });
     ready
@@ -427,7 +404,8 @@ fn settle(
 
 async fn enqueue(ctx: &Context, files: Vec<Discovered>) {
     let n = files.len();
-    match record(ctx, files).await {
+    // The watch and rescans find a file again should a power loss roll the commit back.
+    match record(ctx, files, Durability::Lazy).await {
         Ok(new) => {
             if n > 0 {
                 debug!(seen = n, new, "files recorded");
@@ -491,7 +469,7 @@ fn walk_watching(
             .drain(..)
             .filter(|d| !j.contains(d).unwrap_or(false))
             .collect();
-        match j.enqueue(&unknown) {
+        match j.enqueue_with(&unknown, Durability::Lazy) {
             Ok(n) => *new += n,
             Err(e) => warn!(error = %e, "cannot record files in the journal"),
         }

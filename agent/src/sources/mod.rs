@@ -7,6 +7,7 @@
 //! [`inspect`] check that turns a path into a journal entry, the rescan trigger (Redis
 //! pub/sub asks for a rescan after a reconnect, SIGHUP after a reload), and [`record`].
 
+pub mod candidates;
 pub mod fs;
 pub mod message;
 pub mod redis;
@@ -20,7 +21,7 @@ use skyferry_common::config::{AgentConfig, Blocklist, PathFilter};
 use skyferry_common::relpath::RelPath;
 use tokio::sync::{watch, Notify};
 
-use crate::journal::{Discovered, Journal, JournalError};
+use crate::journal::{Discovered, Durability, Journal, JournalError};
 use crate::metrics::Metrics;
 
 /// What may be shipped: per-root filters and the blocklist. Immutable; a reload builds a
@@ -211,9 +212,14 @@ pub fn inspect(rules: &Rules, root: &Path, path: &Path) -> Result<Discovered, Re
     })
 }
 
-/// Records `files` in the journal (one transaction, off the runtime) and wakes the sender
-/// if any was new. Returns how many were new; an error is the journal's, as text.
-pub async fn record(ctx: &Context, files: Vec<Discovered>) -> Result<usize, String> {
+/// Records `files` in the journal (one transaction, off the runtime, as durable as
+/// `sync` says: see [`Durability`]) and wakes the sender if any was new. Returns how many were
+/// new; an error is the journal's, as text.
+pub async fn record(
+    ctx: &Context,
+    files: Vec<Discovered>,
+    sync: Durability,
+) -> Result<usize, String> {
     if files.is_empty() {
         return Ok(0);
     }
@@ -222,7 +228,7 @@ pub async fn record(ctx: &Context, files: Vec<Discovered>) -> Result<usize, Stri
         journal
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .enqueue(&files)
+            .enqueue_with(&files, sync)
             .map_err(|e: JournalError| e.to_string())
     })
     .await

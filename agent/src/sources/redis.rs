@@ -29,7 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use super::message::{path_from_payload, plain_path, resolve};
 use super::{record, Context};
-use crate::journal::Discovered;
+use crate::journal::{Discovered, Durability};
 
 /// Entries per `XREADGROUP`, and pub/sub messages handled per journal transaction.
 const BATCH: usize = 256;
@@ -187,7 +187,13 @@ async fn handle(cfg: &RedisConfig, ctx: &Context, items: Vec<Item>) -> Result<()
         }
     }
     let n = files.len();
-    let new = record(ctx, files).await?;
+    // Streams acknowledge the entries once this returns: that needs the commit on disk.
+    // A pub/sub message is gone either way; a rescan finds its file again.
+    let sync = match cfg.mode {
+        RedisMode::Stream { .. } => Durability::Durable,
+        RedisMode::PubSub { .. } => Durability::Lazy,
+    };
+    let new = record(ctx, files, sync).await?;
     for _ in 0..n {
         ctx.metrics.source_message(kind, "recorded");
     }

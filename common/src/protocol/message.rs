@@ -270,6 +270,9 @@ impl ChunkRange {
 pub enum Codec {
     Raw = 0,
     Zstd = 1,
+    /// 16-bit byte-shuffle, then zstd (`compress::shuffle`): for FITS files of 16-bit
+    /// pixels.
+    ZstdShuffle16 = 2,
 }
 
 impl Codec {
@@ -281,6 +284,7 @@ impl Codec {
         match v {
             0 => Some(Codec::Raw),
             1 => Some(Codec::Zstd),
+            2 => Some(Codec::ZstdShuffle16),
             _ => None,
         }
     }
@@ -519,7 +523,8 @@ mod tests {
                 assert_eq!(s.as_u8(), v);
             }
         }
-        assert_eq!(Codec::from_u8(2), None);
+        assert_eq!(Codec::from_u8(2), Some(Codec::ZstdShuffle16));
+        assert_eq!(Codec::from_u8(3), None);
         assert_eq!(StorageState::from_u8(3), None);
     }
 

@@ -90,6 +90,27 @@ impl Skyferry {
         }
     }
 
+    /// `[transfer] chunk_size` in bytes (the agent's default, 4 MiB, when not set).
+    pub fn chunk_size(&self) -> Result<usize> {
+        match self.transfer.get("chunk_size") {
+            None => Ok(4 << 20),
+            Some(toml::Value::Integer(n)) => Ok(*n as usize),
+            Some(toml::Value::String(s)) => skyferry_common::config::parse_size(s)
+                .map(|n| n as usize)
+                .map_err(|e| anyhow::anyhow!("chunk_size {s:?}: {e}")),
+            Some(v) => bail!("chunk_size {v} is not a size"),
+        }
+    }
+
+    /// `[transfer] compression_level` (the agent's default, 1, when not set).
+    pub fn compression_level(&self) -> Result<i32> {
+        match self.transfer.get("compression_level") {
+            None => Ok(1),
+            Some(toml::Value::Integer(n)) => Ok(*n as i32),
+            Some(v) => bail!("compression_level {v} is not a number"),
+        }
+    }
+
     /// One line for the report: the settings that shape throughput.
     pub fn describe(&self) -> String {
         let mut line = format!(

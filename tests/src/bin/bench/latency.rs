@@ -3,9 +3,11 @@
 //! a time: written and closed in the watched tree, timed until the agent counts it sent
 //! (the inotify path, which waits the watch's `quiet_period` by design); then the same
 //! with a Redis publish right after the close, timed from the publish (the observatory's
-//! path). "Done" is `skyferry_agent_files_sent_total` growing: the agent counts a file when
-//! the receiver's Ack arrives, which the receiver sends only after the file is fsynced,
-//! renamed into place and catalogued; the journal records it right after.
+//! path). Two end points: "acked" is `skyferry_agent_files_sent_total` growing (the
+//! receiver's Ack arrived, which it sends only after the file is fsynced, renamed into
+//! place, its directory fsynced and recorded); "done" is `skyferry_agent_files_done_total`
+//! growing (the agent's journal durably records it done: an fsynced commit after the
+//! Ack). An agent without the second counter (older builds) is reported by the first.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -23,6 +25,7 @@ use crate::scrape::{get, scrape};
 
 const CHANNEL: &str = "skyferry-bench:files";
 const SENT: &str = "skyferry_agent_files_sent_total";
+const DONE: &str = "skyferry_agent_files_done_total";
 /// Pause between two polls of the metrics.
 const POLL: Duration = Duration::from_millis(1);
 /// Longest wait for one file.
@@ -38,6 +41,33 @@ struct Series {
     name: &'static str,
     /// Milliseconds per file.
     ms: Vec<f64>,
+}
+
+/// Milliseconds per file to the Ack and, if the agent counts it, to the durable done.
+#[derive(Default)]
+struct Timings {
+    acked: Vec<f64>,
+    done: Vec<f64>,
+}
+
+impl Timings {
+    fn push(&mut self, (acked, done): (f64, Option<f64>)) {
+        self.acked.push(acked);
+        self.done.extend(done);
+    }
+
+    fn into_series(self, acked: &'static str, done: &'static str, series: &mut Vec<Series>) {
+        series.push(Series {
+            name: acked,
+            ms: self.acked,
+        });
+        if !self.done.is_empty() {
+            series.push(Series {
+                name: done,
+                ms: self.done,
+            });
+        }
+    }
 }
 
 /// Runs both series and prints their table; `Ok(false)` if one could not run.
@@ -90,46 +120,45 @@ pub fn run(opts: &LatencyOptions, skyferry: &Skyferry) -> Result<bool> {
         "latency: {} files through the watch (quiet_period {quiet}) …",
         opts.count
     );
-    let mut ms = Vec::new();
+    let counts_done = scrape(&metrics)?.contains_key(DONE);
+    let mut ms = Timings::default();
     for i in 0..=opts.count {
         let path = file_path(&pair, 1, i);
-        let base = get(&scrape(&metrics)?, SENT);
+        let base = bases(&metrics)?;
         write(&path, 1, i)?;
         let t0 = Instant::now();
-        let took = until_sent(&mut pair, &metrics, base, t0, &mut polls)?;
+        let took = until_sent(&mut pair, &metrics, base, counts_done, t0, &mut polls)?;
         if i > 0 {
             ms.push(took); // the first file warms up the connection
         }
     }
-    series.push(Series {
-        name: "watch: close → done",
-        ms,
-    });
+    ms.into_series("watch: close → acked", "watch: close → done", &mut series);
 
     if let Some(publisher) = publisher.as_mut() {
         println!(
             "latency: {} files announced by a Redis publish …",
             opts.count
         );
-        let mut ms = Vec::new();
+        let mut ms = Timings::default();
         for i in 0..=opts.count {
             let path = file_path(&pair, 2, i);
             // Let the watch's own event for the previous file pass (it finds the file
             // already sent), so that it is not counted as this file.
             std::thread::sleep(quiet_period + Duration::from_millis(300));
-            let base = get(&scrape(&metrics)?, SENT);
+            let base = bases(&metrics)?;
             write(&path, 2, i)?;
             let t0 = Instant::now();
             publisher.publish(&path.to_string_lossy())?;
-            let took = until_sent(&mut pair, &metrics, base, t0, &mut polls)?;
+            let took = until_sent(&mut pair, &metrics, base, counts_done, t0, &mut polls)?;
             if i > 0 {
                 ms.push(took);
             }
         }
-        series.push(Series {
-            name: "redis: publish → done",
-            ms,
-        });
+        ms.into_series(
+            "redis: publish → acked",
+            "redis: publish → done",
+            &mut series,
+        );
     }
     pair.stop_both()?;
     let poll_ms = polls.1.as_secs_f64() * 1e3 / polls.0.max(1) as f64;
@@ -150,22 +179,35 @@ fn write(path: &Path, exposure: u32, i: usize) -> Result<()> {
     Ok(())
 }
 
-/// Polls the agent's metrics until files sent exceeds `base`; milliseconds since `t0`.
+/// Files acked and done so far.
+fn bases(metrics: &str) -> Result<(f64, f64)> {
+    let samples = scrape(metrics)?;
+    Ok((get(&samples, SENT), get(&samples, DONE)))
+}
+
+/// Polls the agent's metrics until files acked exceeds `base.0` and, with `counts_done`,
+/// files done exceeds `base.1`; milliseconds since `t0` to each.
 fn until_sent(
     pair: &mut Pair,
     metrics: &str,
-    base: f64,
+    base: (f64, f64),
+    counts_done: bool,
     t0: Instant,
     polls: &mut (u64, Duration),
-) -> Result<f64> {
+) -> Result<(f64, Option<f64>)> {
+    let mut acked = None;
     loop {
         let p = Instant::now();
-        let sent = get(&scrape(metrics)?, SENT);
-        if sent > base {
+        let samples = scrape(metrics)?;
+        if acked.is_none() && get(&samples, SENT) > base.0 {
+            acked = Some(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let done = counts_done && get(&samples, DONE) > base.1;
+        if let Some(acked) = acked.filter(|_| done || !counts_done) {
             let took = t0.elapsed().as_secs_f64() * 1e3;
             polls.0 += 1;
             polls.1 += p.elapsed();
-            return Ok(took);
+            return Ok((acked, counts_done.then_some(took)));
         }
         std::thread::sleep(POLL);
         polls.0 += 1;
@@ -233,7 +275,7 @@ fn print(series: &[Series], skyferry: &Skyferry, quiet: &str, poll_ms: f64) {
     );
     println!("redis: from the PUBLISH (sent right after the close) on an open connection.");
     println!(
-        "done: skyferry_agent_files_sent_total grew (receiver's Ack: fsynced, renamed, catalogued),"
+        "acked: skyferry_agent_files_sent_total grew (receiver's Ack: fsynced, renamed, dir fsynced, recorded);\ndone: skyferry_agent_files_done_total grew (the agent's journal row fsynced after the Ack),"
     );
     println!(
         "polled every {:.1} ms on average (1 ms pause + one scrape): that is the resolution.",

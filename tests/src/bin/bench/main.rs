@@ -9,11 +9,14 @@
 //!   sshd, `cp -r` + `sync`, and Flask + `wget` (the observatory's current path), the
 //!   median of `--runs` runs each, with skyferry's ratios to each;
 //! - `--link` ([`link`]): skyferry through the harness's UDP relay with added RTT and loss;
-//! - `--latency` ([`latency`]): one file at a time, from close (or Redis publish) to done.
+//! - `--latency` ([`latency`]): one file at a time, from close (or Redis publish) to done;
+//! - `--codecs` ([`codecs`]): compression ratio and speed of skyferry's codecs next to
+//!   `fpack`/`funpack` on the benchmark's FITS data.
 //!
 //! skyferry runs with the `[transfer]` defaults that `systemd/agent.toml.example` ships
 //! ([`config`]); flags override single keys and the report says so.
 
+mod codecs;
 mod config;
 mod cpu;
 mod datasets;
@@ -43,6 +46,7 @@ modes (default: --loopback):
   --loopback           skyferry vs rsync+ssh, cp+sync, flask+wget on three data sets
   --link               through the UDP relay: RTT 0/5/15 ms, loss 0/0.1 %
   --latency            one 4.5 MB file at a time: close (or Redis publish) to done
+  --codecs             compression ratio and speed: zstd, shuffle16+zstd, fpack/funpack
 options:
   --quick              smaller data (256 MiB movie, 2 movies of 18 frames; 20 latency files)
   --runs N             runs per tool and per link setting, median reported (default 3)
@@ -60,6 +64,7 @@ struct Args {
     loopback: bool,
     link: bool,
     latency: bool,
+    codecs: bool,
     quick: bool,
     runs: usize,
     compression: Option<String>,
@@ -77,6 +82,7 @@ fn parse_args() -> Result<Option<Args>> {
         loopback: false,
         link: false,
         latency: false,
+        codecs: false,
         quick: false,
         runs: 3,
         compression: None,
@@ -100,6 +106,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--loopback" => args.loopback = true,
             "--link" => args.link = true,
             "--latency" => args.latency = true,
+            "--codecs" => args.codecs = true,
             "--quick" => args.quick = true,
             "--runs" => args.runs = number::<usize>("--runs", it.next())?.max(1),
             "--compression" => {
@@ -126,7 +133,7 @@ fn parse_args() -> Result<Option<Args>> {
             other => bail!("unknown argument {other:?}"),
         }
     }
-    if !(args.link || args.latency) {
+    if !(args.link || args.latency || args.codecs) {
         args.loopback = true;
     }
     Ok(Some(args))
@@ -162,16 +169,28 @@ fn run(args: &Args) -> Result<bool> {
     if cfg!(debug_assertions) {
         println!("warning: debug build; use `cargo run --release --bin skyferry-bench`");
     }
+    let clock = CpuClock::new()?;
+    let skyferry = skyferry_config(args)?;
+    println!("skyferry: {}", skyferry.describe());
+    let mut ok = true;
+    if args.codecs {
+        let opts = codecs::CodecOptions {
+            quick: args.quick,
+            runs: args.runs,
+            level: skyferry.compression_level()?,
+            chunk_size: skyferry.chunk_size()?,
+        };
+        ok &= codecs::run(&opts, &clock)?;
+    }
+    if !(args.loopback || args.link || args.latency) {
+        return Ok(ok);
+    }
     binary("skyferry-agent")?; // build the daemons now, not while measuring
     let touched = memory::prefault_free_memory()?;
     println!(
         "touched {:.1} GiB of free memory first, so that no tool pays the first-touch cost of fresh pages for the others",
         touched as f64 / f64::from(1u32 << 30)
     );
-    let clock = CpuClock::new()?;
-    let skyferry = skyferry_config(args)?;
-    println!("skyferry: {}", skyferry.describe());
-    let mut ok = true;
     if args.loopback {
         ok &= loopback(args, &skyferry, &clock)?;
     }
