@@ -242,9 +242,9 @@ fn a_lane_whose_path_dies_requeues_only_its_files_and_the_others_ship_them_once(
     .expect("start pair");
     let relay = pair.relay().expect("relay");
     relay.set_delay(Duration::from_millis(5));
-    // A bottleneck, so that the burst outlasts the three heartbeats it takes to notice
-    // the cut and every lane has a file in flight when it comes.
-    relay.set_rate(48_000_000, Duration::from_millis(50));
+    // A bottleneck (16 Mbit/s), so that the burst (~18 MB: ~9 s) outlasts the three heartbeats it
+    // takes to notice the cut and every lane has a file in flight when it comes.
+    relay.set_rate(16_000_000, Duration::from_millis(50));
     // Every lane says hello before the burst, so that each has a socket to cut.
     let deadline = Instant::now() + Duration::from_secs(20);
     while relay.clients().len() < 4 {

@@ -1199,13 +1199,13 @@ mod tests {
         ));
 
         let mut chunk = body(&samples()[7]).to_vec();
-        chunk[5] = 2; // codec byte
+        chunk[5] = 3; // codec byte: 0 raw, 1 zstd, 2 shuffle16 + zstd
         assert!(matches!(
             decode_body(Bytes::from(chunk)),
             Err(FrameError::InvalidValue {
                 kind: "chunk",
                 field: "codec",
-                value: 2
+                value: 3
             })
         ));
 
