@@ -106,8 +106,17 @@ impl Socket {
             let _ = socket.set_only_v6(false);
         }
         // A refused size is not fatal: the kernel keeps its default, which is reported.
+        // Above `rmem_max`/`wmem_max` a process with CAP_NET_ADMIN (root) may still force
+        // the size: a receive buffer below the flow-control window overflows in bursts,
+        // and those drops look like congestion to QUIC (halving the window on long links).
         let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+        if socket.recv_buffer_size().unwrap_or(0) < SOCKET_BUFFER {
+            let _ = rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER);
+        }
         let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+        if socket.send_buffer_size().unwrap_or(0) < SOCKET_BUFFER {
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER);
+        }
         let buffers = Buffers {
             requested: SOCKET_BUFFER,
             recv: socket.recv_buffer_size().unwrap_or(0),
