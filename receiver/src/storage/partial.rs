@@ -258,7 +258,7 @@ impl Partial {
 /// The partial opened again with `O_DIRECT` for writing, or `None` where the filesystem
 /// does not support it (tmpfs before Linux 6.6, some network filesystems): writes then
 /// go through the page cache as usual.
-fn open_direct(part: &Path) -> Option<File> {
+pub(super) fn open_direct(part: &Path) -> Option<File> {
     OpenOptions::new()
         .write(true)
         .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
