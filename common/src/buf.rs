@@ -48,10 +48,6 @@ impl AlignedBuf {
     pub fn capacity(&self) -> usize {
         self.store.len() - self.start
     }
-
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
 }
 
 impl Deref for AlignedBuf {
@@ -93,7 +89,5 @@ mod tests {
         assert_eq!(&buf[..], b"skyferry");
         buf.set_len(3);
         assert_eq!(&buf[..], b"sky");
-        buf.clear();
-        assert!(buf.is_empty());
     }
 }

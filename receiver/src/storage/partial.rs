@@ -157,14 +157,15 @@ impl Partial {
     /// the device and only a tail shorter than [`DIRECT_IO_ALIGN`] (the file's last
     /// bytes) through the page cache; both reach the disk at the publish's fsync. On a
     /// virtual machine the page-cache copy of a buffered write costs ~10 times a plain
-    /// memory copy (docs/architecture.md, "Storage writes"), and an archive that is
+    /// memory copy (docs/architecture.md, "Tasks, threads and bounds"), and an archive that is
     /// written once gains nothing from caching what it writes.
     fn write_data(&mut self, data: &[u8], offset: u64) -> std::io::Result<()> {
         let align = DIRECT_IO_ALIGN as u64;
         let aligned = data.len() - data.len() % DIRECT_IO_ALIGN;
-        let direct_ok =
-            (data.as_ptr() as usize) & (DIRECT_IO_ALIGN - 1) == 0 && offset & (align - 1) == 0;
-        if let (Some(direct), true, true) = (&self.direct, direct_ok, aligned > 0) {
+        let direct_ok = aligned > 0
+            && (data.as_ptr() as usize) & (DIRECT_IO_ALIGN - 1) == 0
+            && offset & (align - 1) == 0;
+        if let Some(direct) = self.direct.as_ref().filter(|_| direct_ok) {
             match direct.write_all_at(&data[..aligned], offset) {
                 Ok(()) => {
                     return self

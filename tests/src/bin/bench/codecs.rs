@@ -21,6 +21,7 @@ use skyferry_tests::fits::{self, FitsParams};
 
 use crate::cpu::CpuClock;
 use crate::report::median;
+use crate::tools;
 
 pub struct CodecOptions {
     pub quick: bool,
@@ -199,11 +200,11 @@ fn with_fpack(paths: &[PathBuf], dir: &Path, clock: &CpuClock) -> Result<Reading
         let _ = std::fs::remove_file(&fz);
         let _ = std::fs::remove_file(&back);
         let (cpu0, t0) = (clock.process_seconds("self")?.1, Instant::now());
-        tool(Command::new("fpack").arg("-O").arg(&fz).arg(path))?;
+        tools::run(Command::new("fpack").arg("-O").arg(&fz).arg(path))?;
         c_wall += t0.elapsed().as_secs_f64();
         c_cpu += clock.process_seconds("self")?.1 - cpu0;
         let (cpu0, t0) = (clock.process_seconds("self")?.1, Instant::now());
-        tool(Command::new("funpack").arg("-O").arg(&back).arg(&fz))?;
+        tools::run(Command::new("funpack").arg("-O").arg(&back).arg(&fz))?;
         d_wall += t0.elapsed().as_secs_f64();
         d_cpu += clock.process_seconds("self")?.1 - cpu0;
         let original = std::fs::read(path)?;
@@ -222,20 +223,6 @@ fn with_fpack(paths: &[PathBuf], dir: &Path, clock: &CpuClock) -> Result<Reading
         cpu_mb_s: (mb / c_cpu.max(0.01), mb / d_cpu.max(0.01)),
         wall_mb_s: (mb / c_wall, mb / d_wall),
     })
-}
-
-fn tool(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// The primary data unit of a FITS file: what follows the header's END card block.

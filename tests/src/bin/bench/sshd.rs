@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::tools::run;
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
@@ -192,18 +193,4 @@ fn free_tcp_port() -> Result<u16> {
         .local_addr()
         .context("cannot read the TCP port")?
         .port())
-}
-
-fn run(cmd: &mut Command) -> Result<std::process::Output> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(out)
 }

@@ -103,13 +103,15 @@ pub fn rsync(clock: &CpuClock, sshd: &Sshd, src: &Path, dst: &Path) -> Result<Me
         .args(["-a", "-e", &sshd.ssh_command()])
         .arg(format!("{}/", src.display()))
         .arg(format!("{}/", sshd.remote(dst)));
-    copy(clock, Some(sshd.pid()), src, dst, || run(&mut rsync))
+    copy(clock, Some(sshd.pid()), src, dst, || {
+        run(&mut rsync).map(drop)
+    })
 }
 
 /// `cp -r`, then `sync`.
 pub fn cp(clock: &CpuClock, src: &Path, dst: &Path) -> Result<Measurement> {
     copy(clock, None, src, dst, || {
-        run(Command::new("cp").arg("-r").arg(src).arg(dst))
+        run(Command::new("cp").arg("-r").arg(src).arg(dst)).map(drop)
     })
 }
 
@@ -180,7 +182,8 @@ fn pid(pid: Option<u32>) -> Result<u32> {
     pid.context("daemon not running")
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+/// Runs `cmd` to completion; a failure names the command and its stderr.
+pub fn run(cmd: &mut Command) -> Result<Output> {
     let out: Output = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
@@ -188,7 +191,7 @@ fn run(cmd: &mut Command) -> Result<()> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         bail!("{cmd:?} failed ({}): {}", out.status, stderr.trim());
     }
-    Ok(())
+    Ok(out)
 }
 
 fn sync() -> Result<()> {
