@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod metrics_endpoint;
 pub mod sender;
 pub mod sources;
+pub mod stripes;
 pub mod tally;
 pub mod upload;
 
@@ -171,6 +172,7 @@ pub async fn run(
     }
     let sender = sender::Sender {
         grace: config.transfer.shutdown_grace,
+        lanes: Arc::new(stripes::LaneTable::new(config.transfer.connections.max(1))),
         config,
         client,
         journal,

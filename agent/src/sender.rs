@@ -42,6 +42,8 @@ pub struct Sender {
     pub metrics: Arc<Metrics>,
     pub tally: Arc<crate::tally::Tally>,
     pub grace: Duration,
+    /// Every lane's live connection (for uploads that stripe over them).
+    pub lanes: Arc<crate::stripes::LaneTable>,
 }
 
 impl Sender {
@@ -146,10 +148,12 @@ impl Sender {
                         sampled.clone(),
                         lane.index == 0,
                     ));
+                    self.lanes.set(lane.index, Some(conn.clone()));
                     let why = self
-                        .connected(&conn, control, &dispatch, &shutdown)
+                        .connected(&conn, lane.index, control, &dispatch, &shutdown)
                         .instrument(span)
                         .await;
+                    self.lanes.set(lane.index, None);
                     self.metrics.connected.dec();
                     sampled.cancel();
                     let _ = sampler.await; // it only copies numbers; a panic would show in the log
@@ -321,6 +325,7 @@ impl Sender {
     async fn connected(
         &self,
         conn: &quinn::Connection,
+        lane: u16,
         (reader, writer): (FrameReader, FrameWriter),
         dispatch: &Dispatch,
         shutdown: &CancellationToken,
@@ -353,6 +358,8 @@ impl Sender {
             metrics: self.metrics.clone(),
             tally: self.tally.clone(),
             buffers: Arc::new(crate::buffers::ChunkBuffers::new(POOLED_BUFFERS)),
+            lanes: self.lanes.clone(),
+            lane,
         });
         let mut uploads = Uploads::default();
         let why = loop {

@@ -40,6 +40,9 @@ pub struct UploadContext {
     pub tally: Arc<Tally>,
     /// Read buffers, reused once QUIC has let go of them.
     pub buffers: Arc<crate::buffers::ChunkBuffers>,
+    /// Every lane's connection, for stripes, and the lane this connection is.
+    pub lanes: Arc<crate::stripes::LaneTable>,
+    pub lane: u16,
 }
 
 /// The source file, opened and checked to be the journaled version.
@@ -361,6 +364,12 @@ async fn exchange(
         // Without a known file hash, the reader derives it from the chunk values.
         let derive = session.file_hash().is_none();
         let layout = ChunkLayout::new(job.size, ctx.chunk_size);
+        // A large file also travels on the other lanes (stripes).
+        let mut stripes = if plan.len() >= crate::stripes::STRIPE_MIN_CHUNKS {
+            crate::stripes::Stripes::attach(&ctx.lanes, ctx.lane, &job.path)
+        } else {
+            crate::stripes::Stripes::none()
+        };
         let mut items = spawn_chunk_reader(
             plan,
             layout,
@@ -370,40 +379,18 @@ async fn exchange(
             ctx.link.clone(),
             ctx.buffers.clone(),
         );
-        while session.outcome().is_none()
-            && (session.chunks_to_send() > 0 || session.awaits_file_hash())
-        {
-            tokio::select! {
-                // Acknowledgements open the window; a rejection can arrive at any time.
-                msg = replies.recv() => {
-                    let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
-                    session.handle(msg).map_err(session_error)?;
-                }
-                item = items.recv(), if session.can_send() || session.awaits_file_hash() => {
-                    let Some(item) = item else { break };
-                    match item.map_err(|e| WireError::Connection(format!("reading source: {e}")))? {
-                        ReadItem::Chunk(msg, raw_len) => {
-                            let started = std::time::Instant::now();
-                            if let Err(e) = writer.send(&msg).await {
-                                return rejection_after_stop(session, &mut replies, e).await.map(|()| None);
-                            }
-                            ctx.link.note_blocked(started.elapsed());
-                            ctx.metrics.chunks_sent.inc();
-                            ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
-                            let tally = ctx.tally.clone();
-                            tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));
-                            session.handle_chunk_sent();
-                        }
-                        ReadItem::FileHash(hash) => {
-                            let j = job.clone();
-                            let journal = ctx.journal.clone();
-                            tokio::task::spawn_blocking(move || remember_hash(&journal, &j, &hash));
-                            session.handle_file_hash(hash);
-                        }
-                    }
-                }
-            }
-        }
+        let sent = send_chunks(
+            ctx,
+            session,
+            writer,
+            &mut replies,
+            &mut items,
+            &mut stripes,
+            job,
+        )
+        .await;
+        stripes.close(sent.is_err() || session.outcome().is_some());
+        sent?;
         if session.outcome().is_some() {
             return Ok(None);
         }
@@ -430,6 +417,73 @@ async fn exchange(
     Ok(None)
 }
 
+/// Sends the planned chunks, on this stream or its stripes, until every one is
+/// acknowledged by a stripe or queued here behind the commit (or the receiver answered).
+async fn send_chunks(
+    ctx: &UploadContext,
+    session: &mut SendSession,
+    writer: &mut FrameWriter,
+    replies: &mut mpsc::Receiver<Result<Message, WireError>>,
+    items: &mut mpsc::Receiver<std::io::Result<ReadItem>>,
+    stripes: &mut crate::stripes::Stripes,
+    job: &Job,
+) -> Result<(), WireError> {
+    {
+        while session.outcome().is_none()
+            && (session.chunks_to_send() > 0
+                || session.awaits_file_hash()
+                || session.in_flight_elsewhere() > 0)
+        {
+            tokio::select! {
+                // Acknowledgements open the window; a rejection can arrive at any time.
+                msg = replies.recv() => {
+                    let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
+                    session.handle(msg).map_err(session_error)?;
+                }
+                event = stripes.next() => {
+                    if stripes.handle_event(event)? {
+                        session.handle_ack_elsewhere().map_err(session_error)?;
+                    }
+                }
+                // Only chunks still to send, or the derived file hash, come from the
+                // reader; acknowledgements of stripes may still be due after both.
+                item = items.recv(), if (session.can_send() && session.chunks_to_send() > 0) || session.awaits_file_hash() => {
+                    let Some(item) = item else { break };
+                    match item.map_err(|e| WireError::Connection(format!("reading source: {e}")))? {
+                        ReadItem::Chunk { msg, index, raw_len } => {
+                            let started = std::time::Instant::now();
+                            match stripes.pick(session.in_flight_here()) {
+                                Some(i) => {
+                                    stripes.send(i, index, &msg).await?;
+                                    session.handle_chunk_sent_elsewhere();
+                                }
+                                None => {
+                                    if let Err(e) = writer.send(&msg).await {
+                                        return rejection_after_stop(session, replies, e).await;
+                                    }
+                                    session.handle_chunk_sent();
+                                }
+                            }
+                            ctx.link.note_blocked(started.elapsed());
+                            ctx.metrics.chunks_sent.inc();
+                            ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
+                            let tally = ctx.tally.clone();
+                            tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));
+                        }
+                        ReadItem::FileHash(hash) => {
+                            let j = job.clone();
+                            let journal = ctx.journal.clone();
+                            tokio::task::spawn_blocking(move || remember_hash(&journal, &j, &hash));
+                            session.handle_file_hash(hash);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The receiver stops the stream when it rejects a file: its reason may already be on
 /// the way back, behind acknowledgements.
 async fn rejection_after_stop(
@@ -452,7 +506,11 @@ async fn rejection_after_stop(
 /// What the chunk reader yields: a chunk to send, then (when asked to derive it) the
 /// whole file's BLAKE3.
 enum ReadItem {
-    Chunk(Message, u32),
+    Chunk {
+        msg: Message,
+        index: u32,
+        raw_len: u32,
+    },
     FileHash(Hash),
 }
 
@@ -505,16 +563,17 @@ fn spawn_chunk_reader(
                             buffers.keep(&payload);
                             (Codec::Raw, payload)
                         };
-                        Some(ReadItem::Chunk(
-                            Message::Chunk(Chunk {
+                        Some(ReadItem::Chunk {
+                            msg: Message::Chunk(Chunk {
                                 index,
                                 codec,
                                 raw_len: len,
                                 chunk_hash,
                                 payload,
                             }),
-                            len,
-                        ))
+                            index,
+                            raw_len: len,
+                        })
                     })
             } else {
                 // Held by the receiver: read only to hash it.

@@ -16,6 +16,7 @@ pub mod server;
 pub mod session;
 pub mod shared;
 pub mod storage;
+pub mod stripe;
 
 use std::sync::Arc;
 use std::time::Duration;

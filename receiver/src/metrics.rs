@@ -58,6 +58,10 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     pub connections: Gauge,
     pub files_in_progress: Gauge,
+    /// Stripe streams open (more chunks of a file session from another lane).
+    pub stripes: Gauge,
+    /// Chunks that arrived on stripe streams (also counted in `chunks_received`).
+    pub stripe_chunks: Counter,
     pub partials_removed: Counter,
     pub streams_refused: Family<RefusalLabels, Counter>,
     pub connections_refused: Family<RefusalLabels, Counter>,
@@ -116,6 +120,16 @@ impl Metrics {
             "files_in_progress",
             "File sessions being received",
             self.files_in_progress.clone(),
+        );
+        r.register(
+            "stripe_streams",
+            "Stripe streams open: chunks of a file session carried by another stream of its agent",
+            self.stripes.clone(),
+        );
+        r.register(
+            "stripe_chunks",
+            "Chunks received on stripe streams (also in chunks_received)",
+            self.stripe_chunks.clone(),
         );
         r.register(
             "partials_removed",

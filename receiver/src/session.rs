@@ -33,9 +33,15 @@ pub async fn serve(
     reader.set_timeout(Some(limits.offer_timeout));
     let session = ReceiveSession::new(shared.config.max_file_size);
     let first = reader.peek().await.map(|m| match m {
-        Some(Message::Offer(o)) => Some(o.chunk_size),
-        _ => None,
+        Some(Message::Offer(o)) => Some(Some(o.chunk_size)),
+        Some(Message::Attach(_)) => None,
+        _ => Some(None),
     });
+    let first = match first {
+        Ok(None) => return crate::stripe::serve(&shared, &agent, reader, writer).await,
+        Ok(Some(offer)) => Ok(offer),
+        Err(e) => Err(e),
+    };
     reader.set_timeout(Some(limits.stream_idle_timeout));
     // Refusals by a limit are logged (throttled) by `refused`, not once more below.
     let mut limited = false;
@@ -142,7 +148,18 @@ struct Work {
     buf: AlignedBuf,
 }
 
-enum Step {
+/// A frame for a session's worker, and where the acknowledgement of a chunk goes: the
+/// session's own stream, or the stripe stream that carried it ([`crate::stripe`]).
+pub(crate) enum Frame {
+    Data {
+        msg: Message,
+        reply: tokio::sync::mpsc::UnboundedSender<Step>,
+    },
+    /// The session's own stream is done (it ended or failed): the worker stops.
+    End,
+}
+
+pub(crate) enum Step {
     /// A chunk was verified and written; its acknowledgement is to be sent.
     Chunk {
         bytes: u64,
@@ -170,26 +187,39 @@ enum ChunksEnd {
 /// and QUIC's receive buffers drain while a chunk is written (data left in them gets
 /// copied again when quinn compacts its buffers). The reader stays at most one frame
 /// ahead of the worker: a session holds two frames and one decoded chunk
-/// ([`crate::shared::session_bytes`]).
+/// ([`crate::shared::session_bytes`]). Stripe streams feed the same worker through
+/// `inbox` (their acknowledgements go back to them; anything else ends the session here).
 async fn receive_chunks(
     shared: &Arc<Shared>,
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     work: Work,
+    inbox: (
+        tokio::sync::mpsc::Sender<Frame>,
+        tokio::sync::mpsc::Receiver<Frame>,
+    ),
 ) -> (Work, Result<ChunksEnd, WireError>) {
-    let (frames_tx, mut frames_rx) = tokio::sync::mpsc::channel::<Message>(1);
+    let (frames_tx, mut frames_rx) = inbox;
     let (steps_tx, mut steps_rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
+    let own_reply = steps_tx.clone();
     let worker = tokio::task::spawn_blocking(move || {
         let mut work = work;
-        while let Some(msg) = frames_rx.blocking_recv() {
+        while let Some(Frame::Data { msg, reply }) = frames_rx.blocking_recv() {
             let step = work.step(msg);
-            let more = matches!(step, Step::Chunk { .. });
-            if steps_tx.send(step).is_err() || !more {
-                break;
+            match step {
+                // A stripe that is gone loses only its acknowledgement.
+                Step::Chunk { .. } => {
+                    let _ = reply.send(step);
+                }
+                _ => {
+                    let _ = steps_tx.send(step);
+                    break;
+                }
             }
         }
         work
     });
+    let closer = frames_tx.clone();
     let end = {
         let forward = async move {
             loop {
@@ -201,7 +231,10 @@ async fn receive_chunks(
                     return Err(WireError::Truncated);
                 };
                 let commit = matches!(msg, Message::Commit(_));
-                slot.send(msg);
+                slot.send(Frame::Data {
+                    msg,
+                    reply: own_reply.clone(),
+                });
                 if commit {
                     return Ok(());
                 }
@@ -237,8 +270,10 @@ async fn receive_chunks(
             }
         }
     };
-    // The futures are gone with their end of the frame channel: the worker finishes the
-    // frame in hand and returns.
+    // Stripes may still hold the inbox open: `End` tells the worker that this side is
+    // done (unless it ended already).
+    let _ = closer.send(Frame::End).await;
+    drop(closer);
     match worker.await {
         Ok(work) => (work, end),
         // Input errors are values, never panics; a panic here is a bug and is re-raised.
@@ -388,6 +423,12 @@ async fn drive(
     };
     let epoch = shared.health.epoch();
     let resumed_from = session.have().present();
+    // Open to stripes before the agent learns what is missing (it attaches stripes only
+    // after the resume).
+    let inbox = tokio::sync::mpsc::channel::<Frame>(1);
+    let stripes = shared
+        .stripes
+        .open(agent, path.as_str(), offer.chunk_size, &inbox.0);
     if let Some(resume) = session.poll_transmit() {
         if let Err(e) = writer.send(&resume).await {
             return (session, Err(e));
@@ -401,7 +442,8 @@ async fn drive(
         partial,
         buf,
     };
-    let (work, end) = receive_chunks(shared, reader, writer, work).await;
+    let (work, end) = receive_chunks(shared, reader, writer, work, inbox).await;
+    drop(stripes);
     match end {
         Ok(ChunksEnd::Commit) => {}
         Ok(ChunksEnd::Stopped) => return (work.session, Ok(())),

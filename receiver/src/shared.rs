@@ -34,6 +34,8 @@ pub struct Shared {
     pub catalog: Option<Arc<Catalog>>,
     /// `limits.max_concurrent_files`, over all agents.
     pub file_slots: Arc<Semaphore>,
+    /// File sessions that take chunks from stripe streams too.
+    pub stripes: crate::stripe::Stripes,
     busy: Mutex<HashSet<(Arc<str>, String)>>,
     agents: Mutex<HashMap<Arc<str>, AgentState>>,
     /// Connections per peer certificate (DER), while they last.
@@ -72,6 +74,13 @@ const BYTES_UNIT: u64 = 1024;
 pub fn session_bytes(chunk_size: u32) -> u64 {
     let cs = chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
     2 * max_data_frame(cs) as u64 + u64::from(cs)
+}
+
+/// Frame memory one stripe stream may hold: two of its largest frames (the session's
+/// worker decodes into its own buffer).
+pub fn stripe_bytes(chunk_size: u32) -> u64 {
+    let cs = chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
+    2 * max_data_frame(cs) as u64
 }
 
 /// Why a file stream did not get a slot.
@@ -170,6 +179,7 @@ impl Shared {
             health: StorageHealth::default(),
             metrics: Metrics::default(),
             catalog: None,
+            stripes: crate::stripe::Stripes::default(),
             busy: Mutex::new(HashSet::new()),
             agents: Mutex::new(HashMap::new()),
             per_certificate: Mutex::new(HashMap::new()),
@@ -319,6 +329,27 @@ impl Shared {
             _bytes: bytes_permit,
             _global: global,
         })
+    }
+
+    /// The frame memory of a stripe stream (two of its largest frames) from the agent's
+    /// `limits.max_bytes_in_flight_per_agent`, refused at once when it does not fit.
+    pub fn acquire_stripe_bytes(
+        &self,
+        agent: &Arc<str>,
+        chunk_size: u32,
+    ) -> Result<OwnedSemaphorePermit, SlotRefusal> {
+        let bytes = {
+            let mut agents = lock(&self.agents);
+            self.agent_state(&mut agents, agent).bytes.clone()
+        };
+        let needed = stripe_bytes(chunk_size);
+        let units = needed.div_ceil(BYTES_UNIT).min(u64::from(u32::MAX)) as u32;
+        bytes
+            .try_acquire_many_owned(units)
+            .map_err(|_| SlotRefusal::AgentBytes {
+                needed,
+                cap: self.config.peer_limits.max_bytes_in_flight_per_agent,
+            })
     }
 
     /// Whether a WARN for refusals of kind `reason` may be logged now: at most one per

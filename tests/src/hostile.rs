@@ -271,6 +271,69 @@ impl Hostile {
         .await
     }
 
+    /// Opens a real file session (an offer of `size` bytes in 4 MiB chunks, answered
+    /// `Resume`) and then keeps `count` stripe streams attached to it, each sending half
+    /// of a 4 MiB chunk frame and then nothing, never reading; a stripe whose stream the
+    /// receiver ends is attached again. One attach every `pace`.
+    pub async fn held_stripes(
+        &self,
+        count: usize,
+        size: u64,
+        pace: Duration,
+        stop: &CancellationToken,
+    ) {
+        let tally = self.tally.clone();
+        let next = Arc::new(AtomicU64::new(0));
+        self.persist(stop, |conn| {
+            let (tally, next) = (tally.clone(), next.clone());
+            async move {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let path = format!("attack/striped-{n}.fits");
+                let Ok((answer, _session, _replies)) =
+                    offer_with_chunks(&conn, &path, size, 4 << 20).await
+                else {
+                    return;
+                };
+                Tally::add(&tally.offers, 1);
+                if !matches!(answer, Message::Resume(_)) {
+                    tokio::time::sleep(pace).await;
+                    return;
+                }
+                // A frame header for a 4 MiB chunk, and half of its body.
+                let mut half = vec![0u8; 2 << 20];
+                half[..4].copy_from_slice(&((4u32 << 20) + 42).to_be_bytes());
+                half[4] = 0x12;
+                let mut held: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+                loop {
+                    held.retain(|h| !h.is_finished());
+                    if held.len() >= count {
+                        tokio::time::sleep(pace).await;
+                        continue;
+                    }
+                    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                        return;
+                    };
+                    let attach =
+                        Message::Attach(skyferry_common::protocol::Attach { path: path.clone() });
+                    if send_frame(&mut send, &attach).await.is_err() {
+                        return;
+                    }
+                    Tally::add(&tally.streams, 1);
+                    let (tally, half) = (tally.clone(), half.clone());
+                    held.push(tokio::spawn(async move {
+                        if send.write_all(&half).await.is_ok() {
+                            Tally::add(&tally.bytes_sent, half.len() as u64);
+                        }
+                        let _send = send;
+                        let _ = recv.received_reset().await;
+                    }));
+                    tokio::time::sleep(pace).await;
+                }
+            }
+        })
+        .await
+    }
+
     /// Offers a file of `size` bytes every `every` (reading the answer), e.g. one that
     /// fits `max_file_size` but not the receiver's disk.
     pub async fn repeated_offers(&self, size: u64, every: Duration, stop: &CancellationToken) {
@@ -401,11 +464,25 @@ pub async fn offer_and_answer(
     quinn::SendStream,
     skyferry_common::wire::FrameReader,
 )> {
+    offer_with_chunks(conn, path, size, 64 << 10).await
+}
+
+/// [`offer_and_answer`] with chunks of `chunk_size`.
+pub async fn offer_with_chunks(
+    conn: &quinn::Connection,
+    path: &str,
+    size: u64,
+    chunk_size: u32,
+) -> Result<(
+    Message,
+    quinn::SendStream,
+    skyferry_common::wire::FrameReader,
+)> {
     let (mut send, recv) = conn
         .open_bi()
         .await
         .context("hostile agent: open a stream")?;
-    send_frame(&mut send, &offer(path, size, 64 << 10, size)).await?;
+    send_frame(&mut send, &offer(path, size, chunk_size, size)).await?;
     let mut reader =
         skyferry_common::wire::FrameReader::new(recv, skyferry_common::protocol::MAX_CONTROL_FRAME);
     let answer = tokio::time::timeout(Duration::from_secs(5), reader.read())

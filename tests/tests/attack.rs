@@ -6,7 +6,10 @@
 //! - **huge offers**: 64 offers of 1 TiB in 64 KiB chunks, never followed by a chunk;
 //! - **unread connections**: 8 connections that push data on 16 streams each, never
 //!   say hello and never read;
-//! - **oversize offers**: every 3 s, an offer that fits `max_file_size` but not the disk.
+//! - **oversize offers**: every 3 s, an offer that fits `max_file_size` but not the disk;
+//! - **held stripes**: a real session of a 1 GiB file in 4 MiB chunks with up to 200
+//!   stripe streams attached to it, each sending half of a 4 MiB chunk frame and then
+//!   nothing (every stripe reserves its frames from the attacker's own bytes in flight).
 //!
 //! Meanwhile the real `skyferry-agent` ("kiso-01") has each 4.5 MB file it is given stored
 //! within 2 s of being written, the receiver's peak RSS stays under 512 MiB (the bound
@@ -18,7 +21,7 @@
 //! the lanes of one agent instance live side by side while a new instance supersedes
 //! them all.
 //!
-//! `SKYFERRY_ATTACKS=idle,huge,unread,oversize` (any subset) runs only those attacks,
+//! `SKYFERRY_ATTACKS=idle,huge,unread,oversize,stripes` (any subset) runs only those attacks,
 //! to see which one hurts. The attack is stopped at once if the receiver's RSS passes
 //! the bound, so that a receiver without limits cannot take the machine down with it.
 
@@ -52,9 +55,16 @@ enum Attack {
     Huge,
     Unread,
     Oversize,
+    Stripes,
 }
 
-const ALL: [Attack; 4] = [Attack::Idle, Attack::Huge, Attack::Unread, Attack::Oversize];
+const ALL: [Attack; 5] = [
+    Attack::Idle,
+    Attack::Huge,
+    Attack::Unread,
+    Attack::Oversize,
+    Attack::Stripes,
+];
 
 fn chosen_attacks() -> Vec<Attack> {
     let Ok(list) = std::env::var("SKYFERRY_ATTACKS") else {
@@ -66,8 +76,9 @@ fn chosen_attacks() -> Vec<Attack> {
             "huge" => Attack::Huge,
             "unread" => Attack::Unread,
             "oversize" => Attack::Oversize,
+            "stripes" => Attack::Stripes,
             other => {
-                panic!("SKYFERRY_ATTACKS: unknown attack {other:?} (idle, huge, unread, oversize)")
+                panic!("SKYFERRY_ATTACKS: unknown attack {other:?} (idle, huge, unread, oversize, stripes)")
             }
         })
         .collect()
@@ -191,6 +202,10 @@ fn a_second_agent_is_served_while_one_agent_attacks_the_receiver() {
             }
             Attack::Oversize => runtime.spawn(async move {
                 h.repeated_offers(oversize, Duration::from_secs(3), &stop)
+                    .await
+            }),
+            Attack::Stripes => runtime.spawn(async move {
+                h.held_stripes(200, 1 << 30, Duration::from_millis(20), &stop)
                     .await
             }),
         };

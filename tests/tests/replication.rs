@@ -268,3 +268,43 @@ fn four_connections_share_the_files_and_a_receiver_kill_loses_and_duplicates_not
         "the lanes of one agent never superseded each other:\n{log}"
     );
 }
+
+/// One large file with four connections travels on all of them: its session on one lane
+/// takes chunks from stripe streams on the other three (docs/protocol.md §3, "Striping
+/// one file"), and it arrives byte-identical, stored once.
+#[test]
+fn one_large_file_is_striped_over_every_connection() {
+    let mut pair = Pair::start(PairOptions {
+        connections: 4,
+        max_connections_per_agent: Some(8),
+        ..PairOptions::default()
+    })
+    .expect("start pair");
+    let len = 96 << 20; // 24 chunks of 4 MiB
+    write_atomic(&pair.source().join("big/movie.fits"), &content(len, 77));
+    let report = pair
+        .wait_replicated(Duration::from_secs(120))
+        .expect("replication");
+    report.ensure_identical().expect("identical trees");
+    assert_eq!((report.files, report.bytes), (1, len as u64));
+    let log = pair.receiver_log().expect("receiver log");
+    let (stored, _) = stores_by_connection(&log);
+    assert_eq!(stored, 1, "stored once:\n{log}");
+    let striped: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("stripe stream ended"))
+        .filter_map(|l| {
+            l.split("chunks=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(striped.len(), 3, "a stripe on each other lane:\n{log}");
+    assert!(
+        striped.iter().all(|&n| n > 0),
+        "every stripe carried chunks: {striped:?}"
+    );
+}

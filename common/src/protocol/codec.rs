@@ -47,6 +47,8 @@
 //! | 0x16 | ChunkAck           | index u32 |
 //! | 0x17 | NeedHash           | (empty) |
 //! | 0x18 | FileHash           | file_hash hash |
+//! | 0x19 | Attach             | path string |
+//! | 0x1a | Attached           | (empty) |
 //!
 //! Error codes (`u16`): 1 bad_path, 2 too_large, 3 storage_full,
 //! 4 storage_error, 5 hash_mismatch, 6 chunk_mismatch, 7 protocol,
@@ -60,8 +62,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::message::{
-    Ack, AgentHeartbeat, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode, Hello, Lane,
-    Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
+    Ack, AgentHeartbeat, Attach, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode, Hello,
+    Lane, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
 };
 use super::MAX_PATH_LEN;
 
@@ -79,6 +81,8 @@ const REJECT: u8 = 0x15;
 const CHUNK_ACK: u8 = 0x16;
 const NEED_HASH: u8 = 0x17;
 const FILE_HASH: u8 = 0x18;
+const ATTACH: u8 = 0x19;
+const ATTACHED: u8 = 0x1a;
 
 /// Bytes of a [`Chunk`] frame before the payload: type, index, codec, raw_len, hash.
 const CHUNK_FIXED_LEN: usize = 1 + 4 + 1 + 4 + 32;
@@ -138,6 +142,8 @@ fn kind_of(ty: u8) -> Option<&'static str> {
         CHUNK_ACK => "chunk_ack",
         NEED_HASH => "need_hash",
         FILE_HASH => "file_hash",
+        ATTACH => "attach",
+        ATTACHED => "attached",
         _ => return None,
     })
 }
@@ -280,6 +286,11 @@ impl Message {
                 dst.put_u8(FILE_HASH);
                 dst.put_slice(h);
             }
+            Message::Attach(m) => {
+                dst.put_u8(ATTACH);
+                put_str(dst, kind, "path", &m.path)?;
+            }
+            Message::Attached => dst.put_u8(ATTACHED),
             Message::Ack(m) => {
                 dst.put_u8(ACK);
                 put_str(dst, kind, "stored_path", &m.stored_path)?;
@@ -433,6 +444,10 @@ pub fn decode_body(body: Bytes) -> Result<Message, FrameError> {
         }),
         NEED_HASH => Message::NeedHash,
         FILE_HASH => Message::FileHash(r.array()?),
+        ATTACH => Message::Attach(Attach {
+            path: r.string("path")?,
+        }),
+        ATTACHED => Message::Attached,
         CHUNK_ACK => Message::ChunkAck(ChunkAck { index: r.u32()? }),
         ACK => Message::Ack(Ack {
             stored_path: r.string("stored_path")?,
@@ -609,7 +624,7 @@ mod tests {
     use proptest::prelude::*;
     use proptest::sample::Index;
 
-    const TYPES: [u8; 14] = [
+    const TYPES: [u8; 16] = [
         HELLO,
         WELCOME,
         REFUSE,
@@ -624,6 +639,8 @@ mod tests {
         CHUNK_ACK,
         NEED_HASH,
         FILE_HASH,
+        ATTACH,
+        ATTACHED,
     ];
 
     fn wire(msgs: &[Message]) -> BytesMut {
@@ -767,6 +784,8 @@ mod tests {
             )),
             Just(Message::NeedHash),
             any::<Hash>().prop_map(Message::FileHash),
+            text().prop_map(|path| Message::Attach(Attach { path })),
+            Just(Message::Attached),
             any::<u32>().prop_map(|index| Message::ChunkAck(ChunkAck { index })),
             (text(), any::<bool>()).prop_map(|(stored_path, already_stored)| {
                 Message::Ack(Ack {
@@ -851,6 +870,10 @@ mod tests {
             }),
             Message::NeedHash,
             Message::FileHash(h),
+            Message::Attach(Attach {
+                path: "a/b.fits".into(),
+            }),
+            Message::Attached,
             Message::Hello(Hello {
                 version: 2,
                 agent_id: "edge-07".into(),
@@ -1123,7 +1146,7 @@ mod tests {
 
     #[test]
     fn unknown_type_is_rejected() {
-        for ty in [0x00, 0x06, 0x0f, 0x19, 0xff] {
+        for ty in [0x00, 0x06, 0x0f, 0x1b, 0xff] {
             let result = decode_body(Bytes::from(vec![ty, 0, 0]));
             assert!(matches!(result, Err(FrameError::UnknownType(t)) if t == ty));
         }

@@ -52,6 +52,12 @@ pub enum Message {
     NeedHash,
     /// Agent → receiver, answers [`Message::NeedHash`]: the whole file's BLAKE3.
     FileHash(Hash),
+    /// Agent → receiver, first frame of a *stripe stream*: it carries chunks of the file
+    /// session of `path` that is open on another lane of the same agent (§3, "Striping
+    /// one file").
+    Attach(Attach),
+    /// Receiver → agent, answers [`Message::Attach`]: the stripe stream may carry chunks.
+    Attached,
 }
 
 impl Message {
@@ -72,6 +78,8 @@ impl Message {
             Message::Reject(_) => "reject",
             Message::NeedHash => "need_hash",
             Message::FileHash(_) => "file_hash",
+            Message::Attach(_) => "attach",
+            Message::Attached => "attached",
         }
     }
 }
@@ -190,6 +198,13 @@ pub struct Offer {
     pub file_hash: Option<Hash>,
     /// A power of two within `MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE`.
     pub chunk_size: u32,
+}
+
+/// Agent → receiver, first frame of a stripe stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    /// The path of a file session open on another stream of this agent.
+    pub path: String,
 }
 
 /// Receiver → agent, answers an [`Offer`] with the chunks it still needs.

@@ -27,9 +27,9 @@ mod message;
 
 pub use codec::{decode, decode_body, frame_len, FrameError};
 pub use message::{
-    hex, short_hex, Ack, AgentHeartbeat, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode,
-    Hash, Hello, Lane, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState,
-    Welcome,
+    hex, short_hex, Ack, AgentHeartbeat, Attach, Chunk, ChunkAck, ChunkRange, Codec, Commit,
+    ErrorCode, Hash, Hello, Lane, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume,
+    StorageState, Welcome,
 };
 
 /// The QUIC ALPN protocol identifier. A new major protocol gets a new ALPN.

@@ -70,8 +70,11 @@ pub struct SendSession {
     state: State,
     layout: ChunkLayout,
     todo: VecDeque<ChunkRange>,
-    /// Chunks sent and not yet acknowledged, oldest first; at most `window`.
+    /// Chunks sent on this stream and not yet acknowledged, oldest first.
     unacked: VecDeque<u32>,
+    /// Chunks sent on stripe streams (other lanes) and not yet acknowledged there; the
+    /// I/O layer checks their order per stream. With `unacked`, at most `window`.
+    elsewhere: usize,
     window: usize,
     chunks_sent: u32,
     /// The whole file's BLAKE3, once known (from the offer, or derived by the I/O layer
@@ -93,6 +96,7 @@ impl SendSession {
             layout,
             todo: VecDeque::new(),
             unacked: VecDeque::new(),
+            elsewhere: 0,
             window: window.max(1) as usize,
             chunks_sent: 0,
             file_hash,
@@ -205,7 +209,23 @@ impl SendSession {
 
     /// Whether the window allows sending another chunk now.
     pub fn can_send(&self) -> bool {
-        self.state == State::Sending && self.unacked.len() < self.window
+        self.state == State::Sending && self.in_flight() < self.window
+    }
+
+    /// Chunks sent and not yet acknowledged, on this stream and on stripes.
+    pub fn in_flight(&self) -> usize {
+        self.unacked.len() + self.elsewhere
+    }
+
+    /// Chunks sent and not yet acknowledged on this stream.
+    pub fn in_flight_here(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Chunks sent on stripe streams and not yet acknowledged there: the commit waits
+    /// for them, as the receiver holds a chunk only once it acknowledged it.
+    pub fn in_flight_elsewhere(&self) -> usize {
+        self.elsewhere
     }
 
     /// The next chunk to read and send, in ascending order, once the window allows it.
@@ -239,10 +259,39 @@ impl SendSession {
             .collect()
     }
 
-    /// The chunk returned by [`next_chunk`](SendSession::next_chunk) was sent.
+    /// The chunk returned by [`next_chunk`](SendSession::next_chunk) was sent on this
+    /// stream.
     pub fn handle_chunk_sent(&mut self) {
+        self.sent(true);
+    }
+
+    /// The chunk returned by [`next_chunk`](SendSession::next_chunk) was sent on a
+    /// stripe stream; [`handle_ack_elsewhere`](SendSession::handle_ack_elsewhere) takes
+    /// its acknowledgement.
+    pub fn handle_chunk_sent_elsewhere(&mut self) {
+        self.sent(false);
+    }
+
+    /// A stripe stream acknowledged one of its chunks (the I/O layer checked which).
+    pub fn handle_ack_elsewhere(&mut self) -> Result<(), SessionError> {
+        if self.elsewhere == 0 || !matches!(self.state, State::Sending | State::AwaitAck) {
+            return Err(SessionError::Unexpected {
+                got: "chunk_ack",
+                state: self.state.name(),
+            });
+        }
+        self.elsewhere -= 1;
+        self.maybe_commit();
+        Ok(())
+    }
+
+    fn sent(&mut self, here: bool) {
         if let Some(front) = self.todo.front_mut() {
-            self.unacked.push_back(front.start);
+            if here {
+                self.unacked.push_back(front.start);
+            } else {
+                self.elsewhere += 1;
+            }
             front.start += 1;
             if front.start == front.end {
                 self.todo.pop_front();
@@ -259,7 +308,7 @@ impl SendSession {
     }
 
     fn maybe_commit(&mut self) {
-        if self.state != State::Sending || !self.todo.is_empty() {
+        if self.state != State::Sending || !self.todo.is_empty() || self.elsewhere > 0 {
             return;
         }
         if let Some(file_hash) = self.file_hash {

@@ -513,6 +513,43 @@ fn the_window_holds_back_chunks_until_they_are_acknowledged() {
     assert_eq!(s.next_chunk().map(|c| c.index), Some(1));
 }
 
+/// Chunks sent on stripe streams share the file's window, and the commit waits until
+/// the stripes acknowledged theirs: the receiver holds a chunk only once it said so, and
+/// a commit that overtook a stripe's chunk would be rejected as incomplete.
+#[test]
+fn the_commit_waits_for_the_chunks_sent_on_stripes() {
+    let src = data(3 * CS as usize, 0);
+    let mut s = SendSession::new(offer_hashed("s", &src), 2);
+    s.poll_transmit();
+    s.handle(Message::Resume(crate::protocol::Resume {
+        missing: vec![crate::protocol::ChunkRange { start: 0, end: 3 }],
+    }))
+    .unwrap();
+    s.handle_chunk_sent_elsewhere();
+    s.handle_chunk_sent();
+    assert_eq!(
+        s.next_chunk(),
+        None,
+        "one chunk here and one on a stripe fill a window of 2"
+    );
+    s.handle_ack_elsewhere().unwrap();
+    s.handle_chunk_sent_elsewhere();
+    assert_eq!(s.chunks_to_send(), 0);
+    s.handle(Message::ChunkAck(crate::protocol::ChunkAck { index: 1 }))
+        .unwrap();
+    assert_eq!(
+        s.poll_transmit(),
+        None,
+        "chunk 2 is not acknowledged on its stripe yet"
+    );
+    s.handle_ack_elsewhere().unwrap();
+    assert!(matches!(s.poll_transmit(), Some(Message::Commit(c)) if c.chunks_sent == 3));
+    assert!(
+        s.handle_ack_elsewhere().is_err(),
+        "an acknowledgement of a stripe with nothing in flight is a protocol error"
+    );
+}
+
 /// A session ends with one verdict. Whatever arrives or completes after it (a frame from
 /// an agent that keeps talking, a publish that finishes after a protocol error, a second
 /// failure reported by the I/O layer) is refused without sending anything: an agent must

@@ -264,10 +264,10 @@ fn print(rows: &[LinkRow], opts: &LinkOptions, skyferry: &Skyferry) {
         "with MSS = quinn's path MTU − {QUIC_OVERHEAD} B (QUIC header, AEAD tag, STREAM frame), RTT the"
     );
     println!(
-        "relay's added RTT and p its loss, for one connection; a file stays on one connection,"
+        "relay's added RTT and p its loss, for one connection; with N connections (conns) files"
     );
-    println!("so N connections (conns) can reach N times the bound with N files or more, and a");
-    println!("single file stays within one bound.");
+    println!("spread over them and a large file stripes over all of them, so both data sets can");
+    println!("reach N times the bound.");
     println!();
     println!(
         "{:<10} {:>4} {:>5} {:>5} {:>8} {:>7} {:>8} {:>7} {:>8}",
