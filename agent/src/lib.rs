@@ -18,6 +18,7 @@ pub mod link;
 pub mod metrics;
 pub mod metrics_endpoint;
 pub mod sender;
+pub mod service;
 pub mod sources;
 pub mod stripes;
 pub mod tally;
@@ -125,6 +126,7 @@ pub async fn run(
     } = prepared;
     let journal_path = config.journal.clone();
     let journal = Arc::new(Mutex::new(journal));
+    let notifier = skyferry_common::daemon::systemd::Notifier::from_env();
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(metrics::Metrics::default());
     // Every task is in this set and awaited below: a task whose failure is fatal returns
@@ -164,12 +166,20 @@ pub async fn run(
         });
     }
     if let Some(path) = config_path {
-        let reload = reload_on_sighup(path, ctx.clone(), sources_stop.clone());
+        let reload = reload_on_sighup(path, ctx.clone(), notifier.clone(), sources_stop.clone());
         tasks.spawn(async move {
             reload.await;
             Ok(())
         });
     }
+    service::spawn(
+        &mut tasks,
+        &notifier,
+        journal.clone(),
+        metrics.clone(),
+        config.receiver.address.clone(),
+        shutdown.clone(),
+    );
     let sender = sender::Sender {
         grace: config.transfer.shutdown_grace,
         lanes: Arc::new(stripes::LaneTable::new(config.transfer.connections.max(1))),
@@ -194,6 +204,10 @@ pub async fn run(
         tracing::info!(journal = %path.display(), took = ?started.elapsed(), "journal integrity check passed");
         Ok(())
     });
+    // The identity and the journal are loaded (prepare), the metrics port is bound, the
+    // sources and the sender run: systemd may consider the agent started.
+    notifier.ready("running");
+    tracing::info!("agent started");
 
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
@@ -219,37 +233,51 @@ pub async fn run(
 /// On SIGHUP: re-reads the config and swaps in its include/exclude globs and blocklist,
 /// then rescans (newly included files are found; newly excluded ones are no longer
 /// queued). A config with problems is refused and the rules in force are kept. Other
-/// settings (receiver, Redis sources, roots) need a restart.
-async fn reload_on_sighup(path: PathBuf, ctx: Arc<sources::Context>, stop: CancellationToken) {
+/// settings (receiver, Redis sources, roots) need a restart. systemd is told
+/// `RELOADING=1` at the signal and `READY=1` once the new rules are in force (or refused).
+///
+/// The handler is installed before this returns (before `READY=1`): a SIGHUP from then on
+/// reloads and never kills the agent.
+fn reload_on_sighup(
+    path: PathBuf,
+    ctx: Arc<sources::Context>,
+    notifier: skyferry_common::daemon::systemd::Notifier,
+    stop: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = hup.recv() => {}
-        }
-        let p = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || AgentConfig::load(&p)).await;
-        match loaded {
-            Ok(Ok(config)) => {
-                let rules = sources::Rules::from_config(&config);
-                tracing::info!(
-                    config = %path.display(),
-                    blocklist_patterns = rules.blocklist_len(),
-                    "SIGHUP: reloaded include/exclude globs and the blocklist"
-                );
-                ctx.rules.replace(rules);
-                ctx.request_rescan("rules reloaded");
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hup) = hup else {
+            tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = hup.recv() => {}
             }
-            Ok(Err(e)) => {
-                tracing::warn!("SIGHUP: {e}; keeping the rules in force");
-                // A SIGHUP always rescans, with the rules in force.
-                ctx.request_rescan("SIGHUP");
+            notifier.reloading();
+            let p = path.clone();
+            let loaded = tokio::task::spawn_blocking(move || AgentConfig::load(&p)).await;
+            match loaded {
+                Ok(Ok(config)) => {
+                    let rules = sources::Rules::from_config(&config);
+                    tracing::info!(
+                        config = %path.display(),
+                        blocklist_patterns = rules.blocklist_len(),
+                        "SIGHUP: reloaded include/exclude globs and the blocklist"
+                    );
+                    ctx.rules.replace(rules);
+                    ctx.request_rescan("rules reloaded");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("SIGHUP: {e}; keeping the rules in force");
+                    // A SIGHUP always rescans, with the rules in force.
+                    ctx.request_rescan("SIGHUP");
+                }
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: reload task failed"),
             }
-            Err(e) => tracing::warn!(error = %e, "SIGHUP: reload task failed"),
+            notifier.ready("running (reloaded)");
         }
     }
 }

@@ -545,7 +545,7 @@ fn instance_number() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-fn lock_journal(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+pub(crate) fn lock_journal(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
     journal
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -1,10 +1,13 @@
-//! What both daemons' `main` share: exit codes, argument parsing, output, logging setup,
-//! signal handling.
+//! What both daemons' `main` share: exit codes, argument parsing, output, logging setup
+//! ([`journald`]), signal handling, and the service manager's notifications ([`systemd`]).
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
+
+pub mod journald;
+pub mod systemd;
 
 /// Exit codes (sysexits-style): 0 ok, 64 bad config or usage, 1 runtime failure.
 pub const EXIT_OK: i32 = 0;
@@ -43,17 +46,50 @@ pub fn print_out(text: &str) -> ExitCode {
     }
 }
 
-/// Logs to stderr (captured by journald under systemd), filtered by `RUST_LOG`
-/// (default `info`).
+/// Logs to journald with structured fields when stderr is the journal (see
+/// [`journald`]), to stderr otherwise, filtered by `RUST_LOG` (default `info`). When
+/// journald is wanted but cannot be reached, logs go to stderr with a warning saying so.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let var = std::env::var(journald::LOG_TARGET_VAR).ok();
+    let stream = std::env::var("JOURNAL_STREAM").ok();
+    let (target, mut warning) = journald::choose(var.as_deref(), stream.as_deref());
+    if target == journald::LogTarget::Journald {
+        // Fields keep their names (`agent`, `path`: AGENT=, PATH= in the journal).
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let installed = tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer.with_field_prefix(None))
+                    .try_init();
+                if installed.is_ok() {
+                    if let Some(w) = warning {
+                        tracing::warn!("{w}");
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                warning = Some(format!(
+                    "cannot log to journald ({e}); logging to stderr instead"
+                ))
+            }
+        }
+    }
+    let installed = tracing_subscriber::fmt()
+        .with_env_filter(filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+    if let (Ok(()), Some(w)) = (installed, warning) {
+        tracing::warn!("{w}");
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT. A second signal exits at once.

@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod lanes;
 pub mod metrics;
 pub mod server;
+pub mod service;
 pub mod session;
 pub mod shared;
 pub mod storage;
@@ -26,7 +27,9 @@ use skyferry_common::config::ReceiverConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Runs the receiver until `shutdown` is cancelled. `ready` is called once it listens.
+/// Runs the receiver until `shutdown` is cancelled. `ready` is called once it listens and
+/// storage, inventory and catalog are open; systemd is told `READY=1` then (see
+/// [`service`]).
 pub async fn run(
     config: ReceiverConfig,
     shutdown: CancellationToken,
@@ -57,7 +60,6 @@ pub async fn run(
     let endpoint = bound.endpoint;
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
-    ready(addr);
     let mut shared = shared::Shared::new(config, storage);
     if shared.config.catalog.enabled {
         let (c, root, metrics) = (
@@ -74,6 +76,10 @@ pub async fn run(
     let shared = Arc::new(shared);
     let background = TaskTracker::new();
     background.spawn(sweep_partials(shared.clone(), shutdown.clone()));
+    let notifier = skyferry_common::daemon::systemd::Notifier::from_env();
+    service::spawn(&background, &notifier, shared.clone(), shutdown.clone());
+    ready(addr);
+    notifier.ready(&format!("listening on {addr}"));
     let grace = shared.config.shutdown_grace;
     let catalog = shared.catalog.clone();
     server::serve(endpoint, shared, shutdown, grace).await;

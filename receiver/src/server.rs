@@ -412,7 +412,7 @@ async fn control_loop(
 }
 
 /// Free space of the storage filesystem and the state it means (see [`crate::health`]).
-fn storage_state(shared: &Shared) -> (StorageState, u64) {
+pub(crate) fn storage_state(shared: &Shared) -> (StorageState, u64) {
     let free = shared.storage.free_bytes();
     let state = shared.health.state(free, std::time::Instant::now());
     (state, free.unwrap_or(0))

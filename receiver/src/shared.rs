@@ -260,6 +260,14 @@ impl Shared {
         state.live.admit(instance, lane, conn.generation, conn)
     }
 
+    /// Agent ids with at least one live connection.
+    pub fn agents_connected(&self) -> usize {
+        lock(&self.agents)
+            .values()
+            .filter(|a| !a.live.is_empty())
+            .count()
+    }
+
     /// Forgets `generation` as one of the agent's live connections (if it still is).
     pub fn connection_ended(&self, agent: &Arc<str>, generation: u64) {
         let mut agents = lock(&self.agents);

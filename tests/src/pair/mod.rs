@@ -279,6 +279,10 @@ impl Pair {
         }
         Ok(())
     }
+    /// Whether the receiver's UDP port is bound now (by any process).
+    pub fn receiver_port_bound(&self) -> Result<bool> {
+        udp_port_bound(self.port)
+    }
     /// SIGKILL: no chance to clean up.
     pub fn kill_receiver(&mut self) -> Result<()> {
         self.receiver.kill()
