@@ -480,3 +480,43 @@ fn every_alert_fires_and_stays_quiet_in_its_unit_tests() {
         );
     }
 }
+
+#[test]
+fn a_taken_metrics_port_stops_either_daemon_at_start_with_a_message_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut pair = Pair::new(PairOptions::default()).expect("pair");
+    let table = format!("\n[metrics]\nlisten = \"{addr}\"\n");
+    pair.write_receiver_config(|t| t.push_str(&table))
+        .expect("config");
+    pair.write_agent_config(|t| t.push_str(&table))
+        .expect("config");
+    let wanted = format!("cannot listen for metrics on {addr} (metrics.listen)");
+    pair.start_receiver().expect("start receiver");
+    let mut status = None;
+    wait_until(Duration::from_secs(20), "the receiver to exit", || {
+        status = pair.receiver_exit()?;
+        Ok(status.is_some())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", pair.diagnostics()));
+    let status = status.expect("exited");
+    let log = pair.receiver_log().unwrap_or_default();
+    assert!(!status.success(), "receiver exited {status}");
+    assert!(
+        log.contains(&wanted),
+        "receiver log lacks {wanted:?}:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    pair.start_agent().expect("start agent");
+    let mut status = None;
+    wait_until(Duration::from_secs(20), "the agent to exit", || {
+        status = pair.agent_exit()?;
+        Ok(status.is_some())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", pair.diagnostics()));
+    let status = status.expect("exited");
+    let log = pair.agent_log().unwrap_or_default();
+    assert!(!status.success(), "agent exited {status}");
+    assert!(log.contains(&wanted), "agent log lacks {wanted:?}:\n{log}");
+    drop(taken);
+}
