@@ -180,6 +180,18 @@ impl Counts {
     }
 }
 
+/// The queue (files pending or in flight) by class, as the claim sees it: live files
+/// have a source mtime at or after the cutoff, the rest is the backlog.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Queue {
+    pub live_files: u64,
+    pub live_bytes: u64,
+    pub backlog_files: u64,
+    pub backlog_bytes: u64,
+    /// When the oldest file still queued was discovered (ns since the epoch).
+    pub oldest_discovered_ns: Option<i64>,
+}
+
 pub struct Journal {
     db: Connection,
     path: String,
@@ -665,6 +677,29 @@ impl Journal {
         r.map(drop).map_err(sql(&self.path))
     }
 
+    /// The queue by class for the live cutoff `live_since_ns` (see [`Journal::claim`]).
+    pub fn queue(&self, live_since_ns: i64) -> Result<Queue, JournalError> {
+        let (live_files, live_bytes, files, bytes, oldest): (i64, i64, i64, i64, Option<i64>) =
+            self.db
+                .query_row(
+                    "SELECT COALESCE(SUM(mtime_ns >= ?1), 0),
+                            COALESCE(SUM(CASE WHEN mtime_ns >= ?1 THEN size END), 0),
+                            COUNT(*), COALESCE(SUM(size), 0), MIN(discovered_ns)
+                     FROM files WHERE state IN (0, 1)",
+                    [live_since_ns],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .map_err(sql(&self.path))?;
+        let n = |v: i64| v.max(0) as u64;
+        Ok(Queue {
+            live_files: n(live_files),
+            live_bytes: n(live_bytes),
+            backlog_files: n(files - live_files),
+            backlog_bytes: n(bytes - live_bytes),
+            oldest_discovered_ns: oldest,
+        })
+    }
+
     pub fn counts(&self) -> Result<Counts, JournalError> {
         let mut c = Counts::default();
         let mut stmt = self
@@ -823,6 +858,31 @@ mod tests {
             .map(|_| j.claim(1, 50).unwrap().remove(0).path)
             .collect();
         assert_eq!(order, ["l200", "l100", "b10", "b20"]);
+    }
+
+    #[test]
+    fn the_queue_splits_live_and_backlog_at_the_cutoff_and_leaves_done_files_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(&dir.path().join("j.sqlite")).unwrap();
+        assert_eq!(j.queue(50).unwrap(), Queue::default());
+        j.enqueue(&[
+            file("b10", 3, 10),
+            file("b49", 5, 49),
+            file("l50", 7, 50),
+            file("l200", 11, 200),
+        ])
+        .unwrap();
+        let q = j.queue(50).unwrap();
+        assert_eq!((q.live_files, q.live_bytes), (2, 18));
+        assert_eq!((q.backlog_files, q.backlog_bytes), (2, 8));
+        assert!(q.oldest_discovered_ns.is_some());
+        // In flight still counts; done does not.
+        let l200 = j.claim(1, 50).unwrap().remove(0);
+        assert_eq!(j.queue(50).unwrap().live_files, 2);
+        j.finish(l200.id, &Finish::Done).unwrap();
+        let q = j.queue(50).unwrap();
+        assert_eq!((q.live_files, q.live_bytes), (1, 7));
+        assert_eq!(q.backlog_files, 2);
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub mod buffers;
 pub mod journal;
 pub mod link;
 pub mod metrics;
-pub mod metrics_endpoint;
 pub mod sender;
 pub mod service;
 pub mod sources;
@@ -129,20 +128,27 @@ pub async fn run(
     let notifier = skyferry_common::daemon::systemd::Notifier::from_env();
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(metrics::Metrics::default());
+    metrics.precreate();
     // Every task is in this set and awaited below: a task whose failure is fatal returns
     // an error, which ends the daemon. Sources and the reload task end only at shutdown
     // or when they give up on their own (they log why; the rest keeps running).
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     if let Some(addr) = config.metrics_listen {
-        let listener = metrics_endpoint::bind(addr).await?;
+        let listener = skyferry_common::metrics_http::bind(addr).await?;
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
         let (registry, stop) = (Arc::new(registry), shutdown.clone());
         tasks.spawn(async move {
-            metrics_endpoint::serve(listener, registry, stop).await;
+            skyferry_common::metrics_http::serve(listener, registry, stop).await;
             Ok(())
         });
     }
+    tasks.spawn(sample_queue(
+        journal.clone(),
+        metrics.clone(),
+        config.transfer.live_window,
+        shutdown.clone(),
+    ));
     let ctx = Arc::new(sources::Context::new(
         &config,
         journal.clone(),
@@ -228,6 +234,41 @@ pub async fn run(
     shutdown.cancel();
     tasks.shutdown().await;
     Err(error)
+}
+
+/// How often the queue gauges are read from the journal.
+const QUEUE_SAMPLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Copies the journal's queue by class into the metrics every [`QUEUE_SAMPLE_PERIOD`],
+/// on the blocking pool (one query over the pending files). A failed reading is logged
+/// and the gauges keep their last value.
+async fn sample_queue(
+    journal: Arc<Mutex<journal::Journal>>,
+    metrics: Arc<metrics::Metrics>,
+    live_window: std::time::Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(QUEUE_SAMPLE_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let j = journal.clone();
+        let since = sender::live_since_ns(live_window);
+        let read = tokio::task::spawn_blocking(move || {
+            j.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .queue(since)
+        })
+        .await;
+        match read {
+            Ok(Ok(q)) => metrics.observe_queue(&q),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue for the metrics"),
+            Err(e) => tracing::warn!(error = %e, "queue sampling task failed"),
+        }
+    }
 }
 
 /// On SIGHUP: re-reads the config and swaps in its include/exclude globs and blocklist,

@@ -43,6 +43,15 @@ pub struct FsErrorLabels {
     pub kind: &'static str,
 }
 
+/// The queue's class (`live`: source mtime within `transfer.live_window`; `backlog`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: &'static str,
+}
+
+/// The `reason` values of `files_abandoned`.
+pub const ABANDON_REASONS: [&str; 4] = ["deleted", "moved", "replaced", "modified"];
+
 #[derive(Default)]
 pub struct Metrics {
     pub files_sent: Counter,
@@ -69,6 +78,15 @@ pub struct Metrics {
     pub files_abandoned: Family<ReasonLabels, Counter>,
     /// Quinn's statistics of the connection to the receiver.
     pub quic: QuicMetrics,
+    /// Chunks sent for a file whose earlier attempt failed (its retry).
+    pub chunks_resent: Counter,
+    /// Files and bytes queued (pending or in flight), by class; sampled from the journal.
+    pub queue_files: Family<ClassLabels, Gauge>,
+    pub queue_bytes: Family<ClassLabels, Gauge>,
+    /// Discovery time of the oldest queued file (seconds since the epoch), 0 when none.
+    pub oldest_pending_discovered: Gauge<f64, AtomicU64>,
+    /// When the receiver's last heartbeat arrived (seconds since the epoch).
+    pub heartbeat_received: Gauge<f64, AtomicU64>,
 }
 
 /// Quinn's view of the connection to the receiver (`quinn::Connection::stats`), copied
@@ -279,7 +297,71 @@ impl Metrics {
             "Transfers abandoned before the commit because the source was deleted, moved, replaced or modified meanwhile",
             self.files_abandoned.clone(),
         );
+        r.register(
+            "chunks_resent",
+            "Chunks sent again for a file whose earlier attempt failed",
+            self.chunks_resent.clone(),
+        );
+        r.register(
+            "queue_files",
+            "Files queued (pending or in flight), by class: live (source mtime within \
+             transfer.live_window) or backlog",
+            self.queue_files.clone(),
+        );
+        r.register(
+            "queue_bytes",
+            "Bytes of the files queued (pending or in flight), by class: live or backlog",
+            self.queue_bytes.clone(),
+        );
+        r.register(
+            "oldest_pending_discovered_timestamp_seconds",
+            "When the oldest file still queued was discovered (seconds since the epoch; 0 when \
+             the queue is empty). time() minus this is the lag",
+            self.oldest_pending_discovered.clone(),
+        );
+        r.register(
+            "heartbeat_last_received_timestamp_seconds",
+            "When the receiver's last heartbeat arrived (seconds since the epoch; 0 before the first)",
+            self.heartbeat_received.clone(),
+        );
+        r.register(
+            "build_info",
+            "Always 1, labelled with the version of the agent binary",
+            skyferry_common::metrics_http::build_info(env!("CARGO_PKG_VERSION")),
+        );
         self.quic.register(r);
+    }
+
+    /// Creates every series whose labels are known in advance, so that each is exported
+    /// (as 0) from the start.
+    pub fn precreate(&self) {
+        for n in 1..=11 {
+            let code = skyferry_common::protocol::ErrorCode::from_u16(n);
+            drop(self.files_rejected.get_or_create(&ReasonLabels {
+                reason: code.as_str(),
+            }));
+        }
+        for reason in ABANDON_REASONS {
+            drop(self.files_abandoned.get_or_create(&ReasonLabels { reason }));
+        }
+        for class in ["live", "backlog"] {
+            drop(self.queue_files.get_or_create(&ClassLabels { class }));
+            drop(self.queue_bytes.get_or_create(&ClassLabels { class }));
+        }
+    }
+
+    /// Copies a reading of the journal's queue into the gauges.
+    pub fn observe_queue(&self, q: &crate::journal::Queue) {
+        let set = |f: &Family<ClassLabels, Gauge>, class, v: u64| {
+            f.get_or_create(&ClassLabels { class })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.queue_files, "live", q.live_files);
+        set(&self.queue_files, "backlog", q.backlog_files);
+        set(&self.queue_bytes, "live", q.live_bytes);
+        set(&self.queue_bytes, "backlog", q.backlog_bytes);
+        self.oldest_pending_discovered
+            .set(q.oldest_discovered_ns.map_or(0.0, |ns| ns as f64 / 1e9));
     }
 
     /// Counts one filesystem source error of `kind`.

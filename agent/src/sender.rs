@@ -580,7 +580,7 @@ async fn sample_quic(
 }
 
 /// Files modified after this instant are live (shipped before the backlog).
-fn live_since_ns(window: Duration) -> i64 {
+pub(crate) fn live_since_ns(window: Duration) -> i64 {
     skyferry_common::unix_time::now_ns().saturating_sub(window.as_nanos() as i64)
 }
 
@@ -653,6 +653,9 @@ async fn heartbeat(
             msg = rx.recv() => match msg {
                 Some(Message::ReceiverHeartbeat(hb)) => {
                     last_heard = Instant::now();
+                    metrics
+                        .heartbeat_received
+                        .set(skyferry_common::unix_time::now_ns() as f64 / 1e9);
                     let full = hb.storage != StorageState::Ok;
                     let was = paused.swap(full, std::sync::atomic::Ordering::Relaxed);
                     if full && !was {

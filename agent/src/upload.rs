@@ -466,6 +466,9 @@ async fn send_chunks(
                             }
                             ctx.link.note_blocked(started.elapsed());
                             ctx.metrics.chunks_sent.inc();
+                            if job.attempts > 0 {
+                                ctx.metrics.chunks_resent.inc();
+                            }
                             ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
                             let tally = ctx.tally.clone();
                             tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));

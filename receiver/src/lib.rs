@@ -58,17 +58,23 @@ pub async fn run(
     let bound = skyferry_common::tls::server_endpoint(config.listen, server_config, &config.key)?;
     bound.buffers.log();
     let endpoint = bound.endpoint;
+    // Bound before `ready`: a taken metrics port is a failure at start, not later.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(skyferry_common::metrics_http::bind(addr).await?),
+        None => None,
+    };
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
     let mut shared = shared::Shared::new(config, storage);
     if shared.config.catalog.enabled {
-        let (c, root, metrics) = (
+        let (c, root, metrics, ops) = (
             shared.config.catalog.clone(),
             shared.config.storage_root.clone(),
             shared.metrics.catalog.clone(),
+            shared.storage.ops().clone(),
         );
         let catalog =
-            tokio::task::spawn_blocking(move || catalog::Catalog::open(&c, &root, metrics))
+            tokio::task::spawn_blocking(move || catalog::Catalog::open(&c, &root, metrics, ops))
                 .await?
                 .context("opening the catalog")?;
         shared = shared.with_catalog(Arc::new(catalog));
@@ -76,6 +82,16 @@ pub async fn run(
     let shared = Arc::new(shared);
     let background = TaskTracker::new();
     background.spawn(sweep_partials(shared.clone(), shutdown.clone()));
+    background.spawn(sample_storage(shared.clone(), shutdown.clone()));
+    if let Some(listener) = metrics_listener {
+        let mut registry = prometheus_client::registry::Registry::default();
+        shared.metrics.register(&mut registry);
+        background.spawn(skyferry_common::metrics_http::serve(
+            listener,
+            Arc::new(registry),
+            shutdown.clone(),
+        ));
+    }
     let notifier = skyferry_common::daemon::systemd::Notifier::from_env();
     service::spawn(&background, &notifier, shared.clone(), shutdown.clone());
     ready(addr);
@@ -91,6 +107,48 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || catalog.close()).await;
     }
     Ok(())
+}
+
+/// How often the storage gauges are sampled.
+const STORAGE_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+/// How long one sample waits for `statvfs`.
+const STATVFS_WAIT: Duration = Duration::from_millis(200);
+
+/// Copies the oldest storage operation in progress and the free space into the metrics,
+/// every [`STORAGE_SAMPLE_PERIOD`]. `statvfs` can block on a stalled filesystem: it runs
+/// on the blocking pool, and a sample still running when the next is due is not doubled
+/// (the in-progress gauges, read from memory, are updated regardless).
+async fn sample_storage(shared: Arc<shared::Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(STORAGE_SAMPLE_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut statvfs: Option<tokio::task::JoinHandle<Option<u64>>> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = &shared.metrics.storage;
+        let ops = shared.storage.ops();
+        m.oldest_operation_start.set(
+            ops.oldest()
+                .and_then(|(_, at)| at.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        m.operations_in_progress
+            .set(i64::try_from(ops.in_progress()).unwrap_or(i64::MAX));
+        let h = statvfs.get_or_insert_with(|| {
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || s.storage.free_bytes())
+        });
+        // Waits a little for it (a healthy statvfs takes microseconds); one that blocks is
+        // looked at again at the next tick, without starting another.
+        if let Ok(joined) = tokio::time::timeout(STATVFS_WAIT, h).await {
+            statvfs = None;
+            if let Ok(Some(free)) = joined {
+                m.free_bytes.set(i64::try_from(free).unwrap_or(i64::MAX));
+            }
+        }
+    }
 }
 
 /// How often abandoned partials are looked for: a quarter of their maximum age, between

@@ -5,7 +5,70 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::storage::ops::OpKind;
+
+/// Upper bounds of the storage latency buckets, in seconds: 1 ms to 60 s (a write that
+/// takes longer is a stall, and shows in the oldest-operation gauge before it ends).
+pub const STORAGE_LATENCY_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// [`OpKind::as_str`]: write, fsync, rename, catalog_commit.
+    pub operation: &'static str,
+}
+
+fn storage_histogram() -> Histogram {
+    Histogram::new(STORAGE_LATENCY_BUCKETS)
+}
+
+/// `skyferry_receiver_storage_operation_duration_seconds{operation}`: how long storage
+/// operations took, filled by [`crate::storage::ops::Ops`]. Every operation's series exists
+/// from the start.
+#[derive(Clone)]
+pub struct StorageLatency(Family<OperationLabels, Histogram, fn() -> Histogram>);
+
+impl Default for StorageLatency {
+    fn default() -> Self {
+        let f = Family::new_with_constructor(storage_histogram as fn() -> Histogram);
+        for kind in OpKind::ALL {
+            drop(f.get_or_create(&OperationLabels {
+                operation: kind.as_str(),
+            }));
+        }
+        StorageLatency(f)
+    }
+}
+
+impl StorageLatency {
+    pub fn observe(&self, kind: OpKind, seconds: f64) {
+        self.0
+            .get_or_create(&OperationLabels {
+                operation: kind.as_str(),
+            })
+            .observe(seconds);
+    }
+
+    /// How many operations of `kind` ended (read back from the encoded text: the
+    /// histogram's own getter is private to prometheus-client).
+    #[cfg(test)]
+    pub fn count(&self, kind: OpKind) -> u64 {
+        let mut r = Registry::default();
+        r.register("op", "", self.0.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        let key = format!("op_count{{operation=\"{}\"}} ", kind.as_str());
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
@@ -66,7 +129,32 @@ pub struct Metrics {
     pub streams_refused: Family<RefusalLabels, Counter>,
     pub connections_refused: Family<RefusalLabels, Counter>,
     pub connections_superseded: Family<AgentLabels, Counter>,
+    /// When each agent's last heartbeat arrived (seconds since the epoch).
+    pub agent_heartbeat_received: Family<AgentLabels, Gauge<f64, AtomicU64>>,
+    /// Sampled every second from [`crate::storage::ops::Ops`] and `statvfs`.
+    pub storage: StorageMetrics,
 }
+
+/// The storage's operations and space, sampled (see `lib.rs`, `sample_storage`); the
+/// latency histogram is filled by the operations themselves.
+#[derive(Default)]
+pub struct StorageMetrics {
+    pub latency: StorageLatency,
+    /// Start of the oldest storage operation still in progress, 0 when none.
+    pub oldest_operation_start: Gauge<f64, AtomicU64>,
+    pub operations_in_progress: Gauge,
+    pub free_bytes: Gauge,
+}
+
+/// The `reason` values of `streams_refused` and `connections_refused`.
+pub const STREAM_REFUSALS: [&str; 5] = [
+    "agent_files",
+    "agent_bytes",
+    "receiver_busy",
+    "offer_timeout",
+    "idle_timeout",
+];
+pub const CONNECTION_REFUSALS: [&str; 2] = ["max_connections", "agent_connections"];
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
@@ -155,6 +243,40 @@ impl Metrics {
              agent crash; a steady rise means two agents run with one id)",
             self.connections_superseded.clone(),
         );
+        r.register(
+            "agent_heartbeat_last_received_timestamp_seconds",
+            "When the last heartbeat of each connected agent arrived (seconds since the epoch; \
+             time() minus this is its age)",
+            self.agent_heartbeat_received.clone(),
+        );
+        let st = &self.storage;
+        r.register(
+            "storage_operation_duration_seconds",
+            "Duration of storage operations that ended, by operation (write, fsync, rename, \
+             catalog_commit)",
+            st.latency.0.clone(),
+        );
+        r.register(
+            "storage_oldest_operation_start_timestamp_seconds",
+            "Start (seconds since the epoch) of the oldest storage operation still in \
+             progress; 0 when none runs. time() minus this is how long the storage has been stuck",
+            st.oldest_operation_start.clone(),
+        );
+        r.register(
+            "storage_operations_in_progress",
+            "Storage operations (write, fsync, rename, catalog commit) in progress",
+            st.operations_in_progress.clone(),
+        );
+        r.register(
+            "storage_free_bytes",
+            "Free space of the storage filesystem available to the receiver (statvfs)",
+            st.free_bytes.clone(),
+        );
+        r.register(
+            "build_info",
+            "Always 1, labelled with the version of the receiver binary",
+            skyferry_common::metrics_http::build_info(env!("CARGO_PKG_VERSION")),
+        );
         let c = &self.catalog;
         r.register(
             "catalog_rows",
@@ -183,6 +305,49 @@ impl Metrics {
             "Night file writes that failed (retried at the next flush)",
             c.export_errors.clone(),
         );
+    }
+
+    /// Creates every series whose labels are known in advance, so that each is exported
+    /// (as 0) from the start: a rate over a series that appears only at its first event
+    /// misses that event.
+    pub fn precreate(&self) {
+        for n in 1..=11 {
+            self.rejected_zero(skyferry_common::protocol::ErrorCode::from_u16(n));
+        }
+        for reason in STREAM_REFUSALS {
+            drop(
+                self.streams_refused
+                    .get_or_create(&RefusalLabels { reason }),
+            );
+        }
+        for reason in CONNECTION_REFUSALS {
+            drop(
+                self.connections_refused
+                    .get_or_create(&RefusalLabels { reason }),
+            );
+        }
+        for format in ["not_fits", "fits_truncated", "fits_broken"] {
+            drop(
+                self.catalog
+                    .unreadable
+                    .get_or_create(&FormatLabels { format }),
+            );
+        }
+    }
+
+    fn rejected_zero(&self, code: skyferry_common::protocol::ErrorCode) {
+        drop(self.files_rejected.get_or_create(&RejectLabels {
+            reason: code.as_str(),
+        }));
+    }
+
+    /// An agent's heartbeat arrived now.
+    pub fn agent_heartbeat(&self, agent: &str) {
+        self.agent_heartbeat_received
+            .get_or_create(&AgentLabels {
+                agent: agent.to_owned(),
+            })
+            .set(skyferry_common::unix_time::now_ns() as f64 / 1e9);
     }
 
     pub fn stream_refused(&self, reason: &'static str) {

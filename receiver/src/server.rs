@@ -394,6 +394,7 @@ async fn control_loop(
             msg = reader.read() => match msg {
                 Ok(Some(Message::AgentHeartbeat(hb))) => {
                     last_heard = tokio::time::Instant::now();
+                    shared.metrics.agent_heartbeat(&agent);
                     tracing::debug!(agent = %agent, pending_files = hb.pending_files, pending_bytes = hb.pending_bytes, "agent heartbeat");
                 }
                 Ok(Some(other)) => {

@@ -172,12 +172,16 @@ impl Drop for BusyGuard<'_> {
 
 impl Shared {
     pub fn new(config: ReceiverConfig, storage: Storage) -> Shared {
+        let mut metrics = Metrics::default();
+        // The storage times its operations into the exported histogram.
+        metrics.storage.latency = storage.ops().latency().clone();
+        metrics.precreate();
         Shared {
             file_slots: Arc::new(Semaphore::new(config.max_concurrent_files)),
             config,
             storage: Arc::new(storage),
             health: StorageHealth::default(),
-            metrics: Metrics::default(),
+            metrics,
             catalog: None,
             stripes: crate::stripe::Stripes::default(),
             busy: Mutex::new(HashSet::new()),

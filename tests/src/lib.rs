@@ -8,7 +8,8 @@
 //! - [`relay`] is a UDP relay that drops, delays, duplicates and black-holes datagrams;
 //! - [`sockets`] reads the kernel's drop counts of the pair's UDP sockets;
 //! - [`faults`] holds what fault tests share: a seeded RNG, contents, a small tmpfs;
-//! - [`hostile`] is a hostile agent (a QUIC client of its own) for attack tests.
+//! - [`hostile`] is a hostile agent (a QUIC client of its own) for attack tests;
+//! - [`prom`] reads metrics endpoints and Prometheus, and the shipped dashboards and rules.
 //!
 //! The `skyferry-demo` and `skyferry-bench` binaries are built on these modules.
 
@@ -18,6 +19,7 @@ pub mod faults;
 pub mod fits;
 pub mod hostile;
 pub mod pair;
+pub mod prom;
 pub mod redis;
 pub mod relay;
 pub mod sockets;

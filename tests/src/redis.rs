@@ -269,13 +269,8 @@ pub fn free_tcp_port() -> Result<u16> {
 /// `skyferry_agent_source_messages_total{source="redis_pubsub",outcome="malformed"}`);
 /// 0 when absent.
 pub fn metric(addr: &str, series: &str) -> Result<f64> {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr)
-        .with_context(|| format!("cannot connect to the metrics endpoint {addr}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text)?;
+    let text = crate::prom::http_get(addr, "/metrics")
+        .with_context(|| format!("cannot read the metrics endpoint {addr}"))?;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix(series) {
             if let Some(v) = rest.strip_prefix(' ') {

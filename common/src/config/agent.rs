@@ -364,17 +364,7 @@ impl AgentConfig {
         });
         s.finish(p);
 
-        let mut s = Section::of(root, "metrics", p);
-        let metrics_listen = s.string("listen", p).and_then(|l| match l.parse() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                p.push(format!(
-                    "metrics.listen: {l:?} is not an ip:port address, e.g. \"127.0.0.1:9101\""
-                ));
-                None
-            }
-        });
-        s.finish(p);
+        let metrics_listen = super::read_metrics_listen(root, "127.0.0.1:9101", p);
 
         let mut s = Section::of(root, "receiver", p);
         let address = s.required_string("address", p);

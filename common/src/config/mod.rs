@@ -91,3 +91,24 @@ pub fn validate_agent_id(id: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// `[metrics] listen` (both daemons): where to serve `GET /metrics`, if anywhere.
+/// `example` is the address the error message suggests.
+pub(crate) fn read_metrics_listen(
+    root: &toml::Table,
+    example: &str,
+    p: &mut reader::Problems,
+) -> Option<std::net::SocketAddr> {
+    let mut s = reader::Section::of(root, "metrics", p);
+    let listen = s.string("listen", p).and_then(|l| match l.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            p.push(format!(
+                "metrics.listen: {l:?} is not an ip:port address, e.g. \"{example}\""
+            ));
+            None
+        }
+    });
+    s.finish(p);
+    listen
+}

@@ -31,6 +31,8 @@ pub struct ReceiverConfig {
     pub peer_limits: PeerLimits,
     /// `[catalog]`: FITS headers into rows and Arrow files (docs/catalog.md).
     pub catalog: super::CatalogConfig,
+    /// `[metrics] listen`: where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Per-agent and total limits on connections, streams, file slots, buffered bytes and
@@ -187,7 +189,7 @@ impl ReceiverConfig {
         depth: Depth<'_>,
     ) -> Result<ReceiverConfig, Problems> {
         let p = &mut Problems::new();
-        unknown_tables(root, &["receiver", "limits", "catalog"], p);
+        unknown_tables(root, &["receiver", "limits", "catalog", "metrics"], p);
 
         let mut s = Section::of(root, "receiver", p);
         let id = s
@@ -241,6 +243,7 @@ impl ReceiverConfig {
         }
         s.finish(p);
         let catalog = super::CatalogConfig::read(root, base, storage_root.as_deref(), p);
+        let metrics_listen = super::read_metrics_listen(root, "127.0.0.1:9102", p);
 
         match (listen, storage_root, ca, cert, key) {
             (Some(listen), Some(storage_root), Some(ca), Some(cert), Some(key)) if p.is_empty() => {
@@ -259,6 +262,7 @@ impl ReceiverConfig {
                     shutdown_grace,
                     peer_limits,
                     catalog,
+                    metrics_listen,
                 })
             }
             _ => Err(std::mem::take(p)),
@@ -318,6 +322,18 @@ mod tests {
             problems
                 .join("\n")
                 .contains("receiver.direct_io must be true or false, found string"),
+            "{problems:?}"
+        );
+        assert_eq!(c.metrics_listen, None, "no metrics endpoint unless asked");
+        let m = format!("{base}\n[metrics]\nlisten = \"127.0.0.1:9102\"\n");
+        let c = ReceiverConfig::from_table(&m.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9102".parse().unwrap()));
+        let m = format!("{base}\n[metrics]\nlisten = \"localhost\"\n");
+        let problems = ReceiverConfig::from_table(&m.parse().unwrap(), dir.path()).unwrap_err();
+        assert!(
+            problems
+                .join("\n")
+                .contains("metrics.listen: \"localhost\" is not an ip:port"),
             "{problems:?}"
         );
         let two_days = format!("{base}\n[limits]\npartial_max_age = \"2d\"\n");

@@ -37,6 +37,7 @@ use skyferry_common::protocol::{ErrorCode, Reject};
 use skyferry_common::session::reject;
 
 use crate::metrics::{CatalogMetrics, FormatLabels};
+use crate::storage::ops::{OpKind, Ops};
 use row::Row;
 use staging::{Inserted, Staging};
 
@@ -93,6 +94,8 @@ pub struct Catalog {
     /// not written: the moment the kill -9 test needs). Unset in production.
     kill_before_row: Option<u64>,
     rows_started: std::sync::atomic::AtomicU64,
+    /// Row commits are storage operations (timed, and watched for stalls).
+    ops: Arc<Ops>,
 }
 
 impl Catalog {
@@ -102,6 +105,7 @@ impl Catalog {
         config: &CatalogConfig,
         storage_root: &Path,
         metrics: CatalogMetrics,
+        ops: Arc<Ops>,
     ) -> Result<Catalog, CatalogError> {
         std::fs::create_dir_all(&config.dir).map_err(|source| CatalogError::Io {
             doing: "creating",
@@ -117,6 +121,7 @@ impl Catalog {
             storage_root: storage_root.to_owned(),
             staging: Mutex::new(staging),
             metrics,
+            ops,
             exporter,
             kill_before_row: std::env::var("SKYFERRY_CATALOG_KILL_BEFORE_ROW")
                 .ok()
@@ -160,7 +165,10 @@ impl Catalog {
                 kill_self();
             }
         }
-        let inserted = self.staging().insert(row, now_us());
+        let inserted = {
+            let _op = self.ops.begin(OpKind::CatalogCommit);
+            self.staging().insert(row, now_us())
+        };
         match inserted {
             Ok(Inserted::New { .. }) => {
                 self.metrics.rows.inc();

@@ -19,12 +19,13 @@
 //! machine crash that loses written bytes is caught by the whole-file check, which then
 //! re-checks each chunk and asks the agent again for the bad ones.
 
+pub mod ops;
 mod partial;
 mod tree;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use skyferry_common::chunk::hash_reader;
@@ -119,6 +120,8 @@ pub struct Storage {
     /// Write received chunks with `O_DIRECT` where the filesystem allows it
     /// (`receiver.direct_io`; see [`Partial::write_chunk`]).
     direct_io: bool,
+    /// Writes, fsyncs and renames in progress, and their latencies.
+    ops: Arc<ops::Ops>,
 }
 
 impl Storage {
@@ -135,6 +138,7 @@ impl Storage {
             limits: PathLimits::of(root),
             inventory: Mutex::new(inventory),
             direct_io: true,
+            ops: Arc::default(),
         })
     }
 
@@ -142,6 +146,11 @@ impl Storage {
     pub fn with_direct_io(mut self, on: bool) -> Storage {
         self.direct_io = on;
         self
+    }
+
+    /// The storage operations in progress (shared with the catalog and the watchdog).
+    pub fn ops(&self) -> &Arc<ops::Ops> {
+        &self.ops
     }
 
     pub fn root(&self) -> &Path {
@@ -261,7 +270,7 @@ impl Storage {
             fs::create_dir_all(dir)
                 .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
         }
-        Partial::open(part, log, rel, offer, self.direct_io)
+        Partial::open(part, log, rel, offer, self.direct_io, self.ops.clone())
     }
 
     /// Deletes the partial of `rel`, if any (it belongs to another version).
@@ -308,10 +317,13 @@ impl Storage {
             "setting the mtime of {}",
             partial.part_path.display()
         )))?;
-        partial
-            .file
-            .sync_all()
-            .map_err(io(format!("fsync {}", partial.part_path.display())))?;
+        {
+            let _op = self.ops.begin(ops::OpKind::Fsync);
+            partial
+                .file
+                .sync_all()
+                .map_err(io(format!("fsync {}", partial.part_path.display())))?;
+        }
         // Every chunk was verified against its value when it arrived (and re-checked on
         // disk if the partial was resumed): the whole-file hash follows from the values,
         // and must be what the agent derived from its source.
@@ -341,9 +353,12 @@ impl Storage {
         if let Some(old_hash) = old {
             self.move_old_version(agent, &rel, &target, &old_hash)?;
         }
-        fs::rename(&partial.part_path, &target)
-            .map_err(io(format!("renaming into {:?}", target.display())))?;
-        if let Err(e) = fsync_dir(&parent) {
+        {
+            let _op = self.ops.begin(ops::OpKind::Rename);
+            fs::rename(&partial.part_path, &target)
+                .map_err(io(format!("renaming into {:?}", target.display())))?;
+        }
+        if let Err(e) = fsync_dir(&parent, &self.ops) {
             // The rename may not survive a crash: take the file back out (the retry sends
             // it again) rather than acknowledge it.
             let _ = fs::remove_file(&target);
@@ -406,7 +421,7 @@ impl Storage {
                     )))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => match fs::create_dir(&next) {
-                    Ok(()) => fsync_dir(&dir)?,
+                    Ok(()) => fsync_dir(&dir, &self.ops)?,
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                     Err(e) => {
                         return Err(StorageError::io(
@@ -450,11 +465,14 @@ impl Storage {
             fs::create_dir_all(dir)
                 .map_err(|e| StorageError::io(format!("creating {:?}", dir.display()), e))?;
         }
-        fs::rename(target, &keep).map_err(|e| {
-            StorageError::io(format!("keeping old version at {:?}", keep.display()), e)
-        })?;
+        {
+            let _op = self.ops.begin(ops::OpKind::Rename);
+            fs::rename(target, &keep).map_err(|e| {
+                StorageError::io(format!("keeping old version at {:?}", keep.display()), e)
+            })?;
+        }
         if let Some(dir) = keep.parent() {
-            fsync_dir(dir)?;
+            fsync_dir(dir, &self.ops)?;
         }
         tracing::info!(agent = ?agent, path = ?rel.as_str(), kept = ?keep.display(), "new version replaces a stored file; old version kept");
         Ok(())
@@ -495,7 +513,8 @@ fn remove_if_exists(path: &Path) -> Result<(), StorageError> {
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
+fn fsync_dir(dir: &Path, ops: &ops::Ops) -> Result<(), StorageError> {
+    let _op = ops.begin(ops::OpKind::Fsync);
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StorageError::io(format!("fsync directory {}", dir.display()), e))

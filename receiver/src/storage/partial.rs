@@ -25,6 +25,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use skyferry_common::buf::DIRECT_IO_ALIGN;
@@ -33,6 +34,7 @@ use skyferry_common::protocol::{ChunkRange, Hash, Offer};
 use skyferry_common::relpath::RelPath;
 use skyferry_common::session::PartialState;
 
+use super::ops::{OpKind, Ops};
 use super::{remove_if_exists, StorageError, Sweep};
 
 /// Version byte of the partial log format. Version 1 (append-only records of plain chunk
@@ -59,6 +61,7 @@ pub struct Partial {
     pub(super) log_path: PathBuf,
     pub(super) rel: RelPath,
     pub(super) state: PartialState,
+    ops: Arc<Ops>,
 }
 
 impl Partial {
@@ -71,6 +74,7 @@ impl Partial {
         rel: &RelPath,
         offer: &Offer,
         direct_io: bool,
+        ops: Arc<Ops>,
     ) -> Result<Partial, StorageError> {
         let existing = read_log(&log).ok().filter(|s| s.matches(offer));
         let (state, fresh) = match existing {
@@ -116,6 +120,7 @@ impl Partial {
                 log_path: log,
                 rel: rel.clone(),
                 state,
+                ops,
             }),
             Err(e) => {
                 if fresh {
@@ -141,6 +146,8 @@ impl Partial {
         data: &[u8],
         value: &Hash,
     ) -> Result<(), StorageError> {
+        let ops = self.ops.clone();
+        let _op = ops.begin(OpKind::Write);
         self.write_data(data, offset)
             .map_err(|e| StorageError::io(format!("writing {}", self.part_path.display()), e))?;
         self.log
@@ -462,6 +469,8 @@ pub(super) fn read_checked(
         log_path: log.to_owned(),
         rel: rel.clone(),
         state,
+        // Only re-reads chunks: nothing to time.
+        ops: Arc::default(),
     };
     let bad = partial.recheck_chunks()?;
     if bad.present() > 0 {
