@@ -638,6 +638,7 @@ async fn heartbeat(
                         last_tick = Instant::now();
                         rate
                     },
+                    node_load: Some(metrics.health.node_summary()),
                 };
                 if writer.send(&Message::AgentHeartbeat(hb)).await.is_err() {
                     break;
@@ -646,6 +647,7 @@ async fn heartbeat(
             msg = rx.recv() => match msg {
                 Some(Message::ReceiverHeartbeat(hb)) => {
                     last_heard = Instant::now();
+                    metrics.health.receiver_state(hb.storage, hb.node.map_or(0, |n| n.stalled_since_s));
                     let full = hb.storage != StorageState::Ok;
                     let was = paused.swap(full, std::sync::atomic::Ordering::Relaxed);
                     if full && !was {

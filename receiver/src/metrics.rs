@@ -6,6 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use skyferry_common::protocol::StorageState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
@@ -62,6 +63,65 @@ pub struct Metrics {
     pub streams_refused: Family<RefusalLabels, Counter>,
     pub connections_refused: Family<RefusalLabels, Counter>,
     pub connections_superseded: Family<AgentLabels, Counter>,
+    pub health: HealthMetrics,
+}
+
+// ---- Storage health and node load (stall watchdog, health/) ----
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `ok`, `stalled` or `full`.
+    pub state: &'static str,
+}
+
+/// `skyferry_receiver_storage_state{state}` (one of them 1), the current stall's start,
+/// and the node-load set (`skyferry_receiver_node_*`).
+#[derive(Default)]
+pub struct HealthMetrics {
+    pub storage_state: Family<StateLabels, Gauge>,
+    pub stalled_since: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub node: skyferry_common::node_load::metrics::NodeLoadMetrics,
+}
+
+impl HealthMetrics {
+    fn register(&self, r: &mut Registry) {
+        self.state(StorageState::Ok);
+        r.register(
+            "storage_state",
+            "Storage state reported to agents: 1 for the current one of ok, stalled, full",
+            self.storage_state.clone(),
+        );
+        r.register(
+            "storage_stalled_since_timestamp_seconds",
+            "When the operation behind the current storage stall began; 0 when not stalled",
+            self.stalled_since.clone(),
+        );
+        self.node.register(r);
+    }
+
+    /// Sets the storage state gauges (one series per state, known in advance).
+    pub fn state(&self, state: StorageState) {
+        for (s, label) in [
+            (StorageState::Ok, "ok"),
+            (StorageState::Stalled, "stalled"),
+            (StorageState::Full, "full"),
+        ] {
+            self.storage_state
+                .get_or_create(&StateLabels { state: label })
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// A stall began (`Some(since)`) or ended (`None`).
+    pub fn stalled(&self, since: Option<std::time::SystemTime>) {
+        let secs = since
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.stalled_since.set(secs);
+        if since.is_some() {
+            self.state(StorageState::Stalled);
+        }
+    }
 }
 
 impl Metrics {
@@ -169,6 +229,7 @@ impl Metrics {
             "Night file writes that failed (retried at the next flush)",
             c.export_errors.clone(),
         );
+        self.health.register(r);
     }
 
     pub fn stream_refused(&self, reason: &'static str) {

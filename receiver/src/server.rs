@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use skyferry_common::config::validate_agent_id;
 use skyferry_common::protocol::{
-    ErrorCode, Lane, Message, ReceiverHeartbeat, Refuse, StorageState, Welcome, MAX_CONTROL_FRAME,
-    MAX_LANES, PROTOCOL_VERSION,
+    ErrorCode, Lane, Message, ReceiverHeartbeat, ReceiverNode, Refuse, StorageState, Welcome,
+    MAX_CONTROL_FRAME, MAX_LANES, PROTOCOL_VERSION,
 };
 use skyferry_common::tls;
 use skyferry_common::wire::{FrameReader, FrameWriter};
@@ -380,10 +380,16 @@ async fn control_loop(
                 seq += 1;
                 // statvfs can block on stalled storage: keep it off the runtime.
                 let s = shared.clone();
-                let (storage, free_bytes) = tokio::task::spawn_blocking(move || storage_state(&s))
+                let (storage, free_bytes) = tokio::task::spawn_blocking(move || s.storage_state())
                     .await
                     .unwrap_or((StorageState::Ok, 0));
-                let hb = Message::ReceiverHeartbeat(ReceiverHeartbeat { seq, storage, free_bytes });
+                let node = ReceiverNode {
+                    load: shared.node_load(),
+                    stalled_since_s: shared.stall.current().map_or(0, |s| {
+                        s.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                    }),
+                };
+                let hb = Message::ReceiverHeartbeat(ReceiverHeartbeat { seq, storage, free_bytes, node: Some(node) });
                 if let Err(e) = writer.send(&hb).await {
                     // An agent that does not read its control stream is as good as gone.
                     warn!(agent = %agent, error = %e, "cannot send a heartbeat to the agent; closing the connection");
@@ -409,11 +415,4 @@ async fn control_loop(
             }
         }
     }
-}
-
-/// Free space of the storage filesystem and the state it means (see [`crate::health`]).
-fn storage_state(shared: &Shared) -> (StorageState, u64) {
-    let free = shared.storage.free_bytes();
-    let state = shared.health.state(free, std::time::Instant::now());
-    (state, free.unwrap_or(0))
 }

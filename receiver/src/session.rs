@@ -451,6 +451,10 @@ async fn drive(
             // Acknowledged only once its catalog row is durable.
             let catalogued = match &shared.catalog {
                 Some(c) => {
+                    let _op = shared
+                        .storage
+                        .ops()
+                        .begin(crate::storage::OpKind::CatalogCommit);
                     c.ensure_stored(
                         agent,
                         path.as_str(),

@@ -56,20 +56,45 @@ pub struct NodeLoadMetrics {
     disk_io_now: Gauge,
     disk_write_time: Counter<f64, AtomicU64>,
     disk_writes_completed: Counter,
+    /// What to register: set from the first sample ([`NodeLoadMetrics::set_available`]).
+    available: std::sync::Arc<std::sync::Mutex<Availability>>,
 }
 
 impl NodeLoadMetrics {
-    /// Registers under `r`'s prefix what `available` says this node has.
-    pub fn register(&self, r: &mut Registry, available: Availability) {
+    /// What this node offers; call before [`NodeLoadMetrics::register`].
+    pub fn set_available(&self, a: Availability) {
+        *self
+            .available
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = a;
+    }
+
+    /// Registers under `r`'s prefix what [`NodeLoadMetrics::set_available`] said this
+    /// node has.
+    pub fn register(&self, r: &mut Registry) {
+        let available = *self
+            .available
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         r.register(
             "node_cpu_steal_seconds",
             "CPU time the hypervisor gave to others while this VM was runnable (/proc/stat steal)",
             self.cpu_steal.clone(),
         );
         for (name, on, full, m) in [
-            ("cpu", available.pressure_cpu, available.pressure_cpu_full, &self.cpu),
+            (
+                "cpu",
+                available.pressure_cpu,
+                available.pressure_cpu_full,
+                &self.cpu,
+            ),
             ("io", available.pressure_io, available.pressure_io, &self.io),
-            ("memory", available.pressure_memory, available.pressure_memory, &self.memory),
+            (
+                "memory",
+                available.pressure_memory,
+                available.pressure_memory,
+                &self.memory,
+            ),
         ] {
             if on {
                 r.register(
@@ -157,28 +182,58 @@ mod tests {
     fn counters_follow_kernel_totals_and_absent_parts_are_not_exported() {
         let m = NodeLoadMetrics::default();
         let mut s = Sample {
-            cpu: Some(crate::node_load::CpuTicks { steal: 250, total: 1000 }),
-            pressure_io: Some(Psi {
-                some: PsiLine { total_us: 3_000_000, ..Default::default() },
-                full: Some(PsiLine { total_us: 1_000_000, ..Default::default() }),
+            cpu: Some(crate::node_load::CpuTicks {
+                steal: 250,
+                total: 1000,
             }),
-            load: Some(LoadAvg { load1: 0.5, load5: 0.25, load15: 0.125 }),
+            pressure_io: Some(Psi {
+                some: PsiLine {
+                    total_us: 3_000_000,
+                    ..Default::default()
+                },
+                full: Some(PsiLine {
+                    total_us: 1_000_000,
+                    ..Default::default()
+                }),
+            }),
+            load: Some(LoadAvg {
+                load1: 0.5,
+                load5: 0.25,
+                load15: 0.125,
+            }),
             ..Default::default()
         };
         m.observe(&s);
         m.observe(&s);
         let mut reg = Registry::default();
-        m.register(reg.sub_registry_with_prefix("skyferry_agent"), Availability::of(&s));
+        m.set_available(Availability::of(&s));
+        m.register(reg.sub_registry_with_prefix("skyferry_agent"));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
-        assert!(text.contains("skyferry_agent_node_cpu_steal_seconds_total 2.5\n"), "{text}");
-        assert!(text.contains("skyferry_agent_node_pressure_io_waiting_seconds_total 3.0\n"), "{text}");
-        assert!(text.contains("skyferry_agent_node_pressure_io_stalled_seconds_total 1.0\n"), "{text}");
+        assert!(
+            text.contains("skyferry_agent_node_cpu_steal_seconds_total 2.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skyferry_agent_node_pressure_io_waiting_seconds_total 3.0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skyferry_agent_node_pressure_io_stalled_seconds_total 1.0\n"),
+            "{text}"
+        );
         assert!(text.contains("skyferry_agent_node_load1 0.5\n"), "{text}");
-        assert!(!text.contains("pressure_cpu"), "no PSI cpu file, no series: {text}");
+        assert!(
+            !text.contains("pressure_cpu"),
+            "no PSI cpu file, no series: {text}"
+        );
         assert!(!text.contains("node_disk"), "no device, no series: {text}");
         s.pressure_io = None;
         m.observe(&s);
-        assert_eq!(m.io.waiting.get(), 3.0, "a missing reading leaves the counter");
+        assert_eq!(
+            m.io.waiting.get(),
+            3.0,
+            "a missing reading leaves the counter"
+        );
     }
 }

@@ -135,7 +135,10 @@ pub fn parse_loadavg(text: &str) -> Result<LoadAvg, NodeLoadError> {
     const FILE: &str = "/proc/loadavg";
     let mut w = text.split_whitespace();
     let mut next = |field| {
-        let v = w.next().ok_or(NodeLoadError::Missing { file: FILE, what: field })?;
+        let v = w.next().ok_or(NodeLoadError::Missing {
+            file: FILE,
+            what: field,
+        })?;
         float(FILE, field, v)
     };
     Ok(LoadAvg {
@@ -236,8 +239,14 @@ mod tests {
 
     #[test]
     fn steal_ratio_between_samples() {
-        let a = CpuTicks { steal: 100, total: 1000 };
-        let b = CpuTicks { steal: 125, total: 1100 };
+        let a = CpuTicks {
+            steal: 100,
+            total: 1000,
+        };
+        let b = CpuTicks {
+            steal: 125,
+            total: 1100,
+        };
         assert_eq!(b.steal_ratio_since(&a), Some(0.25));
         assert_eq!(a.steal_ratio_since(&a), None, "no time passed");
         assert_eq!(a.steal_ratio_since(&b), None, "counters went backwards");
@@ -282,16 +291,27 @@ mod tests {
         let disk = parse_diskstats(text, 8, 0).unwrap().unwrap();
         assert_eq!(
             disk,
-            DiskStats { writes_completed: 200, write_time_ms: 300, io_in_flight: 2 }
+            DiskStats {
+                writes_completed: 200,
+                write_time_ms: 300,
+                io_in_flight: 2
+            }
         );
         let part = parse_diskstats(text, 8, 1).unwrap().unwrap();
         assert_eq!(
             part,
-            DiskStats { writes_completed: 150, write_time_ms: 250, io_in_flight: 1 }
+            DiskStats {
+                writes_completed: 150,
+                write_time_ms: 250,
+                io_in_flight: 1
+            }
         );
         // Old-style short loop line (11 fields) still has the ones we need.
         let l = parse_diskstats(text, 7, 3).unwrap().unwrap();
-        assert_eq!((l.writes_completed, l.write_time_ms, l.io_in_flight), (17, 9, 0));
+        assert_eq!(
+            (l.writes_completed, l.write_time_ms, l.io_in_flight),
+            (17, 9, 0)
+        );
         assert_eq!(parse_diskstats(text, 9, 9).unwrap(), None);
         assert!(parse_diskstats("8 0 sda 1 2 3\n", 8, 0).is_err());
     }

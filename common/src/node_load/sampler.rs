@@ -6,8 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::{
-    parse_diskstats, parse_loadavg, parse_pressure, parse_stat, CpuTicks, DiskStats, LoadAvg,
-    Psi,
+    parse_diskstats, parse_loadavg, parse_pressure, parse_stat, CpuTicks, DiskStats, LoadAvg, Psi,
 };
 use crate::protocol::NodeLoadSummary;
 
@@ -158,6 +157,59 @@ impl Sampler {
     }
 }
 
+/// The latest summary, for heartbeats and status (shared with the sampling task).
+pub type Latest = std::sync::Arc<std::sync::Mutex<Option<Sample>>>;
+
+/// Samples every `period` until `shutdown`: metrics follow, and `latest` holds the last
+/// sample. The first sample is taken here at once and decides which metrics exist.
+pub async fn run(
+    mut sampler: Sampler,
+    metrics: super::metrics::NodeLoadMetrics,
+    latest: Latest,
+    period: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Reading /proc does not block on storage, but it is file I/O: off the runtime.
+        let sampled = tokio::task::spawn_blocking(move || {
+            let s = sampler.sample();
+            (sampler, s)
+        })
+        .await;
+        let Ok((back, sample)) = sampled else {
+            return; // The runtime is shutting down.
+        };
+        sampler = back;
+        metrics.observe(&sample);
+        *latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sample);
+    }
+}
+
+/// A sampler for the live node, its first sample (which decides the metrics that
+/// exist: [`super::metrics::Availability`]) already taken and stored in `latest`.
+pub fn start(
+    storage: Option<&Path>,
+    metrics: &super::metrics::NodeLoadMetrics,
+    latest: &Latest,
+) -> Sampler {
+    let mut sampler = Sampler::live(storage);
+    let first = sampler.sample();
+    metrics.set_available(super::metrics::Availability::of(&first));
+    metrics.observe(&first);
+    *latest
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(first);
+    sampler
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,10 +251,16 @@ mod tests {
         for v in [load.load1, load.load5, load.load15] {
             assert!((0.0..10_000.0).contains(&v), "{load:?}");
         }
-        for p in [b.pressure_cpu, b.pressure_io, b.pressure_memory].into_iter().flatten() {
+        for p in [b.pressure_cpu, b.pressure_io, b.pressure_memory]
+            .into_iter()
+            .flatten()
+        {
             assert!((0.0..=100.0).contains(&p.some.avg10), "{p:?}");
             if let Some(f) = p.full {
-                assert!(f.total_us <= p.some.total_us, "full cannot exceed some: {p:?}");
+                assert!(
+                    f.total_us <= p.some.total_us,
+                    "full cannot exceed some: {p:?}"
+                );
             }
         }
         if let (Some(pa), Some(pb)) = (a.pressure_io, b.pressure_io) {

@@ -1212,7 +1212,11 @@ mod tests {
                 }
                 if n == full.len() - optional_len(&msg) {
                     // Without its optional trailing group, the same message all the same.
-                    assert!(result.is_ok(), "{} prefix of {n} bytes: {result:?}", msg.kind());
+                    assert!(
+                        result.is_ok(),
+                        "{} prefix of {n} bytes: {result:?}",
+                        msg.kind()
+                    );
                     continue;
                 }
                 if matches!(msg, Message::Chunk(_)) && n >= CHUNK_FIXED_LEN {
@@ -1252,8 +1256,7 @@ mod tests {
                 // Trailing bytes of a chunk are payload.
                 assert!(result.is_ok());
             } else if let Message::AgentHeartbeat(AgentHeartbeat {
-                node_load: None,
-                ..
+                node_load: None, ..
             })
             | Message::ReceiverHeartbeat(ReceiverHeartbeat { node: None, .. }) = msg
             {

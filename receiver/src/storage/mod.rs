@@ -19,6 +19,7 @@
 //! machine crash that loses written bytes is caught by the whole-file check, which then
 //! re-checks each chunk and asks the agent again for the bad ones.
 
+pub mod ops;
 mod partial;
 mod tree;
 
@@ -36,6 +37,7 @@ use skyferry_common::unix_time::mtime_ns;
 use crate::health::FULL_BELOW;
 use crate::inventory::{Inventory, StoredFile};
 
+pub use ops::{OpKind, Ops};
 pub use partial::Partial;
 use tree::Found;
 pub use tree::PathLimits;
@@ -119,6 +121,8 @@ pub struct Storage {
     /// Write received chunks with `O_DIRECT` where the filesystem allows it
     /// (`receiver.direct_io`; see [`Partial::write_chunk`]).
     direct_io: bool,
+    /// Operations in progress, for the stall watchdog.
+    ops: Ops,
 }
 
 impl Storage {
@@ -135,6 +139,7 @@ impl Storage {
             limits: PathLimits::of(root),
             inventory: Mutex::new(inventory),
             direct_io: true,
+            ops: Ops::default(),
         })
     }
 
@@ -146,6 +151,11 @@ impl Storage {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The tracker of storage operations in progress.
+    pub fn ops(&self) -> &Ops {
+        &self.ops
     }
 
     /// The name and path limits of this storage (docs/protocol.md §10).
@@ -261,7 +271,7 @@ impl Storage {
             fs::create_dir_all(dir)
                 .map_err(|e| StorageError::io(format!("creating {}", dir.display()), e))?;
         }
-        Partial::open(part, log, rel, offer, self.direct_io)
+        Partial::open(part, log, rel, offer, self.direct_io, self.ops.clone())
     }
 
     /// Deletes the partial of `rel`, if any (it belongs to another version).
@@ -308,10 +318,12 @@ impl Storage {
             "setting the mtime of {}",
             partial.part_path.display()
         )))?;
+        let op = self.ops.begin(OpKind::Fsync);
         partial
             .file
             .sync_all()
             .map_err(io(format!("fsync {}", partial.part_path.display())))?;
+        drop(op);
         // Every chunk was verified against its value when it arrived (and re-checked on
         // disk if the partial was resumed): the whole-file hash follows from the values,
         // and must be what the agent derived from its source.
@@ -341,9 +353,14 @@ impl Storage {
         if let Some(old_hash) = old {
             self.move_old_version(agent, &rel, &target, &old_hash)?;
         }
+        let op = self.ops.begin(OpKind::Rename);
         fs::rename(&partial.part_path, &target)
             .map_err(io(format!("renaming into {:?}", target.display())))?;
-        if let Err(e) = fsync_dir(&parent) {
+        drop(op);
+        let op = self.ops.begin(OpKind::Fsync);
+        let synced = fsync_dir(&parent);
+        drop(op);
+        if let Err(e) = synced {
             // The rename may not survive a crash: take the file back out (the retry sends
             // it again) rather than acknowledge it.
             let _ = fs::remove_file(&target);

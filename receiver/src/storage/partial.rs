@@ -59,6 +59,8 @@ pub struct Partial {
     pub(super) log_path: PathBuf,
     pub(super) rel: RelPath,
     pub(super) state: PartialState,
+    /// Where its writes are tracked while in progress.
+    ops: super::Ops,
 }
 
 impl Partial {
@@ -71,6 +73,7 @@ impl Partial {
         rel: &RelPath,
         offer: &Offer,
         direct_io: bool,
+        ops: super::Ops,
     ) -> Result<Partial, StorageError> {
         let existing = read_log(&log).ok().filter(|s| s.matches(offer));
         let (state, fresh) = match existing {
@@ -116,6 +119,7 @@ impl Partial {
                 log_path: log,
                 rel: rel.clone(),
                 state,
+                ops,
             }),
             Err(e) => {
                 if fresh {
@@ -141,6 +145,7 @@ impl Partial {
         data: &[u8],
         value: &Hash,
     ) -> Result<(), StorageError> {
+        let _op = self.ops.begin(super::OpKind::Write);
         self.write_data(data, offset)
             .map_err(|e| StorageError::io(format!("writing {}", self.part_path.display()), e))?;
         self.log
@@ -462,6 +467,8 @@ pub(super) fn read_checked(
         log_path: log.to_owned(),
         rel: rel.clone(),
         state,
+        // Only read here (a recheck): nothing to track.
+        ops: super::Ops::default(),
     };
     let bad = partial.recheck_chunks()?;
     if bad.present() > 0 {
