@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod metrics_endpoint;
 pub mod sender;
 pub mod sources;
+pub mod status;
 pub mod tally;
 pub mod upload;
 
@@ -144,6 +145,14 @@ pub async fn run(
         tasks.spawn(async move {
             skyferry_common::node_load::sampler::run(sampler, m, latest, NODE_LOAD_PERIOD, stop)
                 .await;
+            Ok(())
+        });
+    }
+    {
+        let path = status::state_path(&journal_path);
+        let (j, m, stop) = (journal.clone(), metrics.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            status::publish(j, m, path, stop).await;
             Ok(())
         });
     }

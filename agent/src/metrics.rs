@@ -210,6 +210,13 @@ pub struct HealthMetrics {
     pub node_latest: skyferry_common::node_load::sampler::Latest,
     pub receiver_storage_state: Family<StateLabels, Gauge>,
     pub receiver_stalled_since: Gauge,
+    /// The receiver's last heartbeat and when it came, for `status`.
+    pub last_receiver: std::sync::Mutex<
+        Option<(
+            skyferry_common::protocol::ReceiverHeartbeat,
+            std::time::SystemTime,
+        )>,
+    >,
 }
 
 impl HealthMetrics {

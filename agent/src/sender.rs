@@ -648,6 +648,8 @@ async fn heartbeat(
                 Some(Message::ReceiverHeartbeat(hb)) => {
                     last_heard = Instant::now();
                     metrics.health.receiver_state(hb.storage, hb.node.map_or(0, |n| n.stalled_since_s));
+                    *metrics.health.last_receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some((hb.clone(), std::time::SystemTime::now()));
                     let full = hb.storage != StorageState::Ok;
                     let was = paused.swap(full, std::sync::atomic::Ordering::Relaxed);
                     if full && !was {

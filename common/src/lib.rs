@@ -14,6 +14,7 @@ pub mod node_load;
 pub mod protocol;
 pub mod relpath;
 pub mod session;
+pub mod state_file;
 pub mod tls;
 pub mod udp;
 pub mod unix_time;

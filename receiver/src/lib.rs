@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod status;
 pub mod storage;
 
 use std::sync::Arc;
@@ -80,6 +81,7 @@ pub async fn run(
     background.spawn(sweep_partials(shared.clone(), shutdown.clone()));
     background.spawn(health::stall::watchdog(shared.clone(), shutdown.clone()));
     background.spawn(health::stall::probe(shared.clone(), shutdown.clone()));
+    background.spawn(status::publish(shared.clone(), shutdown.clone()));
     background.spawn(skyferry_common::node_load::sampler::run(
         sampler,
         shared.metrics.health.node.clone(),

@@ -134,6 +134,7 @@ async fn connection(
     );
     let streams = TaskTracker::new();
     let lost = CancellationToken::new();
+    shared.seen.connected(&agent);
     let control = tokio::spawn(
         control_loop(shared.clone(), agent.clone(), reader, writer, lost.clone()).in_current_span(),
     );
@@ -160,6 +161,7 @@ async fn connection(
         conn.close(CLOSE_HEARTBEAT_LOST.into(), b"heartbeat lost");
     }
     shared.connection_ended(&agent, generation);
+    shared.seen.disconnected(&agent);
     shared.metrics.connections.dec();
 }
 
@@ -400,6 +402,7 @@ async fn control_loop(
             msg = reader.read() => match msg {
                 Ok(Some(Message::AgentHeartbeat(hb))) => {
                     last_heard = tokio::time::Instant::now();
+                    shared.seen.heartbeat(&agent, &hb);
                     tracing::debug!(agent = %agent, pending_files = hb.pending_files, pending_bytes = hb.pending_bytes, "agent heartbeat");
                 }
                 Ok(Some(other)) => {

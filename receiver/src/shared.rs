@@ -39,6 +39,10 @@ pub struct Shared {
     /// Free bytes at the last `statvfs`, for heartbeats while stalled (when `statvfs`
     /// itself may hang).
     last_free: AtomicU64,
+    /// The state of the last heartbeat (0 ok, 1 stalled, 2 full), for `status`.
+    last_state: std::sync::atomic::AtomicU8,
+    /// Agents connected and their last heartbeats, for `status`.
+    pub seen: crate::status::AgentsSeen,
     pub metrics: Metrics,
     /// The catalog, unless `catalog.enabled = false`.
     pub catalog: Option<Arc<Catalog>>,
@@ -181,6 +185,8 @@ impl Shared {
             health: StorageHealth::default(),
             node_load: Latest::default(),
             last_free: AtomicU64::new(0),
+            last_state: std::sync::atomic::AtomicU8::new(0),
+            seen: crate::status::AgentsSeen::default(),
             metrics: Metrics::default(),
             catalog: None,
             busy: Mutex::new(HashSet::new()),
@@ -206,7 +212,13 @@ impl Shared {
             self.health.state(free, Instant::now())
         };
         self.metrics.health.state(state);
+        self.last_state.store(state.as_u8(), Ordering::Relaxed);
         (state, self.last_free.load(Ordering::Relaxed))
+    }
+
+    /// The state of the last heartbeat sent (ok before any).
+    pub fn last_state(&self) -> StorageState {
+        StorageState::from_u8(self.last_state.load(Ordering::Relaxed)).unwrap_or(StorageState::Ok)
     }
 
     /// The node-load summary of the latest sample.

@@ -7,6 +7,7 @@
 //! `SKYFERRY_SEED=<seed>`.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -298,6 +299,8 @@ impl LoopExt4 {
             ))
             .arg(&self.at)
             .stdin(std::process::Stdio::null())
+            // Its own process group, so that ending it ends its `sleep` too.
+            .process_group(0)
             .spawn()
             .context("cannot start the unfreeze safety net")?;
         self.thaw = Some(net);
@@ -319,10 +322,7 @@ impl LoopExt4 {
             .arg(&self.at)
             .status()
             .context("cannot run fsfreeze")?;
-        if let Some(mut net) = self.thaw.take() {
-            let _ = net.kill();
-            let _ = net.wait();
-        }
+        stop_safety_net(self.thaw.take());
         if !status.success() {
             bail!("fsfreeze -u {} failed ({status})", self.at.display());
         }
@@ -338,13 +338,21 @@ impl Drop for LoopExt4 {
             .arg(&self.at)
             .stderr(std::process::Stdio::null())
             .status();
-        if let Some(mut net) = self.thaw.take() {
-            let _ = net.kill();
-            let _ = net.wait();
-        }
+        stop_safety_net(self.thaw.take());
         let _ = Command::new("umount").arg("-l").arg(&self.at).status();
         // With a lazy unmount the device may still be busy: autoclear detaches it then.
         let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// Ends the unfreeze safety net (the shell and its `sleep`: its process group).
+fn stop_safety_net(net: Option<std::process::Child>) {
+    if let Some(mut net) = net {
+        let _ = Command::new("kill")
+            .arg("--")
+            .arg(format!("-{}", net.id()))
+            .status();
+        let _ = net.wait();
     }
 }
 
