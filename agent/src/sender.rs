@@ -581,7 +581,7 @@ fn live_since_ns(window: Duration) -> i64 {
 /// ones cancel `lost`. The receiver's storage state pauses or resumes dispatch.
 async fn heartbeat(
     reader: FrameReader,
-    mut writer: FrameWriter,
+    writer: FrameWriter,
     journal: Arc<Mutex<Journal>>,
     interval: Duration,
     lost: CancellationToken,
@@ -593,6 +593,20 @@ async fn heartbeat(
         let mut reader = reader;
         while let Ok(Some(m)) = reader.read().await {
             if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Our heartbeats go out from their own task: a send can wait for the connection's
+    // flow-control credit (a receiver whose storage stalls stops reading file streams,
+    // and their data fills the connection window), and meanwhile the receiver's
+    // heartbeats (its `stalled`) must still be read. One waits at most; a beat that
+    // finds it waiting is skipped.
+    let (beat_tx, mut beat_rx) = tokio::sync::mpsc::channel::<AgentHeartbeat>(1);
+    let write_task = tokio::spawn(async move {
+        let mut writer = writer;
+        while let Some(hb) = beat_rx.recv().await {
+            if writer.send(&Message::AgentHeartbeat(hb)).await.is_err() {
                 break;
             }
         }
@@ -640,8 +654,12 @@ async fn heartbeat(
                     },
                     node_load: Some(metrics.health.node_summary()),
                 };
-                if writer.send(&Message::AgentHeartbeat(hb)).await.is_err() {
-                    break;
+                match beat_tx.try_send(hb) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        tracing::debug!("the previous heartbeat is still waiting for flow-control credit; skipping this one");
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
                 }
             }
             msg = rx.recv() => match msg {
@@ -671,6 +689,7 @@ async fn heartbeat(
         }
     }
     read_task.abort();
+    write_task.abort();
 }
 
 /// Why a connection attempt failed.

@@ -374,6 +374,12 @@ async fn control_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                // Silence during a storage stall (or just after) is ours: the agent's
+                // heartbeats wait for flow-control credit behind file data we do not
+                // read (see `StallWatch::stalled_within`).
+                if shared.stall.stalled_within(deadline, std::time::Instant::now()) {
+                    last_heard = tokio::time::Instant::now();
+                }
                 if last_heard.elapsed() > deadline {
                     warn!(agent = %agent, silent_for = ?last_heard.elapsed(), "no heartbeat from agent for three intervals; closing the connection");
                     lost.cancel();

@@ -58,6 +58,10 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
     })
     .expect("agent config");
     pair.write_receiver_config(|t| {
+        // A small connection window (the `[limits]` table ends the file): the file data
+        // the stalled receiver does not read fills it at once, and heartbeats must get
+        // through all the same.
+        t.push_str("receive_window = \"2 MiB\"\n");
         t.push_str(&format!(
             "\n[health]\nstall_after = \"{}s\"\nprobe_interval = \"1s\"\n",
             STALL_AFTER.as_secs()
@@ -171,6 +175,16 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
         status["pending"].as_u64().unwrap_or(0) >= 4,
         "the late files are queued: {status}"
     );
+    assert_eq!(
+        status["daemon"]["receiver"]["storage"], "stalled",
+        "agent status shows the receiver's stall: {status}"
+    );
+    assert!(
+        status["daemon"]["receiver"]["stalled_since_unix_s"]
+            .as_u64()
+            .is_some(),
+        "{status}"
+    );
     eprintln!(
         "RSS while frozen: agent {} -> max {} KiB, receiver {} -> max {} KiB",
         rss0.0 >> 10,
@@ -221,6 +235,35 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
         .expect("scrape"),
         1.0
     );
+    // The receiver's status keeps the stall with its length (once its state file, on
+    // the thawed storage, is written again).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new(pair.receiver_bin())
+            .args(["status", "--json", "--config"])
+            .arg(pair.receiver_config_path())
+            .output()
+            .expect("receiver status");
+        let s: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let lasted = s["stalls"]
+            .as_array()
+            .and_then(|a| a.last())
+            .and_then(|st| st["duration_seconds"].as_f64());
+        if let Some(d) = lasted {
+            assert!(
+                d >= (FREEZE - detected).as_secs_f64(),
+                "stall of {d} s: {s}"
+            );
+            assert_eq!(s["storage"], "ok", "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "receiver status shows no finished stall: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(
         (pair.agent_pid(), pair.receiver_pid()),
         (Some(agent_pid), Some(receiver_pid)),

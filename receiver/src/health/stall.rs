@@ -43,6 +43,8 @@ pub enum Change {
 #[derive(Debug, Default)]
 struct State {
     current: Option<Stall>,
+    /// When the last stall ended.
+    ended: Option<Instant>,
     history: VecDeque<Stall>,
 }
 
@@ -86,6 +88,7 @@ impl StallWatch {
             (Some(mut stall), None) => {
                 stall.lasted = Some(now.saturating_duration_since(stall.started));
                 s.current = None;
+                s.ended = Some(now);
                 if s.history.len() == HISTORY {
                     s.history.pop_front();
                 }
@@ -94,6 +97,17 @@ impl StallWatch {
             }
             _ => None,
         }
+    }
+
+    /// Whether the storage is stalled, or was within `window` before `now`. An agent
+    /// can go silent because of a stall: its file streams fill the connection's flow
+    /// control window while the sessions wait on the storage, and its heartbeats wait
+    /// behind them.
+    pub fn stalled_within(&self, window: Duration, now: Instant) -> bool {
+        let s = self.state();
+        s.current.is_some()
+            || s.ended
+                .is_some_and(|e| now.saturating_duration_since(e) < window)
     }
 
     /// The stall going on, if any.
@@ -237,6 +251,9 @@ mod tests {
             panic!("expected the end");
         };
         assert_eq!(s.lasted, Some(Duration::from_secs(16)));
+        let ended = t0 + Duration::from_secs(16);
+        assert!(w.stalled_within(Duration::from_secs(5), ended + Duration::from_secs(4)));
+        assert!(!w.stalled_within(Duration::from_secs(5), ended + Duration::from_secs(5)));
         assert_eq!(w.current(), None);
         assert_eq!(w.history().len(), 1);
     }
