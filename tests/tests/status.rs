@@ -82,16 +82,22 @@ fn status_of_both_daemons_during_a_transfer_and_after_they_stopped() {
     };
     let d = &agent["daemon"];
     assert_eq!(d["running"], true, "{agent}");
-    assert!(d["state_age_seconds"].as_f64().unwrap() < 3.0, "{agent}");
+    assert!(
+        d["state_age_seconds"].as_f64().expect("age") < 3.0,
+        "{agent}"
+    );
     let q = &d["queues"]["all"];
     for key in ["pending_files", "inflight_files", "pending_bytes"] {
         assert!(q[key].is_u64(), "{key}: {agent}");
     }
     assert!(
-        q["pending_bytes"].as_u64().unwrap() <= 30 * 8_000_000,
+        q["pending_bytes"].as_u64().expect("bytes") <= 30 * 8_000_000,
         "{agent}"
     );
-    assert!(d["receiver"]["free_bytes"].as_u64().unwrap() > 0, "{agent}");
+    assert!(
+        d["receiver"]["free_bytes"].as_u64().expect("free") > 0,
+        "{agent}"
+    );
     let load1 = d["node_load"]["load1"].as_f64().expect("load1 on Linux");
     assert!((0.0..10_000.0).contains(&load1), "{agent}");
     assert!(d["receiver"]["node_load"]["load1"].is_f64(), "{agent}");
@@ -124,7 +130,7 @@ fn status_of_both_daemons_during_a_transfer_and_after_they_stopped() {
     assert!(
         receiver["agents"]["kiso-01"]["connections"]
             .as_u64()
-            .unwrap()
+            .expect("connections")
             >= 1,
         "{receiver}"
     );
