@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod sender;
 pub mod service;
 pub mod sources;
+pub mod status;
 pub mod stripes;
 pub mod tally;
 pub mod upload;
@@ -33,6 +34,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use journal::JournalError;
+
+/// How often node load is sampled (PSI's shortest average is 10 s).
+const NODE_LOAD_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the agent could not start; [`StartError::exit_code`] is what `main` exits with.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +137,28 @@ pub async fn run(
     // an error, which ends the daemon. Sources and the reload task end only at shutdown
     // or when they give up on their own (they log why; the rest keeps running).
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let sampler = skyferry_common::node_load::sampler::start(
+        None,
+        &metrics.health.node,
+        &metrics.health.node_latest,
+    );
+    {
+        let (m, stop) = (metrics.health.node.clone(), shutdown.clone());
+        let latest = metrics.health.node_latest.clone();
+        tasks.spawn(async move {
+            skyferry_common::node_load::sampler::run(sampler, m, latest, NODE_LOAD_PERIOD, stop)
+                .await;
+            Ok(())
+        });
+    }
+    {
+        let path = status::state_path(&journal_path);
+        let (j, m, stop) = (journal.clone(), metrics.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            status::publish(j, m, path, stop).await;
+            Ok(())
+        });
+    }
     if let Some(addr) = config.metrics_listen {
         let listener = skyferry_common::metrics_http::bind(addr).await?;
         let mut registry = prometheus_client::registry::Registry::default();

@@ -165,6 +165,10 @@ fn status(config: &AgentConfig, json: bool) -> anyhow::Result<String> {
     }
     let counts = Journal::open_read_only(&config.journal)?.counts()?;
     let tally = skyferry_agent::tally::read(&config.journal);
+    let daemon_state = skyferry_common::state_file::read(
+        &skyferry_agent::status::state_path(&config.journal),
+        "skyferry-agent",
+    );
     let mut out = Vec::new();
     if json {
         let mut obj = serde_json::Map::new();
@@ -174,6 +178,18 @@ fn status(config: &AgentConfig, json: bool) -> anyhow::Result<String> {
         obj.insert("pending_bytes".into(), counts.pending_bytes.into());
         obj.insert("sent_bytes".into(), tally.sent_bytes.into());
         obj.insert("sent_chunks".into(), tally.sent_chunks.into());
+        obj.insert(
+            "daemon".into(),
+            match &daemon_state {
+                Ok(r) => {
+                    let mut d = r.state.clone();
+                    d["running"] = r.running.into();
+                    d["state_age_seconds"] = ((r.age.as_secs_f64() * 10.0).round() / 10.0).into();
+                    d
+                }
+                Err(e) => serde_json::json!({ "running": false, "error": e }),
+            },
+        );
         writeln!(out, "{}", serde_json::Value::Object(obj))?;
     } else {
         for s in State::ALL {
@@ -186,6 +202,63 @@ fn status(config: &AgentConfig, json: bool) -> anyhow::Result<String> {
             counts.pending_bytes / 1_000_000
         )?;
         writeln!(out, "{:<11} {}", "sent MB", tally.sent_bytes / 1_000_000)?;
+        match &daemon_state {
+            Ok(r) => daemon_lines(&mut out, r)?,
+            Err(e) => writeln!(out, "agent not running ({e})")?,
+        }
     }
     Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The running agent's state (see `skyferry_agent::status`), for people.
+fn daemon_lines(out: &mut Vec<u8>, r: &skyferry_common::state_file::Read) -> std::io::Result<()> {
+    let s = &r.state;
+    writeln!(out, "{}", skyferry_common::state_file::verdict(r, "agent"))?;
+    let num = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.0}"));
+    writeln!(
+        out,
+        "{:<11} {}",
+        "connection",
+        s["connection"].as_str().unwrap_or("-")
+    )?;
+    writeln!(
+        out,
+        "{:<11} {:.1} MB/s",
+        "throughput",
+        s["throughput_bytes_per_second"].as_f64().unwrap_or(0.0) / 1e6
+    )?;
+    if let Some(queues) = s["queues"].as_object() {
+        for (class, q) in queues {
+            writeln!(
+                out,
+                "queue {class:<5} {} files, {} in flight, {} MB, lag {} s, eta {} s",
+                num(&q["pending_files"]),
+                num(&q["inflight_files"]),
+                q["pending_bytes"].as_u64().unwrap_or(0) / 1_000_000,
+                num(&q["lag_seconds"]),
+                num(&q["eta_seconds"]),
+            )?;
+        }
+    }
+    let rcv = &s["receiver"];
+    if rcv.is_null() {
+        writeln!(out, "receiver    no heartbeat yet")?;
+    } else {
+        writeln!(
+            out,
+            "receiver    storage {}, {} GB free, load {}",
+            rcv["storage"].as_str().unwrap_or("-"),
+            rcv["free_bytes"].as_u64().unwrap_or(0) / 1_000_000_000,
+            skyferry_common::state_file::load_text(&rcv["node_load"]),
+        )?;
+        if let Some(since) = rcv["stalled_since_unix_s"].as_u64() {
+            writeln!(out, "receiver    stalled since {since} (unix seconds)")?;
+        }
+    }
+    writeln!(
+        out,
+        "{:<11} {}",
+        "node load",
+        skyferry_common::state_file::load_text(&s["node_load"])
+    )
 }

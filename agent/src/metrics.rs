@@ -54,6 +54,7 @@ pub const ABANDON_REASONS: [&str; 4] = ["deleted", "moved", "replaced", "modifie
 
 #[derive(Default)]
 pub struct Metrics {
+    pub health: HealthMetrics,
     pub files_sent: Counter,
     /// Files the journal durably records as done (after `files_sent`).
     pub files_done: Counter,
@@ -209,9 +210,80 @@ impl QuicMetrics {
     }
 }
 
+// ---- Node load and the receiver's storage health (from its heartbeats) ----
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `ok`, `stalled` or `full`.
+    pub state: &'static str,
+}
+
+/// `skyferry_agent_node_*`, and the receiver's storage as its last heartbeat said:
+/// `skyferry_agent_receiver_storage_state{state}` (one of them 1) and
+/// `skyferry_agent_receiver_storage_stalled_since_timestamp_seconds` (0 when not).
+#[derive(Default)]
+pub struct HealthMetrics {
+    pub node: skyferry_common::node_load::metrics::NodeLoadMetrics,
+    /// The latest node-load sample, for heartbeats.
+    pub node_latest: skyferry_common::node_load::sampler::Latest,
+    pub receiver_storage_state: Family<StateLabels, Gauge>,
+    pub receiver_stalled_since: Gauge,
+    /// The receiver's last heartbeat and when it came, for `status`.
+    pub last_receiver: std::sync::Mutex<
+        Option<(
+            skyferry_common::protocol::ReceiverHeartbeat,
+            std::time::SystemTime,
+        )>,
+    >,
+}
+
+impl HealthMetrics {
+    fn register(&self, r: &mut Registry) {
+        self.node.register(r);
+        self.receiver_state(skyferry_common::protocol::StorageState::Ok, 0);
+        r.register(
+            "receiver_storage_state",
+            "The receiver's storage state in its last heartbeat: 1 for the current one of ok, stalled, full",
+            self.receiver_storage_state.clone(),
+        );
+        r.register(
+            "receiver_storage_stalled_since_timestamp_seconds",
+            "When the receiver's current storage stall began (its last heartbeat); 0 when not stalled",
+            self.receiver_stalled_since.clone(),
+        );
+    }
+
+    /// What a receiver heartbeat said.
+    pub fn receiver_state(
+        &self,
+        state: skyferry_common::protocol::StorageState,
+        stalled_since_s: u64,
+    ) {
+        use skyferry_common::protocol::StorageState as S;
+        for (s, label) in [(S::Ok, "ok"), (S::Stalled, "stalled"), (S::Full, "full")] {
+            self.receiver_storage_state
+                .get_or_create(&StateLabels { state: label })
+                .set(i64::from(s == state));
+        }
+        self.receiver_stalled_since
+            .set(i64::try_from(stalled_since_s).unwrap_or(0));
+    }
+
+    /// The heartbeat's node-load summary of the latest sample.
+    pub fn node_summary(&self) -> skyferry_common::protocol::NodeLoadSummary {
+        self.node_latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|s| s.summary())
+            .unwrap_or_default()
+    }
+}
+
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("skyferry_agent");
+        self.health.register(r);
         r.register(
             "files_sent",
             "Files acknowledged as stored by the receiver",

@@ -588,7 +588,7 @@ pub(crate) fn live_since_ns(window: Duration) -> i64 {
 /// ones cancel `lost`. The receiver's storage state pauses or resumes dispatch.
 async fn heartbeat(
     reader: FrameReader,
-    mut writer: FrameWriter,
+    writer: FrameWriter,
     journal: Arc<Mutex<Journal>>,
     interval: Duration,
     lost: CancellationToken,
@@ -600,6 +600,20 @@ async fn heartbeat(
         let mut reader = reader;
         while let Ok(Some(m)) = reader.read().await {
             if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Our heartbeats go out from their own task: a send can wait for the connection's
+    // flow-control credit (a receiver whose storage stalls stops reading file streams,
+    // and their data fills the connection window), and meanwhile the receiver's
+    // heartbeats (its `stalled`) must still be read. One waits at most; a beat that
+    // finds it waiting is skipped.
+    let (beat_tx, mut beat_rx) = tokio::sync::mpsc::channel::<AgentHeartbeat>(1);
+    let write_task = tokio::spawn(async move {
+        let mut writer = writer;
+        while let Some(hb) = beat_rx.recv().await {
+            if writer.send(&Message::AgentHeartbeat(hb)).await.is_err() {
                 break;
             }
         }
@@ -645,9 +659,14 @@ async fn heartbeat(
                         last_tick = Instant::now();
                         rate
                     },
+                    node_load: Some(metrics.health.node_summary()),
                 };
-                if writer.send(&Message::AgentHeartbeat(hb)).await.is_err() {
-                    break;
+                match beat_tx.try_send(hb) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                        tracing::debug!("the previous heartbeat is still waiting for flow-control credit; skipping this one");
+                    }
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
                 }
             }
             msg = rx.recv() => match msg {
@@ -656,6 +675,9 @@ async fn heartbeat(
                     metrics
                         .heartbeat_received
                         .set(skyferry_common::unix_time::now_ns() as f64 / 1e9);
+                    metrics.health.receiver_state(hb.storage, hb.node.map_or(0, |n| n.stalled_since_s));
+                    *metrics.health.last_receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some((hb.clone(), std::time::SystemTime::now()));
                     let full = hb.storage != StorageState::Ok;
                     let was = paused.swap(full, std::sync::atomic::Ordering::Relaxed);
                     if full && !was {
@@ -677,6 +699,7 @@ async fn heartbeat(
         }
     }
     read_task.abort();
+    write_task.abort();
 }
 
 /// Why a connection attempt failed.

@@ -16,6 +16,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod shared;
+pub mod status;
 pub mod storage;
 pub mod stripe;
 
@@ -79,6 +80,11 @@ pub async fn run(
                 .context("opening the catalog")?;
         shared = shared.with_catalog(Arc::new(catalog));
     }
+    let sampler = skyferry_common::node_load::sampler::start(
+        Some(&shared.config.storage_root),
+        &shared.metrics.health.node,
+        &shared.node_load,
+    );
     let shared = Arc::new(shared);
     let background = TaskTracker::new();
     background.spawn(sweep_partials(shared.clone(), shutdown.clone()));
@@ -96,6 +102,16 @@ pub async fn run(
     service::spawn(&background, &notifier, shared.clone(), shutdown.clone());
     ready(addr);
     notifier.ready(&format!("listening on {addr}"));
+    background.spawn(health::stall::watchdog(shared.clone(), shutdown.clone()));
+    background.spawn(health::stall::probe(shared.clone(), shutdown.clone()));
+    background.spawn(status::publish(shared.clone(), shutdown.clone()));
+    background.spawn(skyferry_common::node_load::sampler::run(
+        sampler,
+        shared.metrics.health.node.clone(),
+        shared.node_load.clone(),
+        NODE_LOAD_PERIOD,
+        shutdown.clone(),
+    ));
     let grace = shared.config.shutdown_grace;
     let catalog = shared.catalog.clone();
     server::serve(endpoint, shared, shutdown, grace).await;
@@ -150,6 +166,8 @@ async fn sample_storage(shared: Arc<shared::Shared>, shutdown: CancellationToken
         }
     }
 }
+/// How often node load is sampled (PSI's shortest average is 10 s).
+const NODE_LOAD_PERIOD: Duration = Duration::from_secs(5);
 
 /// How often abandoned partials are looked for: a quarter of their maximum age, between
 /// one second and one hour.

@@ -33,6 +33,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show the running receiver's state: agents, storage, stalls, node load.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create and issue TLS identities.
     #[command(subcommand)]
     Certs(Certs),
@@ -141,6 +149,19 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 EXIT_USAGE
             }
+        },
+        Command::Status { config, json } => match ReceiverConfig::load(&config) {
+            Err(e) => {
+                eprintln!("{e}");
+                EXIT_USAGE
+            }
+            Ok(c) => match skyferry_receiver::status::report(&c.storage_root, json) {
+                Ok(text) => return daemon::print_out(&text),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    EXIT_FAILURE
+                }
+            },
         },
         Command::Run { config } => match ReceiverConfig::load_for_run(&config) {
             Err(e) => {

@@ -69,6 +69,7 @@ impl StorageLatency {
             .unwrap_or(0)
     }
 }
+use skyferry_common::protocol::StorageState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
@@ -133,6 +134,65 @@ pub struct Metrics {
     pub agent_heartbeat_received: Family<AgentLabels, Gauge<f64, AtomicU64>>,
     /// Sampled every second from [`crate::storage::ops::Ops`] and `statvfs`.
     pub storage: StorageMetrics,
+    pub health: HealthMetrics,
+}
+
+// ---- Storage health and node load (stall watchdog, health/) ----
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `ok`, `stalled` or `full`.
+    pub state: &'static str,
+}
+
+/// `skyferry_receiver_storage_state{state}` (one of them 1), the current stall's start,
+/// and the node-load set (`skyferry_receiver_node_*`).
+#[derive(Default)]
+pub struct HealthMetrics {
+    pub storage_state: Family<StateLabels, Gauge>,
+    pub stalled_since: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub node: skyferry_common::node_load::metrics::NodeLoadMetrics,
+}
+
+impl HealthMetrics {
+    fn register(&self, r: &mut Registry) {
+        self.state(StorageState::Ok);
+        r.register(
+            "storage_state",
+            "Storage state reported to agents: 1 for the current one of ok, stalled, full",
+            self.storage_state.clone(),
+        );
+        r.register(
+            "storage_stalled_since_timestamp_seconds",
+            "When the operation behind the current storage stall began; 0 when not stalled",
+            self.stalled_since.clone(),
+        );
+        self.node.register(r);
+    }
+
+    /// Sets the storage state gauges (one series per state, known in advance).
+    pub fn state(&self, state: StorageState) {
+        for (s, label) in [
+            (StorageState::Ok, "ok"),
+            (StorageState::Stalled, "stalled"),
+            (StorageState::Full, "full"),
+        ] {
+            self.storage_state
+                .get_or_create(&StateLabels { state: label })
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// A stall began (`Some(since)`) or ended (`None`).
+    pub fn stalled(&self, since: Option<std::time::SystemTime>) {
+        let secs = since
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.stalled_since.set(secs);
+        if since.is_some() {
+            self.state(StorageState::Stalled);
+        }
+    }
 }
 
 /// The storage's operations and space, sampled (see `lib.rs`, `sample_storage`); the
@@ -305,6 +365,7 @@ impl Metrics {
             "Night file writes that failed (retried at the next flush)",
             c.export_errors.clone(),
         );
+        self.health.register(r);
     }
 
     /// Creates every series whose labels are known in advance, so that each is exported

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use skyferry_common::config::validate_agent_id;
 use skyferry_common::protocol::{
-    ErrorCode, Lane, Message, ReceiverHeartbeat, Refuse, StorageState, Welcome, MAX_CONTROL_FRAME,
-    MAX_LANES, PROTOCOL_VERSION,
+    ErrorCode, Lane, Message, ReceiverHeartbeat, ReceiverNode, Refuse, StorageState, Welcome,
+    MAX_CONTROL_FRAME, MAX_LANES, PROTOCOL_VERSION,
 };
 use skyferry_common::tls;
 use skyferry_common::wire::{FrameReader, FrameWriter};
@@ -134,6 +134,7 @@ async fn connection(
     );
     let streams = TaskTracker::new();
     let lost = CancellationToken::new();
+    shared.seen.connected(&agent);
     let control = tokio::spawn(
         control_loop(shared.clone(), agent.clone(), reader, writer, lost.clone()).in_current_span(),
     );
@@ -160,6 +161,7 @@ async fn connection(
         conn.close(CLOSE_HEARTBEAT_LOST.into(), b"heartbeat lost");
     }
     shared.connection_ended(&agent, generation);
+    shared.seen.disconnected(&agent);
     shared.metrics.connections.dec();
 }
 
@@ -372,6 +374,12 @@ async fn control_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                // Silence during a storage stall (or just after) is ours: the agent's
+                // heartbeats wait for flow-control credit behind file data we do not
+                // read (see `StallWatch::stalled_within`).
+                if shared.stall.stalled_within(deadline, std::time::Instant::now()) {
+                    last_heard = tokio::time::Instant::now();
+                }
                 if last_heard.elapsed() > deadline {
                     warn!(agent = %agent, silent_for = ?last_heard.elapsed(), "no heartbeat from agent for three intervals; closing the connection");
                     lost.cancel();
@@ -380,10 +388,16 @@ async fn control_loop(
                 seq += 1;
                 // statvfs can block on stalled storage: keep it off the runtime.
                 let s = shared.clone();
-                let (storage, free_bytes) = tokio::task::spawn_blocking(move || storage_state(&s))
+                let (storage, free_bytes) = tokio::task::spawn_blocking(move || s.storage_state())
                     .await
                     .unwrap_or((StorageState::Ok, 0));
-                let hb = Message::ReceiverHeartbeat(ReceiverHeartbeat { seq, storage, free_bytes });
+                let node = ReceiverNode {
+                    load: shared.node_load(),
+                    stalled_since_s: shared.stall.current().map_or(0, |s| {
+                        s.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                    }),
+                };
+                let hb = Message::ReceiverHeartbeat(ReceiverHeartbeat { seq, storage, free_bytes, node: Some(node) });
                 if let Err(e) = writer.send(&hb).await {
                     // An agent that does not read its control stream is as good as gone.
                     warn!(agent = %agent, error = %e, "cannot send a heartbeat to the agent; closing the connection");
@@ -395,6 +409,7 @@ async fn control_loop(
                 Ok(Some(Message::AgentHeartbeat(hb))) => {
                     last_heard = tokio::time::Instant::now();
                     shared.metrics.agent_heartbeat(&agent);
+                    shared.seen.heartbeat(&agent, &hb);
                     tracing::debug!(agent = %agent, pending_files = hb.pending_files, pending_bytes = hb.pending_bytes, "agent heartbeat");
                 }
                 Ok(Some(other)) => {
@@ -410,11 +425,4 @@ async fn control_loop(
             }
         }
     }
-}
-
-/// Free space of the storage filesystem and the state it means (see [`crate::health`]).
-pub(crate) fn storage_state(shared: &Shared) -> (StorageState, u64) {
-    let free = shared.storage.free_bytes();
-    let state = shared.health.state(free, std::time::Instant::now());
-    (state, free.unwrap_or(0))
 }

@@ -78,7 +78,7 @@ pub fn spawn(
         async move {
             // statvfs can block on stalled storage: keep it off the runtime.
             let s2 = s.clone();
-            let storage = tokio::task::spawn_blocking(move || crate::server::storage_state(&s2))
+            let storage = tokio::task::spawn_blocking(move || s2.storage_state())
                 .await
                 .ok();
             status_line(

@@ -14,11 +14,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use skyferry_common::config::ReceiverConfig;
+use skyferry_common::node_load::sampler::Latest;
 use skyferry_common::protocol::{max_data_frame, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use skyferry_common::protocol::{NodeLoadSummary, StorageState};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
+use crate::health::stall::StallWatch;
 use crate::health::StorageHealth;
 use crate::lanes::{Displaced, Instance, LiveLanes};
 use crate::metrics::Metrics;
@@ -29,6 +32,17 @@ pub struct Shared {
     pub config: ReceiverConfig,
     pub storage: Arc<Storage>,
     pub health: StorageHealth,
+    /// Storage stalls (`health.stall_after`), decided by `health::stall::watchdog`.
+    pub stall: StallWatch,
+    /// The latest node-load sample (`skyferry_common::node_load::sampler::run`).
+    pub node_load: Latest,
+    /// Free bytes at the last `statvfs`, for heartbeats while stalled (when `statvfs`
+    /// itself may hang).
+    last_free: AtomicU64,
+    /// The state of the last heartbeat (0 ok, 1 stalled, 2 full), for `status`.
+    last_state: std::sync::atomic::AtomicU8,
+    /// Agents connected and their last heartbeats, for `status`.
+    pub seen: crate::status::AgentsSeen,
     pub metrics: Metrics,
     /// The catalog, unless `catalog.enabled = false`.
     pub catalog: Option<Arc<Catalog>>,
@@ -178,10 +192,15 @@ impl Shared {
         metrics.precreate();
         Shared {
             file_slots: Arc::new(Semaphore::new(config.max_concurrent_files)),
+            stall: StallWatch::new(config.health.stall_after),
             config,
             storage: Arc::new(storage),
             health: StorageHealth::default(),
             metrics,
+            node_load: Latest::default(),
+            last_free: AtomicU64::new(0),
+            last_state: std::sync::atomic::AtomicU8::new(0),
+            seen: crate::status::AgentsSeen::default(),
             catalog: None,
             stripes: crate::stripe::Stripes::default(),
             busy: Mutex::new(HashSet::new()),
@@ -191,6 +210,39 @@ impl Shared {
             next_generation: AtomicU64::new(1),
             throttle: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The storage state for a heartbeat, with the free bytes: `stalled` while the
+    /// watchdog says so (without a `statvfs`, which may hang on stalled storage), else
+    /// `full` or `ok` from free space ([`crate::health`]). Blocking: call off the runtime.
+    pub fn storage_state(&self) -> (StorageState, u64) {
+        let state = if self.stall.current().is_some() {
+            StorageState::Stalled
+        } else {
+            let free = self.storage.free_bytes();
+            if let Some(f) = free {
+                self.last_free.store(f, Ordering::Relaxed);
+            }
+            self.health.state(free, Instant::now())
+        };
+        self.metrics.health.state(state);
+        self.last_state.store(state.as_u8(), Ordering::Relaxed);
+        (state, self.last_free.load(Ordering::Relaxed))
+    }
+
+    /// The state of the last heartbeat sent (ok before any).
+    pub fn last_state(&self) -> StorageState {
+        StorageState::from_u8(self.last_state.load(Ordering::Relaxed)).unwrap_or(StorageState::Ok)
+    }
+
+    /// The node-load summary of the latest sample.
+    pub fn node_load(&self) -> NodeLoadSummary {
+        self.node_load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|s| s.summary())
+            .unwrap_or_default()
     }
 
     /// With `catalog`: files are acknowledged once their row is written.

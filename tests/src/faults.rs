@@ -1,11 +1,13 @@
 //! Helpers for fault-injection tests: a seeded RNG (reproducible kill moments and loss
 //! patterns), deterministic file contents, run-size knobs from the environment, and a
-//! small size-limited filesystem (tmpfs) to fill the receiver's storage.
+//! small size-limited filesystem (tmpfs) to fill the receiver's storage, and a loop-mounted
+//! ext4 that can be frozen (storage stalls).
 //!
 //! Every seed a test draws from is printed, so a failing run can be replayed with
 //! `SKYFERRY_SEED=<seed>`.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -202,6 +204,169 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.at).status();
     }
+}
+
+/// An ext4 filesystem on a loop device, mounted for the duration of a test, that can be
+/// frozen (`fsfreeze`). Drop ALWAYS unfreezes, unmounts (lazily: a daemon may still hold
+/// files) and detaches, also when the test panics; and while frozen, a detached
+/// `sleep; fsfreeze -u` process unfreezes it even if the test process is killed.
+pub struct LoopExt4 {
+    at: PathBuf,
+    device: String,
+    /// The unfreeze safety net while frozen.
+    thaw: Option<std::process::Child>,
+}
+
+impl LoopExt4 {
+    /// Creates a sparse `size`-byte image at `image`, formats it and mounts it at `at` (an
+    /// existing, empty directory). `Ok(None)` with the reason printed when this machine
+    /// cannot (not root, no loop devices): the caller skips its test.
+    pub fn mount(image: &Path, at: &Path, size: u64) -> Result<Option<LoopExt4>> {
+        let uid = Command::new("id").arg("-u").output();
+        if !uid.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0") {
+            eprintln!("skipped: loop-mounting an ext4 image needs root");
+            return Ok(None);
+        }
+        for tool in ["losetup", "mkfs.ext4", "fsfreeze"] {
+            if Command::new(tool).arg("--version").output().is_err() {
+                eprintln!("skipped: {tool} is not installed");
+                return Ok(None);
+            }
+        }
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(size))
+            .with_context(|| format!("creating the image {}", image.display()))?;
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "nodiscard"])
+            .arg(image)
+            .output()
+            .context("cannot run mkfs.ext4")?;
+        if !mkfs.status.success() {
+            bail!(
+                "mkfs.ext4 failed: {}",
+                String::from_utf8_lossy(&mkfs.stderr)
+            );
+        }
+        let attach = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(image)
+            .output()
+            .context("cannot run losetup")?;
+        if !attach.status.success() {
+            eprintln!(
+                "skipped: no loop device for {}: {}",
+                image.display(),
+                String::from_utf8_lossy(&attach.stderr).trim()
+            );
+            return Ok(None);
+        }
+        let device = String::from_utf8_lossy(&attach.stdout).trim().to_owned();
+        let mounted = Command::new("mount").arg(&device).arg(at).output();
+        match mounted {
+            Ok(o) if o.status.success() => Ok(Some(LoopExt4 {
+                at: at.to_owned(),
+                device,
+                thaw: None,
+            })),
+            other => {
+                let _ = Command::new("losetup").arg("-d").arg(&device).status();
+                match other {
+                    Ok(o) => eprintln!(
+                        "skipped: cannot mount {device} at {}: {}",
+                        at.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ),
+                    Err(e) => eprintln!("skipped: cannot run mount: {e}"),
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The loop device, e.g. `/dev/loop3`.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// `fsfreeze -f`: every write to the filesystem blocks until [`LoopExt4::thaw`]. A
+    /// detached process thaws it after `at_most` should this test process die first.
+    pub fn freeze(&mut self, at_most: Duration) -> Result<()> {
+        let net = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "sleep {}; exec fsfreeze -u \"$0\" 2>/dev/null",
+                at_most.as_secs().max(1)
+            ))
+            .arg(&self.at)
+            .stdin(std::process::Stdio::null())
+            // Its own process group, so that ending it ends its `sleep` too.
+            .process_group(0)
+            .spawn()
+            .context("cannot start the unfreeze safety net")?;
+        self.thaw = Some(net);
+        let status = Command::new("fsfreeze")
+            .arg("-f")
+            .arg(&self.at)
+            .status()
+            .context("cannot run fsfreeze")?;
+        if !status.success() {
+            bail!("fsfreeze -f {} failed ({status})", self.at.display());
+        }
+        Ok(())
+    }
+
+    /// `fsfreeze -u`.
+    pub fn thaw(&mut self) -> Result<()> {
+        let status = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.at)
+            .status()
+            .context("cannot run fsfreeze")?;
+        stop_safety_net(self.thaw.take());
+        if !status.success() {
+            bail!("fsfreeze -u {} failed ({status})", self.at.display());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LoopExt4 {
+    fn drop(&mut self) {
+        // Unfreeze first whatever the state (an error just means it was not frozen).
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.at)
+            .stderr(std::process::Stdio::null())
+            .status();
+        stop_safety_net(self.thaw.take());
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+        // With a lazy unmount the device may still be busy: autoclear detaches it then.
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// Ends the unfreeze safety net (the shell and its `sleep`: its process group).
+fn stop_safety_net(net: Option<std::process::Child>) {
+    if let Some(mut net) = net {
+        let _ = Command::new("kill")
+            .arg("--")
+            .arg(format!("-{}", net.id()))
+            .status();
+        let _ = net.wait();
+    }
+}
+
+/// Resident memory of a process in bytes (`VmRSS` of /proc/<pid>/status).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// Values of `key=<value>` fields on log lines that contain `message`, e.g. the

@@ -144,6 +144,7 @@ impl Hostile {
             loop {
                 seq += 1;
                 let hb = Message::AgentHeartbeat(AgentHeartbeat {
+                    node_load: None,
                     seq,
                     pending_files: 0,
                     pending_bytes: 0,

@@ -75,6 +75,7 @@ impl RawAgent {
         tokio::spawn(async move {
             for seq in 1.. {
                 let hb = Message::AgentHeartbeat(AgentHeartbeat {
+                    node_load: None,
                     seq,
                     pending_files: 0,
                     pending_bytes: 0,

@@ -17,7 +17,7 @@ pub use agent::{
 };
 pub use catalog::{CatalogConfig, HeaderKeys};
 pub use reader::{parse_duration, parse_size};
-pub use receiver::{PeerLimits, ReceiverConfig, MIN_BYTES_IN_FLIGHT_PER_AGENT};
+pub use receiver::{HealthConfig, PeerLimits, ReceiverConfig, MIN_BYTES_IN_FLIGHT_PER_AGENT};
 
 use std::path::{Path, PathBuf};
 

@@ -33,6 +33,54 @@ pub struct ReceiverConfig {
     pub catalog: super::CatalogConfig,
     /// `[metrics] listen`: where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[health]`: storage-stall detection.
+    pub health: HealthConfig,
+}
+
+/// `[health]`: when a storage operation in progress counts as a stall, and how often an
+/// idle receiver probes its storage (docs/operations.md, "Storage stalls").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// `health.stall_after`: a write, fsync, rename or catalog commit in progress for
+    /// longer than this is a stall (agents are told to pause).
+    pub stall_after: Duration,
+    /// `health.probe_interval`: how often a small file under `.skyferry/` is written and
+    /// fsynced, so that an idle receiver notices a stall too.
+    pub probe_interval: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            stall_after: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl HealthConfig {
+    fn read(root: &toml::Table, p: &mut Problems) -> HealthConfig {
+        let d = HealthConfig::default();
+        let mut s = Section::of(root, "health", p);
+        let h = HealthConfig {
+            stall_after: s.duration("stall_after", d.stall_after, p),
+            probe_interval: s.duration("probe_interval", d.probe_interval, p),
+        };
+        s.finish(p);
+        if h.stall_after < Duration::from_secs(1) {
+            p.push(format!(
+                "health.stall_after: {:?} is too short (at least \"1s\"; the default is \"10s\")",
+                h.stall_after
+            ));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&h.probe_interval) {
+            p.push(format!(
+                "health.probe_interval: {:?} is out of range (100ms ..= 1h; the default is \"5s\")",
+                h.probe_interval
+            ));
+        }
+        h
+    }
 }
 
 /// Per-agent and total limits on connections, streams, file slots, buffered bytes and
@@ -189,7 +237,7 @@ impl ReceiverConfig {
         depth: Depth<'_>,
     ) -> Result<ReceiverConfig, Problems> {
         let p = &mut Problems::new();
-        unknown_tables(root, &["receiver", "limits", "catalog", "metrics"], p);
+        unknown_tables(root, &["receiver", "limits", "catalog", "metrics", "health"], p);
 
         let mut s = Section::of(root, "receiver", p);
         let id = s
@@ -244,6 +292,7 @@ impl ReceiverConfig {
         s.finish(p);
         let catalog = super::CatalogConfig::read(root, base, storage_root.as_deref(), p);
         let metrics_listen = super::read_metrics_listen(root, "127.0.0.1:9102", p);
+        let health = HealthConfig::read(root, p);
 
         match (listen, storage_root, ca, cert, key) {
             (Some(listen), Some(storage_root), Some(ca), Some(cert), Some(key)) if p.is_empty() => {
@@ -263,6 +312,7 @@ impl ReceiverConfig {
                     peer_limits,
                     catalog,
                     metrics_listen,
+                    health,
                 })
             }
             _ => Err(std::mem::take(p)),
@@ -294,6 +344,33 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("ca.pem does not exist"), "{all}");
+    }
+
+    #[test]
+    fn health_defaults_and_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "r.pem", "r.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let base = "[receiver]\nlisten = \"127.0.0.1:7443\"\nstorage_root = \".\"\n\
+                    ca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n";
+        let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.health, HealthConfig::default());
+        assert_eq!(c.health.stall_after, Duration::from_secs(10));
+        let short = format!("{base}[health]\nstall_after = \"3s\"\nprobe_interval = \"1s\"\n");
+        let c = ReceiverConfig::from_table(&short.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.health.stall_after, Duration::from_secs(3));
+        assert_eq!(c.health.probe_interval, Duration::from_secs(1));
+        let bad = format!("{base}[health]\nstall_after = \"0s\"\nprobe_interval = \"2h\"\nx = 1\n");
+        let all = ReceiverConfig::from_table(&bad.parse().unwrap(), dir.path())
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            all.contains("health.stall_after: 0ns is too short"),
+            "{all}"
+        );
+        assert!(all.contains("health.probe_interval"), "{all}");
+        assert!(all.contains("unknown key health.x"), "{all}");
     }
 
     #[test]

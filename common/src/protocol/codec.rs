@@ -26,18 +26,20 @@
 //!   (no length prefix).
 //!
 //! A body is the fields of its type, in order, and nothing else: bytes left
-//! over after the last field are an error. The one optional group, a `Hello`'s
-//! lane (in brackets below), is present exactly when bytes follow
+//! over after the last field are an error. Optional groups: a `Hello`'s
+//! lane (in brackets below) is present exactly when bytes follow
 //! `capabilities`; it was added to protocol 2 before its release, and a hello
-//! without it decodes as before.
+//! without it decodes as before. Heartbeats end the same way with an optional node-load
+//! group (`load`: steal_bp u16, pressure_cpu_bp u16, pressure_io_bp u16, load1_centi
+//! u32; all-ones means "not available"), and the receiver's with the stall start after it.
 //!
 //! | type | message            | body |
 //! |------|--------------------|------|
 //! | 0x01 | Hello              | version u16, agent_id string, capabilities u64, [instance u64, lane u16, lanes u16] |
 //! | 0x02 | Welcome            | version u16, receiver_id string, heartbeat_interval_ms u32 |
 //! | 0x03 | Refuse             | code u16, reason string |
-//! | 0x04 | AgentHeartbeat     | seq u64, pending_files u64, pending_bytes u64, oldest_pending_age_s u64, send_rate_bps u64 |
-//! | 0x05 | ReceiverHeartbeat  | seq u64, storage u8 (0 ok, 1 stalled, 2 full), free_bytes u64 |
+//! | 0x04 | AgentHeartbeat     | seq u64, pending_files u64, pending_bytes u64, oldest_pending_age_s u64, send_rate_bps u64, [load] |
+//! | 0x05 | ReceiverHeartbeat  | seq u64, storage u8 (0 ok, 1 stalled, 2 full), free_bytes u64, [load, stalled_since_s u64] |
 //! | 0x10 | Offer              | path string, size u64, mtime_ns i64, has_hash bool, [file_hash hash if has_hash], chunk_size u32 |
 //! | 0x11 | Resume             | missing ranges |
 //! | 0x12 | Chunk              | index u32, codec u8 (0 raw, 1 zstd), raw_len u32, chunk_hash hash, payload |
@@ -63,7 +65,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::message::{
     Ack, AgentHeartbeat, Attach, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode, Hello,
-    Lane, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume, StorageState, Welcome,
+    Lane, Message, NodeLoadSummary, Offer, ReceiverHeartbeat, ReceiverNode, Refuse, Reject,
+    Resume, StorageState, Welcome,
 };
 use super::MAX_PATH_LEN;
 
@@ -222,12 +225,19 @@ impl Message {
                 dst.put_u64(m.pending_bytes);
                 dst.put_u64(m.oldest_pending_age_s);
                 dst.put_u64(m.send_rate_bps);
+                if let Some(l) = &m.node_load {
+                    put_load(dst, l);
+                }
             }
             Message::ReceiverHeartbeat(m) => {
                 dst.put_u8(RECEIVER_HEARTBEAT);
                 dst.put_u64(m.seq);
                 dst.put_u8(m.storage.as_u8());
                 dst.put_u64(m.free_bytes);
+                if let Some(n) = &m.node {
+                    put_load(dst, &n.load);
+                    dst.put_u64(n.stalled_since_s);
+                }
             }
             Message::Offer(m) => {
                 dst.put_u8(OFFER);
@@ -315,6 +325,13 @@ fn too_large(len: usize) -> FrameError {
         len,
         max: u32::MAX as usize,
     }
+}
+
+fn put_load(dst: &mut BytesMut, l: &NodeLoadSummary) {
+    for v in [l.steal_bp, l.pressure_cpu_bp, l.pressure_io_bp] {
+        dst.put_u16(v.unwrap_or(u16::MAX));
+    }
+    dst.put_u32(l.load1_centi.unwrap_or(u32::MAX));
 }
 
 fn put_str(
@@ -406,6 +423,11 @@ pub fn decode_body(body: Bytes) -> Result<Message, FrameError> {
             pending_bytes: r.u64()?,
             oldest_pending_age_s: r.u64()?,
             send_rate_bps: r.u64()?,
+            node_load: if r.rest.is_empty() {
+                None
+            } else {
+                Some(r.load()?)
+            },
         }),
         RECEIVER_HEARTBEAT => Message::ReceiverHeartbeat(ReceiverHeartbeat {
             seq: r.u64()?,
@@ -414,6 +436,14 @@ pub fn decode_body(body: Bytes) -> Result<Message, FrameError> {
                 StorageState::from_u8(v).ok_or(r.invalid("storage", v.into()))?
             },
             free_bytes: r.u64()?,
+            node: if r.rest.is_empty() {
+                None
+            } else {
+                Some(ReceiverNode {
+                    load: r.load()?,
+                    stalled_since_s: r.u64()?,
+                })
+            },
         }),
         OFFER => Message::Offer(Offer {
             path: r.string("path")?,
@@ -522,6 +552,17 @@ impl Reader {
         let head = *head;
         self.rest.advance(N); // At least N bytes remain: split_first_chunk succeeded.
         Ok(head)
+    }
+
+    /// A [`NodeLoadSummary`]: `u16::MAX` / `u32::MAX` mean "not available".
+    fn load(&mut self) -> Result<NodeLoadSummary, FrameError> {
+        let bp = |v: u16| (v != u16::MAX).then_some(v);
+        Ok(NodeLoadSummary {
+            steal_bp: bp(self.u16()?),
+            pressure_cpu_bp: bp(self.u16()?),
+            pressure_io_bp: bp(self.u16()?),
+            load1_centi: Some(self.u32()?).filter(|v| *v != u32::MAX),
+        })
     }
 
     fn u8(&mut self) -> Result<u8, FrameError> {
@@ -673,6 +714,18 @@ mod tests {
         ".{0,300}"
     }
 
+    fn load() -> impl Strategy<Value = NodeLoadSummary> {
+        let bp = || proptest::option::of(0..u16::MAX);
+        (bp(), bp(), bp(), proptest::option::of(0..u32::MAX)).prop_map(|(s, c, i, l)| {
+            NodeLoadSummary {
+                steal_bp: s,
+                pressure_cpu_bp: c,
+                pressure_io_bp: i,
+                load1_centi: l,
+            }
+        })
+    }
+
     fn code() -> impl Strategy<Value = ErrorCode> {
         // Canonical codes only: Other(1) would decode as BadPath.
         any::<u16>().prop_map(ErrorCode::from_u16)
@@ -726,22 +779,35 @@ mod tests {
                 })
             ),
             (code(), text()).prop_map(|(code, reason)| Message::Refuse(Refuse { code, reason })),
-            any::<[u64; 5]>().prop_map(|[a, b, c, d, e]| {
-                Message::AgentHeartbeat(AgentHeartbeat {
-                    seq: a,
-                    pending_files: b,
-                    pending_bytes: c,
-                    oldest_pending_age_s: d,
-                    send_rate_bps: e,
-                })
-            }),
-            (any::<u64>(), 0..=2u8, any::<u64>()).prop_map(|(seq, s, free_bytes)| {
-                Message::ReceiverHeartbeat(ReceiverHeartbeat {
-                    seq,
-                    storage: StorageState::from_u8(s).unwrap(),
-                    free_bytes,
-                })
-            }),
+            (any::<[u64; 5]>(), proptest::option::of(load())).prop_map(
+                |([a, b, c, d, e], node_load)| {
+                    Message::AgentHeartbeat(AgentHeartbeat {
+                        seq: a,
+                        pending_files: b,
+                        pending_bytes: c,
+                        oldest_pending_age_s: d,
+                        send_rate_bps: e,
+                        node_load,
+                    })
+                }
+            ),
+            (
+                any::<u64>(),
+                0..=2u8,
+                any::<u64>(),
+                proptest::option::of((load(), any::<u64>()))
+            )
+                .prop_map(|(seq, s, free_bytes, node)| {
+                    Message::ReceiverHeartbeat(ReceiverHeartbeat {
+                        seq,
+                        storage: StorageState::from_u8(s).unwrap(),
+                        free_bytes,
+                        node: node.map(|(load, stalled_since_s)| ReceiverNode {
+                            load,
+                            stalled_since_s,
+                        }),
+                    })
+                }),
             (
                 text(),
                 any::<u64>(),
@@ -822,11 +888,13 @@ mod tests {
                 pending_bytes: 3,
                 oldest_pending_age_s: 4,
                 send_rate_bps: 5,
+                node_load: None,
             }),
             Message::ReceiverHeartbeat(ReceiverHeartbeat {
                 seq: 9,
                 storage: StorageState::Stalled,
                 free_bytes: 1 << 40,
+                node: None,
             }),
             Message::Offer(Offer {
                 path: "2024-05-01/det07.fits".into(),
@@ -882,6 +950,28 @@ mod tests {
                     instance: 0xfeed,
                     index: 3,
                     count: 4,
+                }),
+            }),
+            Message::AgentHeartbeat(AgentHeartbeat {
+                seq: 1,
+                pending_files: 2,
+                pending_bytes: 3,
+                oldest_pending_age_s: 4,
+                send_rate_bps: 5,
+                node_load: Some(NodeLoadSummary {
+                    steal_bp: Some(250),
+                    pressure_cpu_bp: None,
+                    pressure_io_bp: Some(10_000),
+                    load1_centi: Some(123),
+                }),
+            }),
+            Message::ReceiverHeartbeat(ReceiverHeartbeat {
+                seq: 9,
+                storage: StorageState::Stalled,
+                free_bytes: 1 << 40,
+                node: Some(ReceiverNode {
+                    load: NodeLoadSummary::default(),
+                    stalled_since_s: 1_700_000_000,
                 }),
             }),
         ]
@@ -1116,6 +1206,20 @@ mod tests {
 
     // ---- malformed bodies ----
 
+    /// Bytes of `msg`'s optional trailing group, 0 when it has none (a hello's lane is
+    /// handled on its own).
+    fn optional_len(msg: &Message) -> usize {
+        match msg {
+            Message::AgentHeartbeat(AgentHeartbeat {
+                node_load: Some(_), ..
+            }) => LOAD_LEN,
+            Message::ReceiverHeartbeat(ReceiverHeartbeat { node: Some(_), .. }) => LOAD_LEN + 8,
+            _ => 0,
+        }
+    }
+
+    const LOAD_LEN: usize = 3 * 2 + 4;
+
     #[test]
     fn every_strict_prefix_of_a_body_is_truncated() {
         for msg in samples() {
@@ -1128,6 +1232,15 @@ mod tests {
                         assert!(result.is_ok(), "hello prefix of {n} bytes: {result:?}");
                         continue;
                     }
+                }
+                if n == full.len() - optional_len(&msg) {
+                    // Without its optional trailing group, the same message all the same.
+                    assert!(
+                        result.is_ok(),
+                        "{} prefix of {n} bytes: {result:?}",
+                        msg.kind()
+                    );
+                    continue;
                 }
                 if matches!(msg, Message::Chunk(_)) && n >= CHUNK_FIXED_LEN {
                     // The payload runs to the end of the frame: a shorter frame
@@ -1165,6 +1278,17 @@ mod tests {
             if let Message::Chunk(_) = msg {
                 // Trailing bytes of a chunk are payload.
                 assert!(result.is_ok());
+            } else if let Message::AgentHeartbeat(AgentHeartbeat {
+                node_load: None, ..
+            })
+            | Message::ReceiverHeartbeat(ReceiverHeartbeat { node: None, .. }) = msg
+            {
+                // Bytes after a heartbeat's fields start its node-load group.
+                assert!(
+                    matches!(result, Err(FrameError::Truncated { kind }) if kind == msg.kind()),
+                    "{}: {result:?}",
+                    msg.kind()
+                );
             } else if let Message::Hello(Hello { lane: None, .. }) = msg {
                 // Bytes after a hello's capabilities start its lane: two are too few.
                 assert!(

@@ -175,6 +175,8 @@ pub struct AgentHeartbeat {
     pub pending_bytes: u64,
     pub oldest_pending_age_s: u64,
     pub send_rate_bps: u64,
+    /// The agent's node load; `None` from an agent that does not send it.
+    pub node_load: Option<NodeLoadSummary>,
 }
 
 /// Receiver → agent, periodic storage report.
@@ -183,6 +185,47 @@ pub struct ReceiverHeartbeat {
     pub seq: u64,
     pub storage: StorageState,
     pub free_bytes: u64,
+    /// The receiver's node load and stall start; `None` from a receiver that does not
+    /// send them.
+    pub node: Option<ReceiverNode>,
+}
+
+/// The trailing group of a [`ReceiverHeartbeat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiverNode {
+    pub load: NodeLoadSummary,
+    /// When the current storage stall began, seconds since the Unix epoch; 0 when the
+    /// storage is not stalled.
+    pub stalled_since_s: u64,
+}
+
+/// A heartbeat's compact view of a node's load. Ratios in basis points (1/100 of a
+/// percent: 10 000 is all of the time); `None` where the node does not offer it (no PSI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeLoadSummary {
+    /// CPU steal between the last two samples.
+    pub steal_bp: Option<u16>,
+    /// PSI `some avg10` for cpu and io.
+    pub pressure_cpu_bp: Option<u16>,
+    pub pressure_io_bp: Option<u16>,
+    /// The 1-minute load average times 100.
+    pub load1_centi: Option<u32>,
+}
+
+impl NodeLoadSummary {
+    /// A ratio (0..=1) in basis points.
+    pub fn bp_of_ratio(r: f64) -> u16 {
+        (r.clamp(0.0, 1.0) * 10_000.0).round() as u16
+    }
+
+    /// A percentage (PSI's avg10) in basis points.
+    pub fn bp_of_percent(p: f64) -> u16 {
+        Self::bp_of_ratio(p / 100.0)
+    }
+
+    pub fn centi(v: f64) -> u32 {
+        (v.max(0.0) * 100.0).round().min(f64::from(u32::MAX - 1)) as u32
+    }
 }
 
 /// Agent → receiver, first frame on a file stream: the file it wants to send.

@@ -28,8 +28,8 @@ mod message;
 pub use codec::{decode, decode_body, frame_len, FrameError};
 pub use message::{
     hex, short_hex, Ack, AgentHeartbeat, Attach, Chunk, ChunkAck, ChunkRange, Codec, Commit,
-    ErrorCode, Hash, Hello, Lane, Message, Offer, ReceiverHeartbeat, Refuse, Reject, Resume,
-    StorageState, Welcome,
+    ErrorCode, Hash, Hello, Lane, Message, NodeLoadSummary, Offer, ReceiverHeartbeat, ReceiverNode,
+    Refuse, Reject, Resume, StorageState, Welcome,
 };
 
 /// The QUIC ALPN protocol identifier. A new major protocol gets a new ALPN.

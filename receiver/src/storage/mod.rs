@@ -37,6 +37,7 @@ use skyferry_common::unix_time::mtime_ns;
 use crate::health::FULL_BELOW;
 use crate::inventory::{Inventory, StoredFile};
 
+pub use ops::{OpKind, Ops};
 pub use partial::Partial;
 use tree::Found;
 pub use tree::PathLimits;

@@ -24,14 +24,17 @@ pub enum OpKind {
     Rename,
     /// Inserting and committing a catalog row.
     CatalogCommit,
+    /// The stall watchdog's periodic probe: write + fsync of a small file (`health::stall`).
+    Probe,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 4] = [
+    pub const ALL: [OpKind; 5] = [
         OpKind::Write,
         OpKind::Fsync,
         OpKind::Rename,
         OpKind::CatalogCommit,
+        OpKind::Probe,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,15 +43,18 @@ impl OpKind {
             OpKind::Fsync => "fsync",
             OpKind::Rename => "rename",
             OpKind::CatalogCommit => "catalog_commit",
+            OpKind::Probe => "probe",
         }
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Running {
-    kind: OpKind,
-    started: Instant,
-    started_at: SystemTime,
+/// An operation in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InProgress {
+    pub kind: OpKind,
+    pub started: Instant,
+    /// The same moment on the wall clock (for logs and the "since" metric).
+    pub started_at: SystemTime,
 }
 
 /// The operations in progress and their latency histogram. Shared (`Arc`) by the
@@ -56,7 +62,7 @@ struct Running {
 #[derive(Default)]
 pub struct Ops {
     /// Keyed by a sequence number taken at the start: the first entry is the oldest.
-    running: Mutex<BTreeMap<u64, Running>>,
+    running: Mutex<BTreeMap<u64, InProgress>>,
     next: AtomicU64,
     latency: StorageLatency,
 }
@@ -79,7 +85,7 @@ impl Ops {
         }
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Running>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, InProgress>> {
         // Plain values: a panicking holder cannot leave the map inconsistent.
         self.running.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -95,7 +101,7 @@ impl Ops {
         let started = Instant::now();
         self.running().insert(
             id,
-            Running {
+            InProgress {
                 kind,
                 started,
                 started_at: SystemTime::now(),
@@ -121,7 +127,12 @@ impl Ops {
             .map(|r| now.saturating_duration_since(r.started))
     }
 
-    fn oldest_running(&self) -> Option<Running> {
+    /// The operation in progress that started first, in full (for the stall watchdog).
+    pub fn oldest_in_progress(&self) -> Option<InProgress> {
+        self.oldest_running()
+    }
+
+    fn oldest_running(&self) -> Option<InProgress> {
         // Sequence numbers are taken in start order, but two threads can insert in the
         // other order: the smallest key is still the earliest `begin` call.
         self.running().values().next().copied()

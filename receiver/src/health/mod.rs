@@ -15,6 +15,8 @@
 //!
 //! Pure: callers pass the clock and the free space in.
 
+pub mod stall;
+
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
