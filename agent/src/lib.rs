@@ -17,6 +17,8 @@ pub mod journal;
 pub mod link;
 pub mod metrics;
 pub mod metrics_endpoint;
+pub mod pace;
+pub mod replay;
 pub mod sender;
 pub mod sources;
 pub mod tally;

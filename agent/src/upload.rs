@@ -586,6 +586,8 @@ mod tests {
         let m = std::fs::metadata(path).unwrap();
         Job {
             id: 1,
+            class: crate::journal::Class::Live,
+            replay: None,
             root: path.parent().unwrap().display().to_string(),
             path: path.file_name().unwrap().to_string_lossy().into_owned(),
             size: m.len(),

@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod compress;
 pub mod config;
 pub mod daemon;
+pub mod night;
 pub mod protocol;
 pub mod relpath;
 pub mod session;

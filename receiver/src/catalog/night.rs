@@ -10,10 +10,8 @@ use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, 
 /// MJD 0 is 1858-11-17T00:00:00 UTC; the Unix epoch is MJD 40587.
 const UNIX_EPOCH_MJD: f64 = 40_587.0;
 
-/// The night a UTC time belongs to in `tz`.
-pub fn night_of(t: DateTime<Utc>, tz: chrono_tz::Tz) -> NaiveDate {
-    (tz.from_utc_datetime(&t.naive_utc()) - Duration::hours(12)).date_naive()
-}
+/// The night rule lives in common, where the agent's `replay --night` uses it too.
+pub use skyferry_common::night::{night_of, parse_night};
 
 pub fn mjd_of(t: DateTime<Utc>) -> f64 {
     t.timestamp_micros() as f64 / 86_400e6 + UNIX_EPOCH_MJD
@@ -57,10 +55,6 @@ pub fn parse_time(s: &str) -> Option<NaiveTime> {
         .ok()
 }
 
-/// A night given on the command line: `2024-05-01` or `20240501`.
-pub fn parse_night(s: &str) -> Option<NaiveDate> {
-    parse_date(s).or_else(|| NaiveDate::parse_from_str(s.trim(), "%Y%m%d").ok())
-}
 
 /// `obs_release_date`: `months` after `t` (clamped to the end of a shorter month).
 pub fn release_date(t: DateTime<Utc>, months: u32) -> DateTime<Utc> {
