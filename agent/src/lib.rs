@@ -112,7 +112,7 @@ pub fn open_journal(config: &AgentConfig) -> Result<journal::Journal, JournalErr
 /// fails: then every task is stopped at once and the error is returned, so that the
 /// process exits with it instead of sitting "running" while shipping nothing. With
 /// `config_path`, SIGHUP re-reads it and applies the include/exclude globs and the
-/// blocklist without a restart.
+/// blocklist and the rate caps without a restart.
 pub async fn run(
     prepared: Prepared,
     config_path: Option<PathBuf>,
@@ -142,6 +142,7 @@ pub async fn run(
             Ok(())
         });
     }
+    let pace = Arc::new(pace::Pacer::new(&config));
     let ctx = Arc::new(sources::Context::new(
         &config,
         journal.clone(),
@@ -165,7 +166,7 @@ pub async fn run(
         });
     }
     if let Some(path) = config_path {
-        let reload = reload_on_sighup(path, ctx.clone(), sources_stop.clone());
+        let reload = reload_on_sighup(path, ctx.clone(), pace.clone(), sources_stop.clone());
         tasks.spawn(async move {
             reload.await;
             Ok(())
@@ -179,6 +180,7 @@ pub async fn run(
         wake,
         metrics,
         tally,
+        pace,
     };
     let stop = shutdown.clone();
     tasks.spawn(async move { sender.run(stop).await.context("sender failed") });
@@ -216,11 +218,17 @@ pub async fn run(
     Err(error)
 }
 
-/// On SIGHUP: re-reads the config and swaps in its include/exclude globs and blocklist,
+/// On SIGHUP: re-reads the config and swaps in its include/exclude globs, blocklist and
+/// rate caps (`transfer.max_rate`, `[transfer.rates]`),
 /// then rescans (newly included files are found; newly excluded ones are no longer
 /// queued). A config with problems is refused and the rules in force are kept. Other
 /// settings (receiver, Redis sources, roots) need a restart.
-async fn reload_on_sighup(path: PathBuf, ctx: Arc<sources::Context>, stop: CancellationToken) {
+async fn reload_on_sighup(
+    path: PathBuf,
+    ctx: Arc<sources::Context>,
+    pace: Arc<pace::Pacer>,
+    stop: CancellationToken,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
@@ -242,6 +250,8 @@ async fn reload_on_sighup(path: PathBuf, ctx: Arc<sources::Context>, stop: Cance
                     "SIGHUP: reloaded include/exclude globs and the blocklist"
                 );
                 ctx.rules.replace(rules);
+                pace.configure(&config);
+                tracing::info!("SIGHUP: reloaded transfer.max_rate and [transfer.rates]");
                 ctx.request_rescan("rules reloaded");
             }
             Ok(Err(e)) => {

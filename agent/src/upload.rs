@@ -40,6 +40,8 @@ pub struct UploadContext {
     pub tally: Arc<Tally>,
     /// Read buffers, reused once QUIC has let go of them.
     pub buffers: Arc<crate::buffers::ChunkBuffers>,
+    /// Rate caps and the byte budget of backlog and replay chunks in flight.
+    pub pace: Arc<crate::pace::Pacer>,
 }
 
 /// The source file, opened and checked to be the journaled version.
@@ -206,6 +208,8 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
         Ok(s) => s,
         Err(_) => return Finish::Requeue,
     };
+    // Live data first among what QUIC has queued to send.
+    let _ = send.set_priority(crate::pace::priority(job.class));
     let offer = Offer {
         path: job.path.clone(),
         size: job.size,
@@ -370,19 +374,35 @@ async fn exchange(
             ctx.link.clone(),
             ctx.buffers.clone(),
         );
+        // Shares of `transfer.bulk_in_flight` of the chunks not yet acknowledged, oldest
+        // first (backlog and replay only).
+        let mut budget = std::collections::VecDeque::new();
         while session.outcome().is_none()
             && (session.chunks_to_send() > 0 || session.awaits_file_hash())
         {
             tokio::select! {
                 // Acknowledgements open the window; a rejection can arrive at any time.
                 msg = replies.recv() => {
-                    let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
-                    session.handle(msg).map_err(session_error)?;
+                    on_reply(session, msg, &mut budget)?;
                 }
                 item = items.recv(), if session.can_send() || session.awaits_file_hash() => {
                     let Some(item) = item else { break };
                     match item.map_err(|e| WireError::Connection(format!("reading source: {e}")))? {
                         ReadItem::Chunk(msg, raw_len) => {
+                            if job.class != crate::journal::Class::Live {
+                                // Acknowledgements keep coming while this waits.
+                                let share = loop {
+                                    tokio::select! {
+                                        share = ctx.pace.bulk_budget(job.class, u64::from(raw_len)) => break share,
+                                        msg = replies.recv() => on_reply(session, msg, &mut budget)?,
+                                    }
+                                    if session.outcome().is_some() {
+                                        return Ok(None);
+                                    }
+                                };
+                                budget.extend(share);
+                            }
+                            ctx.pace.pace(job.class, job.replay, u64::from(raw_len)).await;
                             let started = std::time::Instant::now();
                             if let Err(e) = writer.send(&msg).await {
                                 return rejection_after_stop(session, &mut replies, e).await.map(|()| None);
@@ -428,6 +448,19 @@ async fn exchange(
             .map_err(session_error)?;
     }
     Ok(None)
+}
+
+/// A reply while chunks are sent: a chunk acknowledged returns its budget share.
+fn on_reply(
+    session: &mut SendSession,
+    msg: Option<Result<Message, WireError>>,
+    budget: &mut std::collections::VecDeque<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<(), WireError> {
+    let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
+    if matches!(msg, Message::ChunkAck(_)) {
+        budget.pop_front();
+    }
+    session.handle(msg).map_err(session_error)
 }
 
 /// The receiver stops the stream when it rejects a file: its reason may already be on
