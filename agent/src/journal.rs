@@ -455,7 +455,8 @@ impl Journal {
         let name = path.display().to_string();
         let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .map_err(sql(&name))?;
-        db.busy_timeout(Duration::from_secs(30)).map_err(sql(&name))?;
+        db.busy_timeout(Duration::from_secs(30))
+            .map_err(sql(&name))?;
         db.pragma_update(None, "synchronous", "FULL")
             .map_err(sql(&name))?;
         let version: i64 = db

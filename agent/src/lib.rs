@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod metrics_endpoint;
 pub mod pace;
 pub mod replay;
+pub mod replay_cli;
 pub mod sender;
 pub mod sources;
 pub mod tally;

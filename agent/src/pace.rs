@@ -176,7 +176,9 @@ impl Pacer {
             return None;
         }
         // A chunk larger than the whole budget goes alone.
-        let n = u32::try_from(bytes).unwrap_or(u32::MAX).min(self.bulk_capacity);
+        let n = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .min(self.bulk_capacity);
         self.bulk.clone().acquire_many_owned(n).await.ok()
     }
 }

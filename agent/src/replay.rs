@@ -174,7 +174,9 @@ impl Journal {
                         .optional()
                         .map_err(sql(path))?;
                     match row {
-                        Some((id, s)) if s == State::Vanished as i64 || s == State::Superseded as i64 => {
+                        Some((id, s))
+                            if s == State::Vanished as i64 || s == State::Superseded as i64 =>
+                        {
                             revive.execute(params![id, replay]).map_err(sql(path))?;
                             true
                         }
@@ -198,7 +200,12 @@ impl Journal {
                 "UPDATE replays SET queued_files = queued_files + ?2,
                  queued_bytes = queued_bytes + ?3, skipped_files = skipped_files + ?4
                  WHERE id = ?1",
-                params![replay, b.queued as i64, b.queued_bytes as i64, b.skipped as i64],
+                params![
+                    replay,
+                    b.queued as i64,
+                    b.queued_bytes as i64,
+                    b.skipped as i64
+                ],
             )
             .map_err(sql(path))?;
         }
@@ -350,10 +357,7 @@ impl Journal {
                     "SELECT path, COALESCE(last_error, '') FROM files
                      WHERE replay = ?1 AND replay IS NOT NULL AND state = 4 LIMIT 10",
                 )
-                .and_then(|mut s| {
-                    s.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect()
-                })
+                .and_then(|mut s| s.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
                 .map_err(sql(path))?;
         }
         if replay.state == ReplayState::Active

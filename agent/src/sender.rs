@@ -379,7 +379,10 @@ impl Sender {
                 let jobs = tokio::task::spawn_blocking(move || {
                     let mut j = lock_journal(&journal);
                     let rates = j.replay_rates()?;
-                    Ok::<_, crate::journal::JournalError>((j.claim_classes(want, bulk, live_since)?, rates))
+                    Ok::<_, crate::journal::JournalError>((
+                        j.claim_classes(want, bulk, live_since)?,
+                        rates,
+                    ))
                 })
                 .await;
                 match jobs {

@@ -41,7 +41,10 @@ mod tests {
             let (start, end) = night_bounds(night, tz);
             assert_eq!(night_of(start, tz), night);
             assert_eq!(night_of(end - Duration::seconds(1), tz), night);
-            assert_eq!(night_of(start - Duration::seconds(1), tz), night - Duration::days(1));
+            assert_eq!(
+                night_of(start - Duration::seconds(1), tz),
+                night - Duration::days(1)
+            );
             assert_eq!(night_of(end, tz), night + Duration::days(1));
         }
         let (start, _) = night_bounds(parse_night("2024-05-01").unwrap(), chrono_tz::Asia::Tokyo);

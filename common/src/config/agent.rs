@@ -519,7 +519,9 @@ impl AgentConfig {
                 transfer.live_slots, transfer.parallel_files
             ));
         }
-        transfer.live_slots = transfer.live_slots.min(transfer.parallel_files.saturating_sub(1));
+        transfer.live_slots = transfer
+            .live_slots
+            .min(transfer.parallel_files.saturating_sub(1));
         if transfer.bulk_in_flight < chunk_size {
             p.push(format!(
                 "transfer.bulk_in_flight = {} bytes is less than transfer.chunk_size = {chunk_size}",
@@ -530,13 +532,13 @@ impl AgentConfig {
         match root.get("transfer").and_then(|t| t.get("rates")) {
             None => {}
             Some(toml::Value::Table(t)) => {
-            let mut r = Section::from_table("transfer.rates".into(), t);
-            transfer.rates = ClassRates {
-                live: schedule(&mut r, "live", p),
-                backlog: schedule(&mut r, "backlog", p),
-                replay: schedule(&mut r, "replay", p),
-            };
-            r.finish(p);
+                let mut r = Section::from_table("transfer.rates".into(), t);
+                transfer.rates = ClassRates {
+                    live: schedule(&mut r, "live", p),
+                    backlog: schedule(&mut r, "backlog", p),
+                    replay: schedule(&mut r, "replay", p),
+                };
+                r.finish(p);
             }
             Some(_) => p.push("[transfer.rates] must be a table".into()),
         }

@@ -13,8 +13,8 @@ mod reader;
 mod receiver;
 
 pub use agent::{
-    AgentConfig, Blocklist, ClassRates, Endpoint, MessageFormat, PathFilter, RedisConfig, RedisMode,
-    TransferConfig, WatchConfig, DEFAULT_EXCLUDES,
+    AgentConfig, Blocklist, ClassRates, Endpoint, MessageFormat, PathFilter, RedisConfig,
+    RedisMode, TransferConfig, WatchConfig, DEFAULT_EXCLUDES,
 };
 pub use catalog::{CatalogConfig, HeaderKeys};
 pub use rate::{parse_rate, RateSchedule};

@@ -89,7 +89,9 @@ pub fn parse_rate(s: &str) -> Result<Option<u64>, String> {
         format!("{s:?} is not a rate: write a size per second (e.g. \"200MB/s\") or \"off\"")
     })?;
     match parse_size(size)? {
-        0 => Err(format!("{s:?}: a rate of zero would stop all traffic (\"off\" is no cap)")),
+        0 => Err(format!(
+            "{s:?}: a rate of zero would stop all traffic (\"off\" is no cap)"
+        )),
         n => Ok(Some(n)),
     }
 }
@@ -102,14 +104,21 @@ mod tests {
     #[test]
     fn schedules_parse_and_wrap_past_midnight() {
         let s = RateSchedule::parse("08:00 200MB/s, 18:00 off").unwrap();
-        assert_eq!(s.at(7 * 60 + 59), None, "before 08:00 the 18:00 step still holds");
+        assert_eq!(
+            s.at(7 * 60 + 59),
+            None,
+            "before 08:00 the 18:00 step still holds"
+        );
         assert_eq!(s.at(8 * 60), Some(200_000_000));
         assert_eq!(s.at(17 * 60 + 59), Some(200_000_000));
         assert_eq!(s.at(18 * 60), None);
         let s = RateSchedule::parse("00:30 1MiB/s, 12:00 2MB/s").unwrap();
         assert_eq!(s.at(0), Some(2_000_000));
         assert_eq!(s.at(30), Some(1 << 20));
-        assert_eq!(RateSchedule::parse("20MB/s").unwrap(), RateSchedule::constant(20_000_000));
+        assert_eq!(
+            RateSchedule::parse("20MB/s").unwrap(),
+            RateSchedule::constant(20_000_000)
+        );
         assert!(RateSchedule::parse("off").unwrap().is_off());
     }
 

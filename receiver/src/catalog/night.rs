@@ -5,7 +5,7 @@
 //! timezone is `catalog.timezone` (default Asia/Tokyo, which has no daylight saving time;
 //! zones that have it are handled by chrono-tz).
 
-use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 
 /// MJD 0 is 1858-11-17T00:00:00 UTC; the Unix epoch is MJD 40587.
 const UNIX_EPOCH_MJD: f64 = 40_587.0;
@@ -54,7 +54,6 @@ pub fn parse_time(s: &str) -> Option<NaiveTime> {
         .or_else(|_| NaiveTime::parse_from_str(s, "%H:%M"))
         .ok()
 }
-
 
 /// `obs_release_date`: `months` after `t` (clamped to the end of a shorter month).
 pub fn release_date(t: DateTime<Utc>, months: u32) -> DateTime<Utc> {
