@@ -220,8 +220,6 @@ pub fn walk(
     } else {
         anyhow::bail!("nothing selected: give --root DIR or --from-list FILE");
     }
-    add(None, &mut w)?;
-    drop(add);
     flush(&mut batch, &mut w)?;
     Ok(w)
 }

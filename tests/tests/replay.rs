@@ -4,6 +4,9 @@
 //! queues, `--from-list -` reads a pipe, and exactly the selected files arrive, once,
 //! byte-identical; `--resend` of done files sends nothing the receiver still holds.
 
+// A panic here is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -265,7 +268,7 @@ fn replay_selects_by_night_and_list_and_exactly_those_files_arrive_once() {
 /// Pause holds a replay's files while it is paused; cancel unqueues the rest.
 #[test]
 fn pause_holds_and_cancel_unqueues() {
-    let mut pair = Pair::start(PairOptions::default()).expect("start pair");
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
     let archive = pair.dir().join("archive");
     write_archive(&archive);
     let config = pair.agent_config_path();
