@@ -325,3 +325,89 @@ fn pause_holds_and_cancel_unqueues() {
     assert_eq!(status["pending"], 0, "{status}");
     let _ = SystemTime::now();
 }
+
+/// Bytes published so far.
+fn stored_bytes(dir: &Path) -> u64 {
+    tree(dir)
+        .iter()
+        .filter_map(|r| fs::metadata(dir.join(r)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Rate at the receiver over `secs` seconds, in MB/s.
+fn measured_rate(dir: &Path, secs: u64) -> f64 {
+    let before = stored_bytes(dir);
+    std::thread::sleep(Duration::from_secs(secs));
+    (stored_bytes(dir) - before) as f64 / secs as f64 / 1e6
+}
+
+/// `transfer.max_rate = "20MB/s"` holds within ±10 % over 30 s at the receiver, and a
+/// SIGHUP to 40 MB/s is in force within 5 s.
+#[test]
+fn the_rate_cap_holds_and_follows_sighup() {
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let cap = |rate: &str| {
+        let rate = rate.to_owned();
+        move |c: &mut String| {
+            *c = c.replace(
+                "[transfer]\n",
+                &format!("[transfer]\nmax_rate = \"{rate}\"\n"),
+            )
+        }
+    };
+    let hup = |pair: &Pair| {
+        let pid = pair.agent_pid().unwrap().to_string();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+    pair.write_agent_config(cap("20MB/s")).unwrap();
+    hup(&pair);
+    let archive = pair.dir().join("archive");
+    // 1.2 GB in 1 MB files: more than 35 s at 20 MB/s and 10 s at 40 MB/s.
+    for i in 0..1200usize {
+        must_write(
+            &archive.join(format!("d{}/f{i:04}.fits", i % 10)),
+            &content(1_000_000, i as u64),
+        );
+    }
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap();
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+    agent(
+        &pair,
+        &["-c", config, "--root", archive.to_str().unwrap()],
+        None,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let rate = measured_rate(&pair.published(), 30);
+    assert!(
+        (18.0..=22.0).contains(&rate),
+        "20 MB/s cap: measured {rate:.2} MB/s"
+    );
+    pair.write_agent_config(cap("40MB/s")).unwrap();
+    let pid = pair.agent_pid().unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_secs(5));
+    let rate = measured_rate(&pair.published(), 8);
+    assert!(
+        (34.0..=46.0).contains(&rate),
+        "40 MB/s after SIGHUP: measured {rate:.2} MB/s"
+    );
+    assert!(pair
+        .agent_log()
+        .unwrap()
+        .contains("reloaded transfer.max_rate"));
+}
