@@ -33,8 +33,8 @@ use skyferry_common::unix_time::now_ns;
 /// How long a file waits after the receiver said it cannot take it right now.
 const WAIT: Duration = Duration::from_secs(5);
 
-/// Schema version in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version in `PRAGMA user_version`. 2: replays (the `replays` table, `files.replay`).
+const SCHEMA_VERSION: i64 = 2;
 
 /// Exit code when the journal is corrupt (sysexits EX_DATAERR): the operator must rebuild
 /// it (docs/operations.md), a restart alone will not help.
@@ -136,6 +136,10 @@ pub struct Discovered {
 #[derive(Debug, Clone)]
 pub struct Job {
     pub id: i64,
+    /// Which class the file was claimed in (live, backlog or replay).
+    pub class: Class,
+    /// The replay that queued it, if one did.
+    pub replay: Option<i64>,
     pub root: String,
     pub path: String,
     pub size: u64,
@@ -219,6 +223,68 @@ pub enum Durability {
     Durable,
     /// `synchronous = NORMAL`: on disk with the next durable commit or checkpoint.
     Lazy,
+}
+
+/// Brings a version-1 journal to version 2 (replays), in one transaction; a no-op on a
+/// version-2 one. Whoever opens the journal first (agent or `replay` command) does it.
+fn migrate(db: &Connection, name: &str) -> Result<(), JournalError> {
+    let version: i64 = db
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql(name))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    db.execute_batch(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE files ADD COLUMN replay INTEGER;
+         CREATE TABLE replays (
+            id            INTEGER PRIMARY KEY,
+            name          TEXT NOT NULL,
+            created_ns    INTEGER NOT NULL,
+            state         INTEGER NOT NULL DEFAULT 0,
+            selection     TEXT NOT NULL,
+            max_rate      INTEGER,
+            queued_files  INTEGER NOT NULL DEFAULT 0,
+            queued_bytes  INTEGER NOT NULL DEFAULT 0,
+            skipped_files INTEGER NOT NULL DEFAULT 0,
+            enqueued      INTEGER NOT NULL DEFAULT 0,
+            finished_ns   INTEGER
+         );
+         DROP INDEX IF EXISTS files_pending_mtime;
+         CREATE INDEX files_pending_direct ON files (mtime_ns)
+            WHERE state = 0 AND replay IS NULL;
+         CREATE INDEX files_pending_replay ON files (replay, id)
+            WHERE state = 0 AND replay IS NOT NULL;
+         CREATE INDEX files_by_replay ON files (replay, state, size)
+            WHERE replay IS NOT NULL;
+         PRAGMA user_version = 2;
+         COMMIT;",
+    )
+    .map_err(sql(name))
+}
+
+/// The class a file is sent in: live first, then the backlog, then replays (reserved
+/// slots, QUIC priority and a byte budget keep the last two from delaying the first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// Source mtime within `transfer.live_window`, found by a watch or Redis.
+    Live,
+    /// Older than the live window (outage catch-up), found by a watch or Redis.
+    Backlog,
+    /// Queued by `skyferry-agent replay`.
+    Replay,
+}
+
+impl Class {
+    pub const ALL: [Class; 3] = [Class::Live, Class::Backlog, Class::Replay];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Live => "live",
+            Class::Backlog => "backlog",
+            Class::Replay => "replay",
+        }
+    }
 }
 
 /// Maps an SQLite error to a journal error naming the file.
@@ -367,13 +433,9 @@ impl Journal {
                  CREATE INDEX IF NOT EXISTS files_by_path ON files (root, path);",
             )
             .map_err(err)?;
-            db.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(err)?;
+            db.pragma_update(None, "user_version", 1).map_err(err)?;
         }
-        db.execute_batch(
-            "CREATE INDEX IF NOT EXISTS files_pending_mtime ON files (mtime_ns) WHERE state = 0;",
-        )
-        .map_err(sql(&name))?;
+        migrate(&db, &name)?;
         Ok(Journal {
             db,
             path: name,
@@ -395,6 +457,47 @@ impl Journal {
             self.sync = sync;
         }
         Ok(())
+    }
+
+    /// Opens an existing journal for the `replay` commands, which write next to a
+    /// running agent: without the agent's lock (SQLite's own locking and the busy
+    /// timeout share the database between the two processes) and without the
+    /// `quick_check` (minutes on a large journal; the agent runs the checks).
+    pub fn open_shared(path: &Path) -> Result<Journal, JournalError> {
+        let name = path.display().to_string();
+        let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(sql(&name))?;
+        db.busy_timeout(Duration::from_secs(30))
+            .map_err(sql(&name))?;
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql(&name))?;
+        let version: i64 = db
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql(&name))?;
+        if version > SCHEMA_VERSION {
+            return Err(JournalError::TooNew {
+                path: name,
+                found: version,
+            });
+        }
+        if version == 0 {
+            return Err(JournalError::Corrupt {
+                path: name,
+                detail: "no skyferry schema in it (has the agent run with this config?)".into(),
+            });
+        }
+        migrate(&db, &name)?;
+        Ok(Journal {
+            db,
+            path: name,
+            _lock: None,
+            sync: Durability::Durable,
+        })
+    }
+
+    /// The connection, for the replay queries (agent/src/replay.rs).
+    pub(crate) fn db(&mut self) -> (&mut Connection, &str) {
+        (&mut self.db, &self.path)
     }
 
     /// Opens for reading only (the `status` command), without creating anything.
@@ -563,35 +666,78 @@ impl Journal {
             .map_err(sql(&self.path))
     }
 
-    /// Claims up to `limit` pending files and marks them in flight, in two classes:
-    /// live files (source mtime at or after `live_since_ns`: tonight's data) first,
-    /// newest first; then the backlog, oldest first. Both come off an index on mtime,
-    /// so a claim costs the same with ten or ten million files pending. Lazy: a claim
-    /// lost to a power loss leaves the files pending, where a restart would put them.
+    /// Claims up to `limit` pending files of any class; see [`Journal::claim_classes`].
     pub fn claim(&mut self, limit: usize, live_since_ns: i64) -> Result<Vec<Job>, JournalError> {
+        self.claim_classes(limit, limit, live_since_ns)
+    }
+
+    /// Claims up to `limit` pending files and marks them in flight, at most `bulk` of
+    /// them backlog or replay: live files (no replay, source mtime at or after
+    /// `live_since_ns`: tonight's data) first, newest first; then the backlog, oldest
+    /// first; then the rows of active replays, oldest replay first, in the order they
+    /// were queued. Rows of paused and cancelled replays are skipped. Each class comes
+    /// off an index of its own, so a claim costs the same with ten or ten million files
+    /// pending. Lazy: a claim lost to a power loss leaves the files pending, where a
+    /// restart would put them.
+    pub fn claim_classes(
+        &mut self,
+        limit: usize,
+        bulk: usize,
+        live_since_ns: i64,
+    ) -> Result<Vec<Job>, JournalError> {
         self.sync(Durability::Lazy)?;
         let now = now_ns();
-        let tx = self.db.transaction().map_err(sql(&self.path))?;
+        let path = self.path.clone();
+        let tx = self.db.transaction().map_err(sql(&path))?;
         let jobs: Vec<Job> = {
             let mut rows: Vec<Job> = Vec::with_capacity(limit);
-            for query in [
-                "SELECT id, root, path, size, mtime_ns, hash, attempts FROM files
-                 WHERE state = 0 AND mtime_ns >= ?3 AND not_before <= ?1
-                 ORDER BY mtime_ns DESC, id DESC LIMIT ?2",
-                "SELECT id, root, path, size, mtime_ns, hash, attempts FROM files
-                 WHERE state = 0 AND mtime_ns < ?3 AND not_before <= ?1
-                 ORDER BY mtime_ns, id LIMIT ?2",
-            ] {
-                let want = (limit - rows.len()) as i64;
-                if want == 0 {
-                    break;
+            let active: Vec<i64> = tx
+                .prepare_cached("SELECT id FROM replays WHERE state = 0 ORDER BY id")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(sql(&path))?;
+            let mut queries: Vec<(Class, &str, Option<i64>)> = vec![
+                (
+                    Class::Live,
+                    "SELECT id, root, path, size, mtime_ns, hash, attempts, replay FROM files
+                     WHERE state = 0 AND replay IS NULL AND mtime_ns >= ?3 AND not_before <= ?1
+                     ORDER BY mtime_ns DESC, id DESC LIMIT ?2",
+                    None,
+                ),
+                (
+                    Class::Backlog,
+                    "SELECT id, root, path, size, mtime_ns, hash, attempts, replay FROM files
+                     WHERE state = 0 AND replay IS NULL AND mtime_ns < ?3 AND not_before <= ?1
+                     ORDER BY mtime_ns, id LIMIT ?2",
+                    None,
+                ),
+            ];
+            for id in active {
+                queries.push((
+                    Class::Replay,
+                    "SELECT id, root, path, size, mtime_ns, hash, attempts, replay FROM files
+                     WHERE state = 0 AND replay IS NOT NULL AND replay = ?3 AND not_before <= ?1
+                     ORDER BY replay, id LIMIT ?2",
+                    Some(id),
+                ));
+            }
+            let mut bulk_left = bulk;
+            for (class, query, replay) in queries {
+                let mut want = limit - rows.len();
+                if class != Class::Live {
+                    want = want.min(bulk_left);
                 }
-                let mut select = tx.prepare_cached(query).map_err(sql(&self.path))?;
+                if want == 0 {
+                    continue;
+                }
+                let third = replay.unwrap_or(live_since_ns);
+                let mut select = tx.prepare_cached(query).map_err(sql(&path))?;
                 let found = select
-                    .query_map(params![now, want, live_since_ns], |r| {
+                    .query_map(params![now, want as i64, third], |r| {
                         let hash: Option<Vec<u8>> = r.get(5)?;
                         Ok(Job {
                             id: r.get(0)?,
+                            class,
+                            replay: r.get(7)?,
                             root: r.get(1)?,
                             path: r.get(2)?,
                             size: r.get::<_, i64>(3)? as u64,
@@ -601,19 +747,22 @@ impl Journal {
                         })
                     })
                     .and_then(|found| found.collect::<Result<Vec<Job>, _>>())
-                    .map_err(sql(&self.path))?;
+                    .map_err(sql(&path))?;
+                if class != Class::Live {
+                    bulk_left -= found.len();
+                }
                 rows.extend(found);
             }
             let mut mark = tx
                 .prepare_cached("UPDATE files SET state = 1 WHERE id = ?1")
-                .map_err(sql(&self.path))?;
+                .map_err(sql(&path))?;
             for j in &rows {
                 let j: &Job = j;
-                mark.execute([j.id]).map_err(sql(&self.path))?;
+                mark.execute([j.id]).map_err(sql(&path))?;
             }
             rows
         };
-        tx.commit().map_err(sql(&self.path))?;
+        tx.commit().map_err(sql(&path))?;
         Ok(jobs)
     }
 

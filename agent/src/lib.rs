@@ -16,6 +16,9 @@ pub mod buffers;
 pub mod journal;
 pub mod link;
 pub mod metrics;
+pub mod pace;
+pub mod replay;
+pub mod replay_cli;
 pub mod sender;
 pub mod service;
 pub mod sources;
@@ -115,7 +118,7 @@ pub fn open_journal(config: &AgentConfig) -> Result<journal::Journal, JournalErr
 /// fails: then every task is stopped at once and the error is returned, so that the
 /// process exits with it instead of sitting "running" while shipping nothing. With
 /// `config_path`, SIGHUP re-reads it and applies the include/exclude globs and the
-/// blocklist without a restart.
+/// blocklist and the rate caps without a restart.
 pub async fn run(
     prepared: Prepared,
     config_path: Option<PathBuf>,
@@ -175,6 +178,7 @@ pub async fn run(
         config.transfer.live_window,
         shutdown.clone(),
     ));
+    let pace = Arc::new(pace::Pacer::new(&config));
     let ctx = Arc::new(sources::Context::new(
         &config,
         journal.clone(),
@@ -198,7 +202,13 @@ pub async fn run(
         });
     }
     if let Some(path) = config_path {
-        let reload = reload_on_sighup(path, ctx.clone(), notifier.clone(), sources_stop.clone());
+        let reload = reload_on_sighup(
+            path,
+            ctx.clone(),
+            pace.clone(),
+            notifier.clone(),
+            sources_stop.clone(),
+        );
         tasks.spawn(async move {
             reload.await;
             Ok(())
@@ -221,6 +231,7 @@ pub async fn run(
         wake,
         metrics,
         tally,
+        pace,
     };
     let stop = shutdown.clone();
     tasks.spawn(async move { sender.run(stop).await.context("sender failed") });
@@ -297,7 +308,8 @@ async fn sample_queue(
     }
 }
 
-/// On SIGHUP: re-reads the config and swaps in its include/exclude globs and blocklist,
+/// On SIGHUP: re-reads the config and swaps in its include/exclude globs, blocklist and
+/// rate caps (`transfer.max_rate`, `[transfer.rates]`),
 /// then rescans (newly included files are found; newly excluded ones are no longer
 /// queued). A config with problems is refused and the rules in force are kept. Other
 /// settings (receiver, Redis sources, roots) need a restart. systemd is told
@@ -308,6 +320,7 @@ async fn sample_queue(
 fn reload_on_sighup(
     path: PathBuf,
     ctx: Arc<sources::Context>,
+    pace: Arc<pace::Pacer>,
     notifier: skyferry_common::daemon::systemd::Notifier,
     stop: CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
@@ -335,6 +348,8 @@ fn reload_on_sighup(
                         "SIGHUP: reloaded include/exclude globs and the blocklist"
                     );
                     ctx.rules.replace(rules);
+                    pace.configure(&config);
+                    tracing::info!("SIGHUP: reloaded transfer.max_rate and [transfer.rates]");
                     ctx.request_rescan("rules reloaded");
                 }
                 Ok(Err(e)) => {

@@ -22,6 +22,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the replay variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent daemon.
@@ -42,6 +44,89 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Queue files again (a backfill, a resend after storage loss on the receiver), or
+    /// list, show, pause, resume or cancel replays.
+    #[command(args_conflicts_with_subcommands = true)]
+    Replay {
+        #[command(subcommand)]
+        action: Option<ReplayAction>,
+        #[command(flatten)]
+        start: ReplayStart,
+    },
+}
+
+#[derive(clap::Args)]
+struct ReplayStart {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A tree to walk (need not be a watch root, e.g. an old archive volume).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Files whose mtime falls in this observatory night (noon to noon, agent.timezone).
+    #[arg(long, conflicts_with_all = ["since", "until"])]
+    night: Option<String>,
+    /// Files modified at or after this local time (2024-05-01 or 2024-05-01T18:00).
+    #[arg(long)]
+    since: Option<String>,
+    /// Files modified before this local time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only paths (relative to their root) matching this glob.
+    #[arg(long)]
+    glob: Option<String>,
+    /// One path per line (absolute, or relative to --root); `-` for stdin.
+    #[arg(long)]
+    from_list: Option<PathBuf>,
+    /// Queue files already done again: the receiver acknowledges what it still holds
+    /// without data and takes the rest.
+    #[arg(long)]
+    resend: bool,
+    /// Print what would be queued (files, bytes, ETA) and queue nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    name: Option<String>,
+    /// A cap of this replay's own, e.g. 100MB/s.
+    #[arg(long)]
+    max_rate: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ReplayAction {
+    /// Every replay with its progress.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One replay's progress; with --follow until it ends, then a summary.
+    Show {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: String,
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sending a replay's files (they stay queued).
+    Pause {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: String,
+    },
+    Resume {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: String,
+    },
+    /// Unqueue a replay's files not yet sent (stored files stay stored).
+    Cancel {
+        #[arg(long, short)]
+        config: PathBuf,
+        id: String,
     },
 }
 
@@ -67,6 +152,14 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::from(EXIT_USAGE as u8)
             }
+        },
+        Command::Replay { action, start } => match replay_command(action, start) {
+            Ok(text) => daemon::print_out(&text),
+            Err(ReplayError::Usage(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_USAGE as u8)
+            }
+            Err(ReplayError::Failed(e)) => failure(e),
         },
         Command::Run { config: path } => {
             let (config, warnings) = match AgentConfig::load_for_run(&path) {
@@ -261,4 +354,306 @@ fn daemon_lines(out: &mut Vec<u8>, r: &skyferry_common::state_file::Read) -> std
         "node load",
         skyferry_common::state_file::load_text(&s["node_load"])
     )
+}
+
+enum ReplayError {
+    Usage(String),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ReplayError {
+    fn from(e: anyhow::Error) -> Self {
+        ReplayError::Failed(e)
+    }
+}
+
+impl From<skyferry_agent::JournalError> for ReplayError {
+    fn from(e: skyferry_agent::JournalError) -> Self {
+        ReplayError::Failed(e.into())
+    }
+}
+
+fn load(config: &Path) -> Result<AgentConfig, ReplayError> {
+    AgentConfig::load(config).map_err(|e| ReplayError::Usage(e.to_string()))
+}
+
+fn shared_journal(config: &AgentConfig) -> Result<Journal, ReplayError> {
+    if !config.journal.is_file() {
+        return Err(ReplayError::Failed(anyhow::anyhow!(
+            "no journal at {} (agent.journal): start the agent once with this config first",
+            config.journal.display()
+        )));
+    }
+    Ok(Journal::open_shared(&config.journal)?)
+}
+
+fn replay_id(id: &str) -> Result<i64, ReplayError> {
+    skyferry_agent::replay::parse_id(id).map_err(ReplayError::Usage)
+}
+
+fn replay_command(action: Option<ReplayAction>, start: ReplayStart) -> Result<String, ReplayError> {
+    use skyferry_agent::replay::ReplayState;
+    let set = |config: PathBuf, id: String, to: ReplayState, done: &str| {
+        let c = load(&config)?;
+        let id = replay_id(&id)?;
+        shared_journal(&c)?
+            .set_replay_state(id, to)
+            .map_err(|e| ReplayError::Failed(anyhow::anyhow!(e)))?;
+        Ok(format!("replay {id} {done}\n"))
+    };
+    match action {
+        None => replay_start(start),
+        Some(ReplayAction::List { config, json }) => {
+            let c = load(&config)?;
+            let replays = shared_journal(&c)?.replays()?;
+            if json {
+                return Ok(format!(
+                    "{}\n",
+                    serde_json::to_string(&replays).map_err(anyhow::Error::from)?
+                ));
+            }
+            let mut out = String::new();
+            for r in &replays {
+                out.push_str(&progress_line(r, None));
+                out.push('\n');
+            }
+            if replays.is_empty() {
+                out.push_str("no replays\n");
+            }
+            Ok(out)
+        }
+        Some(ReplayAction::Show {
+            config,
+            id,
+            follow,
+            json,
+        }) => {
+            let c = load(&config)?;
+            let id = replay_id(&id)?;
+            let mut j = shared_journal(&c)?;
+            let get = |j: &mut Journal| -> Result<skyferry_agent::replay::Replay, ReplayError> {
+                j.replay(id)?.ok_or_else(|| {
+                    ReplayError::Usage(format!(
+                        "no replay {id} in this journal (see `replay list`)"
+                    ))
+                })
+            };
+            let mut r = get(&mut j)?;
+            let started = std::time::Instant::now();
+            let first_done = r.progress.done_bytes;
+            let mut rate = None;
+            while follow && matches!(r.state, ReplayState::Active | ReplayState::Paused) {
+                let line = if json {
+                    show_json(&r, rate)
+                } else {
+                    progress_line(&r, rate)
+                };
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{line}");
+                let _ = stdout.flush();
+                drop(stdout);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                r = get(&mut j)?;
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                rate =
+                    Some(((r.progress.done_bytes.saturating_sub(first_done)) as f64 / secs) as u64);
+            }
+            Ok(if json {
+                format!("{}\n", show_json(&r, rate))
+            } else {
+                format!("{}\n{}", progress_line(&r, rate), summary(&r))
+            })
+        }
+        Some(ReplayAction::Pause { config, id }) => set(config, id, ReplayState::Paused, "paused"),
+        Some(ReplayAction::Resume { config, id }) => {
+            set(config, id, ReplayState::Active, "resumed")
+        }
+        Some(ReplayAction::Cancel { config, id }) => {
+            set(config, id, ReplayState::Cancelled, "cancelled")
+        }
+    }
+}
+
+fn show_json(r: &skyferry_agent::replay::Replay, rate: Option<u64>) -> String {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("rate_bytes_per_second".into(), rate.into());
+        obj.insert(
+            "eta_seconds".into(),
+            eta(r.progress.pending_bytes, rate).into(),
+        );
+    }
+    v.to_string()
+}
+
+fn eta(bytes: u64, rate: Option<u64>) -> Option<u64> {
+    rate.filter(|r| *r > 0).map(|r| bytes / r)
+}
+
+fn progress_line(r: &skyferry_agent::replay::Replay, rate: Option<u64>) -> String {
+    let p = &r.progress;
+    let total_bytes = p.done_bytes + p.pending_bytes;
+    format!(
+        "replay {} {:?} {}: files {}/{} done, {} in flight, {} failed; {} / {} MB{}{}",
+        r.id,
+        r.name,
+        r.state.name(),
+        p.done_files,
+        r.queued_files,
+        p.inflight_files,
+        p.failed_files,
+        p.done_bytes / 1_000_000,
+        total_bytes.max(r.queued_bytes) / 1_000_000,
+        rate.map(|b| format!("; {:.1} MB/s", b as f64 / 1e6))
+            .unwrap_or_default(),
+        eta(p.pending_bytes, rate)
+            .map(|s| format!(
+                "; ETA {}",
+                humantime::format_duration(std::time::Duration::from_secs(s))
+            ))
+            .unwrap_or_default(),
+    )
+}
+
+fn summary(r: &skyferry_agent::replay::Replay) -> String {
+    let p = &r.progress;
+    let mut out = format!(
+        "summary: {} files queued ({} MB), {} skipped (already queued or done), {} done, {} failed, {} vanished or superseded\n",
+        r.queued_files,
+        r.queued_bytes / 1_000_000,
+        r.skipped_files,
+        p.done_files,
+        p.failed_files,
+        p.gone_files
+    );
+    for (path, why) in &p.failures {
+        out.push_str(&format!("  failed {path}: {why}\n"));
+    }
+    out
+}
+
+/// A local time of `tz`: `2024-05-01` (midnight) or `2024-05-01T18:00[:00]`.
+fn local_time_ns(s: &str, tz: chrono_tz::Tz, flag: &str) -> Result<i64, ReplayError> {
+    use chrono::{NaiveDate, NaiveDateTime, TimeZone};
+    let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S")
+        .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M"))
+        .or_else(|_| {
+            NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .map(|d| d.and_hms_opt(0, 0, 0).unwrap_or_default())
+        })
+        .map_err(|_| {
+            ReplayError::Usage(format!(
+                "{flag} {s:?}: not a local time (2024-05-01 or 2024-05-01T18:00)"
+            ))
+        })?;
+    let t = tz
+        .from_local_datetime(&naive)
+        .earliest()
+        .ok_or_else(|| ReplayError::Usage(format!("{flag} {s:?}: no such local time in {tz}")))?;
+    t.timestamp_nanos_opt()
+        .ok_or_else(|| ReplayError::Usage(format!("{flag} {s:?}: out of range")))
+}
+
+fn replay_start(a: ReplayStart) -> Result<String, ReplayError> {
+    use skyferry_agent::replay_cli::{self, Selection};
+    let Some(config) = a.config.as_deref() else {
+        return Err(ReplayError::Usage(
+            "replay needs --config (or a subcommand: list, show, pause, resume, cancel)".into(),
+        ));
+    };
+    let c = load(config)?;
+    let mut sel = Selection {
+        root: a.root.clone(),
+        from_list: a.from_list.clone(),
+        glob: a.glob.clone(),
+        ..Selection::default()
+    };
+    if let Some(n) = &a.night {
+        let night = skyferry_common::night::parse_night(n).ok_or_else(|| {
+            ReplayError::Usage(format!(
+                "--night {n:?}: not a date (YYYY-MM-DD or YYYYMMDD)"
+            ))
+        })?;
+        let (start, end) = skyferry_common::night::night_bounds(night, c.timezone);
+        sel.since_ns = start.timestamp_nanos_opt();
+        sel.until_ns = end.timestamp_nanos_opt();
+    }
+    if let Some(s) = &a.since {
+        sel.since_ns = Some(local_time_ns(s, c.timezone, "--since")?);
+    }
+    if let Some(s) = &a.until {
+        sel.until_ns = Some(local_time_ns(s, c.timezone, "--until")?);
+    }
+    let max_rate = a
+        .max_rate
+        .as_deref()
+        .map(|r| {
+            skyferry_common::config::parse_rate(r)
+                .map_err(|e| ReplayError::Usage(format!("--max-rate: {e}")))
+        })
+        .transpose()?
+        .flatten();
+    let selection = format!(
+        "root={:?} from_list={:?} night={:?} since={:?} until={:?} glob={:?} resend={}",
+        a.root, a.from_list, a.night, a.since, a.until, a.glob, a.resend
+    );
+    if a.dry_run {
+        let w = replay_cli::walk(&c, &sel, |_| Ok(Default::default()))?;
+        let rate = max_rate.or_else(|| current_rate(&c));
+        return Ok(format!(
+            "would queue {} files, {} bytes ({} MB){}; ETA {}\n",
+            w.selected,
+            w.selected_bytes,
+            w.selected_bytes / 1_000_000,
+            if w.refused > 0 {
+                format!(", {} refused", w.refused)
+            } else {
+                String::new()
+            },
+            match eta(w.selected_bytes, rate) {
+                Some(s) => format!(
+                    "{} at {:.1} MB/s",
+                    humantime::format_duration(std::time::Duration::from_secs(s)),
+                    rate.unwrap_or(0) as f64 / 1e6
+                ),
+                None => "unknown (no cap and nothing being sent now)".into(),
+            }
+        ));
+    }
+    let mut j = shared_journal(&c)?;
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("replay {}", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")));
+    let id = j.create_replay(&name, &selection, max_rate)?;
+    let w = replay_cli::enqueue(&c, &mut j, id, &sel, a.resend)?;
+    Ok(format!(
+        "replay {id} {name:?}: queued {} files ({} bytes), {} already queued or done{}, {} refused\n",
+        w.batch.queued,
+        w.batch.queued_bytes,
+        w.batch.skipped,
+        if a.resend { "" } else { " (--resend queues done files again)" },
+        w.refused
+    ))
+}
+
+/// The rate a replay would get now: the tightest cap in force, else what the agent sent
+/// over the last second (from the tally), if anything.
+fn current_rate(c: &AgentConfig) -> Option<u64> {
+    use chrono::Timelike;
+    let local = chrono::Utc::now().with_timezone(&c.timezone);
+    let minute = (local.hour() * 60 + local.minute()) as u16;
+    let caps = [
+        c.transfer.max_rate.at(minute),
+        c.transfer.rates.replay.at(minute),
+    ];
+    if let Some(cap) = caps.into_iter().flatten().min() {
+        return Some(cap);
+    }
+    let before = skyferry_agent::tally::read(&c.journal).sent_bytes;
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let sent = skyferry_agent::tally::read(&c.journal)
+        .sent_bytes
+        .saturating_sub(before);
+    (sent > 0).then_some(sent)
 }

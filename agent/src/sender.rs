@@ -44,6 +44,7 @@ pub struct Sender {
     pub grace: Duration,
     /// Every lane's live connection (for uploads that stripe over them).
     pub lanes: Arc<crate::stripes::LaneTable>,
+    pub pace: Arc<crate::pace::Pacer>,
 }
 
 impl Sender {
@@ -54,6 +55,11 @@ impl Sender {
         // Tells the receiver which connections belong together (docs/protocol.md §2).
         let instance = instance_number();
         let slots = Arc::new(Semaphore::new(this.config.transfer.parallel_files));
+        // Backlog and replays never take the last `live_slots` slots.
+        let t = &this.config.transfer;
+        let bulk_slots = Arc::new(Semaphore::new(
+            t.parallel_files.saturating_sub(t.live_slots).max(1),
+        ));
         let wakes: Vec<Arc<Notify>> = (0..count).map(|_| Arc::new(Notify::new())).collect();
         let mut lanes = JoinSet::new();
         for (index, wake) in (0..count).zip(&wakes) {
@@ -64,6 +70,7 @@ impl Sender {
             };
             let dispatch = Dispatch {
                 slots: slots.clone(),
+                bulk_slots: bulk_slots.clone(),
                 share: this
                     .config
                     .transfer
@@ -360,6 +367,7 @@ impl Sender {
             buffers: Arc::new(crate::buffers::ChunkBuffers::new(POOLED_BUFFERS)),
             lanes: self.lanes.clone(),
             lane,
+            pace: self.pace.clone(),
         });
         let mut uploads = Uploads::default();
         let why = loop {
@@ -372,21 +380,33 @@ impl Sender {
             if !permits.is_empty() {
                 let journal = self.journal.clone();
                 let want = permits.len();
+                let mut bulk_permits = dispatch.take_bulk(want);
+                let bulk = bulk_permits.len();
                 let live_since = live_since_ns(self.config.transfer.live_window);
                 let jobs = tokio::task::spawn_blocking(move || {
-                    lock_journal(&journal).claim(want, live_since)
+                    let mut j = lock_journal(&journal);
+                    let rates = j.replay_rates()?;
+                    Ok::<_, crate::journal::JournalError>((
+                        j.claim_classes(want, bulk, live_since)?,
+                        rates,
+                    ))
                 })
                 .await;
                 match jobs {
-                    Ok(Ok(jobs)) => {
+                    Ok(Ok((jobs, rates))) => {
+                        self.pace.set_replay_rates(&rates);
                         // Permits beyond the jobs claimed are dropped, i.e. returned.
                         for (job, permit) in jobs.into_iter().zip(permits) {
+                            let bulk_permit = match job.class {
+                                crate::journal::Class::Live => None,
+                                _ => bulk_permits.pop(),
+                            };
                             let (conn, ctx, metrics) =
                                 (conn.clone(), ctx.clone(), self.metrics.clone());
                             let span = tracing::info_span!("file", path = %job.path);
                             let id = job.id;
                             let task = async move {
-                                let _permit = permit;
+                                let _permit = (permit, bulk_permit);
                                 metrics.files_in_flight.inc();
                                 let how = upload(&conn, &ctx, &job).await;
                                 metrics.files_in_flight.dec();
@@ -462,6 +482,8 @@ const POOLED_BUFFERS: usize = 16;
 /// its own share of them, and its wake-up when sources queue new files.
 struct Dispatch {
     slots: Arc<Semaphore>,
+    /// The slots backlog and replay files may use (`parallel_files - live_slots`).
+    bulk_slots: Arc<Semaphore>,
     share: usize,
     wake: Arc<Notify>,
 }
@@ -471,6 +493,15 @@ impl Dispatch {
     fn take(&self, held: usize) -> Vec<OwnedSemaphorePermit> {
         let want = self.share.saturating_sub(held);
         std::iter::from_fn(|| self.slots.clone().try_acquire_owned().ok())
+            .take(want)
+            .collect()
+    }
+}
+
+impl Dispatch {
+    /// Up to `want` of the slots backlog and replays may use.
+    fn take_bulk(&self, want: usize) -> Vec<OwnedSemaphorePermit> {
+        std::iter::from_fn(|| self.bulk_slots.clone().try_acquire_owned().ok())
             .take(want)
             .collect()
     }

@@ -43,6 +43,8 @@ pub struct UploadContext {
     /// Every lane's connection, for stripes, and the lane this connection is.
     pub lanes: Arc<crate::stripes::LaneTable>,
     pub lane: u16,
+    /// Rate caps and the byte budget of backlog and replay chunks in flight.
+    pub pace: Arc<crate::pace::Pacer>,
 }
 
 /// The source file, opened and checked to be the journaled version.
@@ -209,6 +211,8 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
         Ok(s) => s,
         Err(_) => return Finish::Requeue,
     };
+    // Live data first among what QUIC has queued to send.
+    let _ = send.set_priority(crate::pace::priority(job.class));
     let offer = Offer {
         path: job.path.clone(),
         size: job.size,
@@ -428,6 +432,9 @@ async fn send_chunks(
     stripes: &mut crate::stripes::Stripes,
     job: &Job,
 ) -> Result<(), WireError> {
+    // Shares of `transfer.bulk_in_flight` of the chunks not yet acknowledged (backlog and
+    // replay only).
+    let mut budget = std::collections::VecDeque::new();
     {
         while session.outcome().is_none()
             && (session.chunks_to_send() > 0
@@ -436,21 +443,29 @@ async fn send_chunks(
         {
             tokio::select! {
                 // Acknowledgements open the window; a rejection can arrive at any time.
-                msg = replies.recv() => {
-                    let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
-                    session.handle(msg).map_err(session_error)?;
-                }
-                event = stripes.next() => {
-                    if stripes.handle_event(event)? {
-                        session.handle_ack_elsewhere().map_err(session_error)?;
-                    }
-                }
+                msg = replies.recv() => on_reply(session, msg, &mut budget)?,
+                event = stripes.next() => on_stripe(session, stripes, event, &mut budget)?,
                 // Only chunks still to send, or the derived file hash, come from the
                 // reader; acknowledgements of stripes may still be due after both.
                 item = items.recv(), if (session.can_send() && session.chunks_to_send() > 0) || session.awaits_file_hash() => {
                     let Some(item) = item else { break };
                     match item.map_err(|e| WireError::Connection(format!("reading source: {e}")))? {
                         ReadItem::Chunk { msg, index, raw_len } => {
+                            if job.class != crate::journal::Class::Live {
+                                // Acknowledgements keep coming while this waits.
+                                let share = loop {
+                                    tokio::select! {
+                                        share = ctx.pace.bulk_budget(job.class, u64::from(raw_len)) => break share,
+                                        msg = replies.recv() => on_reply(session, msg, &mut budget)?,
+                                        event = stripes.next() => on_stripe(session, stripes, event, &mut budget)?,
+                                    }
+                                    if session.outcome().is_some() {
+                                        return Ok(());
+                                    }
+                                };
+                                budget.extend(share);
+                            }
+                            ctx.pace.pace(job.class, job.replay, u64::from(raw_len)).await;
                             let started = std::time::Instant::now();
                             match stripes.pick(session.in_flight_here()) {
                                 Some(i) => {
@@ -485,6 +500,33 @@ async fn send_chunks(
         }
     }
     Ok(())
+}
+
+/// A stripe's event while chunks are sent: a chunk acknowledged returns its budget share.
+fn on_stripe(
+    session: &mut SendSession,
+    stripes: &mut crate::stripes::Stripes,
+    event: crate::stripes::Event,
+    budget: &mut std::collections::VecDeque<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<(), WireError> {
+    if stripes.handle_event(event)? {
+        budget.pop_front();
+        session.handle_ack_elsewhere().map_err(session_error)?;
+    }
+    Ok(())
+}
+
+/// A reply while chunks are sent: a chunk acknowledged returns its budget share.
+fn on_reply(
+    session: &mut SendSession,
+    msg: Option<Result<Message, WireError>>,
+    budget: &mut std::collections::VecDeque<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<(), WireError> {
+    let msg = msg.unwrap_or(Err(WireError::Connection("reply stream closed".into())))?;
+    if matches!(msg, Message::ChunkAck(_)) {
+        budget.pop_front();
+    }
+    session.handle(msg).map_err(session_error)
 }
 
 /// The receiver stops the stream when it rejects a file: its reason may already be on
@@ -648,6 +690,8 @@ mod tests {
         let m = std::fs::metadata(path).unwrap();
         Job {
             id: 1,
+            class: crate::journal::Class::Live,
+            replay: None,
             root: path.parent().unwrap().display().to_string(),
             path: path.file_name().unwrap().to_string_lossy().into_owned(),
             size: m.len(),

@@ -11,6 +11,7 @@ pub mod compress;
 pub mod config;
 pub mod daemon;
 pub mod metrics_http;
+pub mod night;
 pub mod node_load;
 pub mod protocol;
 pub mod relpath;

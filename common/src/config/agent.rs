@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
+use super::rate::RateSchedule;
 use super::reader::{unknown_tables, Problems, Section};
 use super::{read_table, validate_agent_id, ConfigError, Depth};
 use crate::protocol::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -22,6 +23,9 @@ pub struct AgentConfig {
     pub blocklist: Option<(PathBuf, Blocklist)>,
     /// `[metrics] listen`: where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `agent.timezone`: the observatory's timezone, for `replay --night` and the times
+    /// of day in rate schedules (IANA name, default Asia/Tokyo).
+    pub timezone: chrono_tz::Tz,
 }
 
 /// One `[[redis]]` source.
@@ -213,6 +217,25 @@ pub struct TransferConfig {
     pub heartbeat_interval: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// `transfer.max_rate`: a cap on all traffic, possibly by time of day.
+    pub max_rate: RateSchedule,
+    /// `[transfer.rates]`: caps per class.
+    pub rates: ClassRates,
+    /// `transfer.live_slots`: of `parallel_files`, how many only live files may use
+    /// (backlog and replays use at most `parallel_files - live_slots`).
+    pub live_slots: usize,
+    /// `transfer.bulk_in_flight`: bytes of backlog and replay chunks sent and not yet
+    /// acknowledged, over all their files together: what bounds the queue a live chunk
+    /// can find ahead of it in the connection (docs/operations.md, "Live first").
+    pub bulk_in_flight: u64,
+}
+
+/// `[transfer.rates]`: a cap per class, each a [`RateSchedule`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClassRates {
+    pub live: RateSchedule,
+    pub backlog: RateSchedule,
+    pub replay: RateSchedule,
 }
 
 impl TransferConfig {
@@ -352,6 +375,15 @@ impl AgentConfig {
             p.push(format!("agent.id: {e}"));
         }
         let journal = s.required_path("journal", p).map(|j| base.join(j));
+        let timezone = match s.string("timezone", p) {
+            None => chrono_tz::Asia::Tokyo,
+            Some(tz) => tz.parse::<chrono_tz::Tz>().unwrap_or_else(|_| {
+                p.push(format!(
+                    "agent.timezone: {tz:?} is not an IANA timezone name (e.g. \"Asia/Tokyo\", \"UTC\")"
+                ));
+                chrono_tz::Asia::Tokyo
+            }),
+        };
         let blocklist = s.string("blocklist", p).and_then(|b| {
             let file = base.join(b);
             match Blocklist::load(&file) {
@@ -459,7 +491,47 @@ impl AgentConfig {
             heartbeat_interval: s.duration("heartbeat_interval", Duration::from_secs(5), p),
             reconnect_min: s.duration("reconnect_min", Duration::from_millis(500), p),
             reconnect_max: s.duration("reconnect_max", Duration::from_secs(30), p),
+            max_rate: schedule(&mut s, "max_rate", p),
+            rates: ClassRates::default(),
+            live_slots: 0,
+            bulk_in_flight: s.size("bulk_in_flight", DEFAULT_BULK_IN_FLIGHT, p),
         };
+        let mut transfer = transfer;
+        transfer.live_slots = s.integer_in(
+            "live_slots",
+            (transfer.parallel_files / 4).max(1) as i64,
+            (0, 255),
+            p,
+        ) as usize;
+        if transfer.live_slots >= transfer.parallel_files && transfer.parallel_files > 1 {
+            p.push(format!(
+                "transfer.live_slots = {} leaves backlog and replays no slot of transfer.parallel_files = {}",
+                transfer.live_slots, transfer.parallel_files
+            ));
+        }
+        transfer.live_slots = transfer
+            .live_slots
+            .min(transfer.parallel_files.saturating_sub(1));
+        if transfer.bulk_in_flight < chunk_size {
+            p.push(format!(
+                "transfer.bulk_in_flight = {} bytes is less than transfer.chunk_size = {chunk_size}",
+                transfer.bulk_in_flight
+            ));
+        }
+        s.known("rates");
+        match root.get("transfer").and_then(|t| t.get("rates")) {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                let mut r = Section::from_table("transfer.rates".into(), t);
+                transfer.rates = ClassRates {
+                    live: schedule(&mut r, "live", p),
+                    backlog: schedule(&mut r, "backlog", p),
+                    replay: schedule(&mut r, "replay", p),
+                };
+                r.finish(p);
+            }
+            Some(_) => p.push("[transfer.rates] must be a table".into()),
+        }
         if s.integer("chunks_in_flight", p).is_some() {
             p.push(
                 "transfer.chunks_in_flight was replaced by transfer.window, in bytes \
@@ -518,9 +590,25 @@ impl AgentConfig {
                 redis,
                 blocklist,
                 metrics_listen,
+                timezone,
             }),
             _ => Err(std::mem::take(p)),
         }
+    }
+}
+
+/// Default `transfer.bulk_in_flight`: 32 MiB, 27 ms of queue at 10 Gbit/s, enough for
+/// a backfill to keep a long fat link busy.
+pub const DEFAULT_BULK_IN_FLIGHT: u64 = 32 << 20;
+
+/// A rate schedule key (absent: no cap).
+fn schedule(s: &mut Section<'_>, key: &'static str, p: &mut Problems) -> RateSchedule {
+    match s.string(key, p) {
+        None => RateSchedule::off(),
+        Some(text) => RateSchedule::parse(&text).unwrap_or_else(|e| {
+            p.push(format!("{}: {e}", s.key(key)));
+            RateSchedule::off()
+        }),
     }
 }
 

@@ -8,14 +8,16 @@
 mod agent;
 mod catalog;
 mod check;
+mod rate;
 mod reader;
 mod receiver;
 
 pub use agent::{
-    AgentConfig, Blocklist, Endpoint, MessageFormat, PathFilter, RedisConfig, RedisMode,
-    TransferConfig, WatchConfig, DEFAULT_EXCLUDES,
+    AgentConfig, Blocklist, ClassRates, Endpoint, MessageFormat, PathFilter, RedisConfig,
+    RedisMode, TransferConfig, WatchConfig, DEFAULT_EXCLUDES,
 };
 pub use catalog::{CatalogConfig, HeaderKeys};
+pub use rate::{parse_rate, RateSchedule};
 pub use reader::{parse_duration, parse_size};
 pub use receiver::{HealthConfig, PeerLimits, ReceiverConfig, MIN_BYTES_IN_FLIGHT_PER_AGENT};
 

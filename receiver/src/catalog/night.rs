@@ -5,15 +5,13 @@
 //! timezone is `catalog.timezone` (default Asia/Tokyo, which has no daylight saving time;
 //! zones that have it are handled by chrono-tz).
 
-use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 
 /// MJD 0 is 1858-11-17T00:00:00 UTC; the Unix epoch is MJD 40587.
 const UNIX_EPOCH_MJD: f64 = 40_587.0;
 
-/// The night a UTC time belongs to in `tz`.
-pub fn night_of(t: DateTime<Utc>, tz: chrono_tz::Tz) -> NaiveDate {
-    (tz.from_utc_datetime(&t.naive_utc()) - Duration::hours(12)).date_naive()
-}
+/// The night rule lives in common, where the agent's `replay --night` uses it too.
+pub use skyferry_common::night::{night_of, parse_night};
 
 pub fn mjd_of(t: DateTime<Utc>) -> f64 {
     t.timestamp_micros() as f64 / 86_400e6 + UNIX_EPOCH_MJD
@@ -55,11 +53,6 @@ pub fn parse_time(s: &str) -> Option<NaiveTime> {
     NaiveTime::parse_from_str(s, "%H:%M:%S%.f")
         .or_else(|_| NaiveTime::parse_from_str(s, "%H:%M"))
         .ok()
-}
-
-/// A night given on the command line: `2024-05-01` or `20240501`.
-pub fn parse_night(s: &str) -> Option<NaiveDate> {
-    parse_date(s).or_else(|| NaiveDate::parse_from_str(s.trim(), "%Y%m%d").ok())
 }
 
 /// `obs_release_date`: `months` after `t` (clamped to the end of a shorter month).

@@ -1,0 +1,413 @@
+//! `skyferry-agent replay` with the real binaries: a tree outside the watch roots with
+//! three observatory nights of 84 files plus unrelated files; `--night` selects one
+//! night (noon to noon, Asia/Tokyo) by mtime, `--dry-run` counts what a replay then
+//! queues, `--from-list -` reads a pipe, and exactly the selected files arrive, once,
+//! byte-identical; `--resend` of done files sends nothing the receiver still holds.
+
+// A panic here is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use skyferry_tests::faults::{content, must_write};
+use skyferry_tests::{Pair, PairOptions};
+
+const NIGHTS: [&str; 3] = ["2024-05-01", "2024-05-02", "2024-05-03"];
+const PER_NIGHT: usize = 84;
+
+/// Unix seconds of 2024-05-01 12:00 Asia/Tokyo (03:00 UTC): the start of night 05-01.
+const NIGHT0_START: u64 = 1_714_532_400;
+
+fn set_mtime(path: &Path, unix: u64) {
+    let f = fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(UNIX_EPOCH + Duration::from_secs(unix))
+        .unwrap();
+}
+
+/// Writes the archive: night n's files carry mtimes from its first second to its last
+/// (the edges of the rule), and unrelated files the night before and after. Returns the
+/// relative paths per night.
+fn write_archive(archive: &Path) -> Vec<Vec<PathBuf>> {
+    let mut nights = Vec::new();
+    for (n, _) in NIGHTS.iter().enumerate() {
+        let start = NIGHT0_START + n as u64 * 86_400;
+        let mut files = Vec::new();
+        for i in 0..PER_NIGHT {
+            let rel = PathBuf::from(format!("n{n}/det{:02}/frame{i:03}.fits", i % 12));
+            let path = archive.join(&rel);
+            must_write(&path, &content(20_000 + i * 37 + n, (n * 1000 + i) as u64));
+            // First file at the night's first second, last at its last second.
+            let t = match i {
+                0 => start,
+                i if i == PER_NIGHT - 1 => start + 86_399,
+                i => start + 8 * 3600 + i as u64 * 60,
+            };
+            set_mtime(&path, t);
+            files.push(rel);
+        }
+        nights.push(files);
+    }
+    // Unrelated: one second before night 0 and at the first second after night 2.
+    for (name, t) in [
+        ("n0/det00/before.fits", NIGHT0_START - 1),
+        ("n2/det00/after.fits", NIGHT0_START + 3 * 86_400),
+        ("misc/readme.txt", NIGHT0_START - 86_400),
+    ] {
+        let path = archive.join(name);
+        must_write(&path, b"not part of any replay");
+        set_mtime(&path, t);
+    }
+    nights
+}
+
+fn agent(pair: &Pair, args: &[&str], stdin: Option<&str>) -> String {
+    let mut cmd = Command::new(pair.agent_bin());
+    cmd.arg("replay").args(args);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "replay {args:?}: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// Every file under `dir`, relative.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn replay_selects_by_night_and_list_and_exactly_those_files_arrive_once() {
+    let mut pair = Pair::start(PairOptions::default()).expect("start pair");
+    let archive = pair.dir().join("archive");
+    let nights = write_archive(&archive);
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap();
+    let root = archive.to_str().unwrap();
+    // The journal exists once the agent has started.
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+
+    let dry = agent(
+        &pair,
+        &[
+            "-c",
+            config,
+            "--root",
+            root,
+            "--night",
+            "20240502",
+            "--dry-run",
+        ],
+        None,
+    );
+    let bytes: u64 = nights[1]
+        .iter()
+        .map(|r| fs::metadata(archive.join(r)).unwrap().len())
+        .sum();
+    assert!(
+        dry.starts_with(&format!("would queue {PER_NIGHT} files, {bytes} bytes")),
+        "{dry}"
+    );
+    assert!(
+        tree(&pair.published()).is_empty(),
+        "a dry run queues nothing"
+    );
+
+    let out = agent(
+        &pair,
+        &[
+            "-c",
+            config,
+            "--root",
+            root,
+            "--night",
+            "2024-05-02",
+            "--name",
+            "night 2",
+        ],
+        None,
+    );
+    assert!(
+        out.contains(&format!("queued {PER_NIGHT} files ({bytes} bytes)")),
+        "{out}"
+    );
+    pair.wait_done(PER_NIGHT as u64, Duration::from_secs(120))
+        .expect("status");
+    wait_for("night 2 stored", Duration::from_secs(60), || {
+        tree(&pair.published()).len() == PER_NIGHT
+    });
+    let mut want = nights[1].clone();
+    want.sort();
+    assert_eq!(
+        tree(&pair.published()),
+        want,
+        "exactly night 2, named relative to --root"
+    );
+
+    // Night 3 from a pipe, paths relative to --root.
+    let list: String = nights[2]
+        .iter()
+        .map(|r| format!("{}\n", r.display()))
+        .collect();
+    let out = agent(
+        &pair,
+        &["-c", config, "--root", root, "--from-list", "-"],
+        Some(&list),
+    );
+    assert!(out.contains(&format!("queued {PER_NIGHT} files")), "{out}");
+    pair.wait_done(2 * PER_NIGHT as u64, Duration::from_secs(120))
+        .expect("status");
+    wait_for("night 3 stored", Duration::from_secs(60), || {
+        tree(&pair.published()).len() == 2 * PER_NIGHT
+    });
+    for rel in nights[1].iter().chain(&nights[2]) {
+        assert_eq!(
+            fs::read(archive.join(rel)).unwrap(),
+            fs::read(pair.published().join(rel)).unwrap(),
+            "{} byte-identical",
+            rel.display()
+        );
+    }
+    // The same night again: nothing new to queue (once); with --resend it is queued,
+    // and the receiver, which holds every file, takes no data.
+    let out = agent(
+        &pair,
+        &["-c", config, "--root", root, "--night", "2024-05-02"],
+        None,
+    );
+    assert!(
+        out.contains(&format!(
+            "queued 0 files (0 bytes), {PER_NIGHT} already queued or done"
+        )),
+        "{out}"
+    );
+    let sent_before = pair.agent_status().unwrap()["sent_bytes"].as_u64().unwrap();
+    let out = agent(
+        &pair,
+        &[
+            "-c",
+            config,
+            "--root",
+            root,
+            "--night",
+            "2024-05-02",
+            "--resend",
+        ],
+        None,
+    );
+    assert!(out.contains(&format!("queued {PER_NIGHT} files")), "{out}");
+    let list = agent(&pair, &["list", "-c", config, "--json"], None);
+    let replays: serde_json::Value = serde_json::from_str(list.trim()).unwrap();
+    assert_eq!(replays.as_array().unwrap().len(), 4, "{list}");
+    wait_for("the resend done", Duration::from_secs(120), || {
+        let show = agent(&pair, &["show", "-c", config, "4", "--json"], None);
+        show.contains("\"state\":\"done\"")
+    });
+    let sent_after = pair.agent_status().unwrap()["sent_bytes"].as_u64().unwrap();
+    assert_eq!(
+        sent_after, sent_before,
+        "the receiver holds them all: no data sent"
+    );
+    assert_eq!(tree(&pair.published()).len(), 2 * PER_NIGHT);
+    let show = agent(&pair, &["show", "-c", config, "2"], None);
+    assert!(show.contains("summary: 84 files queued"), "{show}");
+    assert!(pair.stop_agent().expect("stop agent").success());
+}
+
+/// Pause holds a replay's files while it is paused; cancel unqueues the rest.
+#[test]
+fn pause_holds_and_cancel_unqueues() {
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let archive = pair.dir().join("archive");
+    write_archive(&archive);
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap();
+    let root = archive.to_str().unwrap();
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+    // A slow replay (100 kB/s of its own): pause it at once.
+    let out = agent(
+        &pair,
+        &[
+            "-c",
+            config,
+            "--root",
+            root,
+            "--night",
+            "2024-05-01",
+            "--max-rate",
+            "100kB/s",
+        ],
+        None,
+    );
+    assert!(out.contains("queued 84 files"), "{out}");
+    agent(&pair, &["pause", "-c", config, "1"], None);
+    std::thread::sleep(Duration::from_secs(2));
+    let held = tree(&pair.published()).len();
+    // Live files still flow while it is paused.
+    must_write(&pair.source().join("live/now.fits"), &content(50_000, 7));
+    wait_for("the live file", Duration::from_secs(30), || {
+        pair.published().join("live/now.fits").is_file()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        tree(&pair.published()).len(),
+        held + 1,
+        "paused: only the live file moved"
+    );
+    agent(&pair, &["resume", "-c", config, "1"], None);
+    wait_for("more of the replay", Duration::from_secs(30), || {
+        tree(&pair.published()).len() > held + 2
+    });
+    agent(&pair, &["cancel", "-c", config, "1"], None);
+    std::thread::sleep(Duration::from_secs(3));
+    let stored = tree(&pair.published()).len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        tree(&pair.published()).len(),
+        stored,
+        "cancelled: nothing more arrives"
+    );
+    assert!(stored < 84 + 1, "cancel left files unsent: {stored}");
+    let status = pair.agent_status().unwrap();
+    assert_eq!(status["pending"], 0, "{status}");
+    let _ = SystemTime::now();
+}
+
+/// Bytes published so far.
+fn stored_bytes(dir: &Path) -> u64 {
+    tree(dir)
+        .iter()
+        .filter_map(|r| fs::metadata(dir.join(r)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Rate at the receiver over `secs` seconds, in MB/s.
+fn measured_rate(dir: &Path, secs: u64) -> f64 {
+    let before = stored_bytes(dir);
+    std::thread::sleep(Duration::from_secs(secs));
+    (stored_bytes(dir) - before) as f64 / secs as f64 / 1e6
+}
+
+/// `transfer.max_rate = "20MB/s"` holds within ±10 % over 30 s at the receiver, and a
+/// SIGHUP to 40 MB/s is in force within 5 s.
+#[test]
+fn the_rate_cap_holds_and_follows_sighup() {
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let cap = |rate: &str| {
+        let rate = rate.to_owned();
+        move |c: &mut String| {
+            *c = c.replace(
+                "[transfer]\n",
+                &format!("[transfer]\nmax_rate = \"{rate}\"\n"),
+            )
+        }
+    };
+    let hup = |pair: &Pair| {
+        let pid = pair.agent_pid().unwrap().to_string();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+    pair.write_agent_config(cap("20MB/s")).unwrap();
+    hup(&pair);
+    let archive = pair.dir().join("archive");
+    // 1.2 GB in 1 MB files: more than 35 s at 20 MB/s and 10 s at 40 MB/s.
+    for i in 0..1200usize {
+        must_write(
+            &archive.join(format!("d{}/f{i:04}.fits", i % 10)),
+            &content(1_000_000, i as u64),
+        );
+    }
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap();
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+    agent(
+        &pair,
+        &["-c", config, "--root", archive.to_str().unwrap()],
+        None,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let rate = measured_rate(&pair.published(), 30);
+    assert!(
+        (18.0..=22.0).contains(&rate),
+        "20 MB/s cap: measured {rate:.2} MB/s"
+    );
+    pair.write_agent_config(cap("40MB/s")).unwrap();
+    let pid = pair.agent_pid().unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_secs(5));
+    let rate = measured_rate(&pair.published(), 8);
+    assert!(
+        (34.0..=46.0).contains(&rate),
+        "40 MB/s after SIGHUP: measured {rate:.2} MB/s"
+    );
+    assert!(pair
+        .agent_log()
+        .unwrap()
+        .contains("reloaded transfer.max_rate"));
+}
