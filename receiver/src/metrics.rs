@@ -431,3 +431,53 @@ impl Metrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    #[test]
+    fn storage_state_is_one_hot_and_the_stall_start_is_exported() {
+        let m = Metrics::default();
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let text = |reg: &Registry| {
+            let mut t = String::new();
+            prometheus_client::encoding::text::encode(&mut t, reg).unwrap();
+            t
+        };
+        let t = text(&reg);
+        assert!(
+            t.contains("skyferry_receiver_storage_state{state=\"ok\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("skyferry_receiver_storage_state{state=\"stalled\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("skyferry_receiver_storage_stalled_since_timestamp_seconds 0.0\n"),
+            "{t}"
+        );
+        let since = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        m.health.stalled(Some(since));
+        let t = text(&reg);
+        assert!(
+            t.contains("skyferry_receiver_storage_state{state=\"stalled\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("skyferry_receiver_storage_state{state=\"ok\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("skyferry_receiver_storage_stalled_since_timestamp_seconds 1800000000.0\n"),
+            "{t}"
+        );
+        m.health.stalled(None);
+        m.health.state(StorageState::Ok);
+        assert!(
+            text(&reg).contains("skyferry_receiver_storage_stalled_since_timestamp_seconds 0.0\n")
+        );
+    }
+}
