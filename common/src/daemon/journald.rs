@@ -54,6 +54,8 @@ fn stderr_is(journal_stream: &str) -> bool {
 }
 
 /// True when `fd` is open on the file with device and inode `id`.
+// `st_dev` and `st_ino` are not u64 on every platform.
+#[allow(clippy::unnecessary_cast)]
 pub fn same_file(fd: std::os::fd::BorrowedFd<'_>, id: (u64, u64)) -> bool {
     rustix::fs::fstat(fd).is_ok_and(|st| (st.st_dev as u64, st.st_ino as u64) == id)
 }
