@@ -239,6 +239,18 @@ fn catalog_command(c: CatalogCommand) -> ExitCode {
                 Err(e) => return usage(e),
             };
             let parsed = (|| -> Result<Query, QueryError> {
+                let columns: Vec<String> = match columns.as_deref() {
+                    None => query::DEFAULT_COLUMNS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                    Some("all") => skyferry_receiver::catalog::arrow_file::schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect(),
+                    Some(list) => list.split(',').map(|s| s.trim().to_owned()).collect(),
+                };
                 let night = night
                     .map(|n| {
                         skyferry_receiver::catalog::night::parse_night(&n).ok_or_else(|| {
@@ -261,23 +273,12 @@ fn catalog_command(c: CatalogCommand) -> ExitCode {
                     agent,
                     all_versions,
                     limit,
+                    columns: Some(columns),
                 })
             })();
             let q = match parsed {
                 Ok(q) => q,
                 Err(e) => return usage(e.to_string()),
-            };
-            let columns: Vec<String> = match columns.as_deref() {
-                None => query::DEFAULT_COLUMNS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-                Some("all") => skyferry_receiver::catalog::arrow_file::schema()
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().clone())
-                    .collect(),
-                Some(list) => list.split(',').map(|s| s.trim().to_owned()).collect(),
             };
             let format = match format {
                 OutputFormat::Table => Format::Table,
@@ -286,7 +287,8 @@ fn catalog_command(c: CatalogCommand) -> ExitCode {
             };
             let result = query::run(&config.catalog.dir, &q).and_then(|m| {
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                query::print(&m, &columns, format, &mut out)?;
+                let columns = q.columns.as_deref().unwrap_or_default();
+                query::print(&m, columns, format, &mut out)?;
                 std::io::Write::flush(&mut out).map_err(QueryError::Output)
             });
             match result {

@@ -334,6 +334,8 @@ pub struct NightSummary {
     pub file_bytes: i64,
     pub t_min: Option<f64>,
     pub t_max: Option<f64>,
+    /// The shortest arc of RA holding every row's: from `ra_min` up to `ra_max`, through
+    /// 0° when `ra_min > ra_max`.
     pub ra_min: Option<f64>,
     pub ra_max: Option<f64>,
     pub dec_min: Option<f64>,
@@ -355,6 +357,8 @@ impl NightSummary {
                 })
             })
         };
+        // The shortest arc: a night around RA 0° has ra_min > ra_max.
+        let ra = super::sky::ra_arc(rows.iter().filter_map(|r| r.fields.s_ra));
         NightSummary {
             night,
             rows: current.len() as i64,
@@ -363,8 +367,8 @@ impl NightSummary {
             file_bytes: file_bytes as i64,
             t_min: fold(&|r| r.fields.t_min, true),
             t_max: fold(&|r| r.fields.t_max, false),
-            ra_min: fold(&|r| r.fields.s_ra, true),
-            ra_max: fold(&|r| r.fields.s_ra, false),
+            ra_min: ra.map(|a| a.0),
+            ra_max: ra.map(|a| a.1),
             dec_min: fold(&|r| r.fields.s_dec, true),
             dec_max: fold(&|r| r.fields.s_dec, false),
         }

@@ -20,6 +20,7 @@ pub mod arrow_file;
 pub mod export;
 pub mod header;
 pub mod night;
+pub mod projected;
 pub mod query;
 pub mod rebuild;
 pub mod row;

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -21,6 +22,7 @@ use chrono::{DateTime, NaiveDate};
 use serde_json::Value;
 
 use super::arrow_file::{self, NightSummary, BATCH_RANGES_KEY, SUMMARY_FILE};
+use super::projected::ProjectedReader;
 use super::sky;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,9 @@ pub struct Query {
     /// Superseded versions too (by default only current rows).
     pub all_versions: bool,
     pub limit: Option<usize>,
+    /// The columns to return (`None`: all). Only these and the ones the conditions test
+    /// are read from the files.
+    pub columns: Option<Vec<String>>,
 }
 
 /// A time on the command line: `2024-05-01`, `2024-05-01T10:40:00[Z]` (UTC), or an MJD.
@@ -113,6 +118,8 @@ pub struct Matches {
     /// Record batches read (for the benchmark and `--stats`).
     pub batches_read: usize,
     pub files_opened: usize,
+    /// Bytes read from the night files.
+    pub bytes_read: u64,
 }
 
 impl Matches {
@@ -121,27 +128,85 @@ impl Matches {
     }
 }
 
+/// The columns `q` reads: those it prints (all when `q.columns` is `None`) and those its
+/// conditions test, as ascending indices into the night files' schema.
+fn projection(q: &Query, schema: &arrow_schema::Schema) -> Result<Vec<usize>, QueryError> {
+    let mut names: Vec<&str> = match &q.columns {
+        None => return Ok((0..schema.fields().len()).collect()),
+        Some(c) => c.iter().map(String::as_str).collect(),
+    };
+    if !q.all_versions {
+        names.push("superseded_at");
+    }
+    if q.agent.is_some() {
+        names.push("agent");
+    }
+    if q.object.is_some() {
+        names.push("target_name");
+    }
+    if q.since.is_some() || q.until.is_some() {
+        names.push("t_min");
+    }
+    if q.cone.is_some() {
+        names.extend(["s_ra", "s_dec"]);
+    }
+    let mut idx = names
+        .iter()
+        .map(|c| {
+            schema.index_of(c).map_err(|_| {
+                let known: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                QueryError::Usage(format!(
+                    "--columns: no column {c:?} (columns: {})",
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect::<Result<Vec<usize>, _>>()?;
+    idx.sort_unstable();
+    idx.dedup();
+    Ok(idx)
+}
+
+/// Whether a night with the sky bounds of `s` can hold a row inside cone `c`. The RA
+/// bounds are an arc that may run through 0° (`ra_min > ra_max`).
+fn night_may_meet(s: &NightSummary, c: &Cone) -> bool {
+    let (Some(dlo), Some(dhi)) = (s.dec_min, s.dec_max) else {
+        return false;
+    };
+    if c.dec + c.radius < dlo || c.dec - c.radius > dhi {
+        return false;
+    }
+    let (Some(rlo), Some(rhi)) = (s.ra_min, s.ra_max) else {
+        return true;
+    };
+    match sky::cone_ra_half_width(c.ra, c.dec, c.radius) {
+        None => true,
+        Some(w) => sky::arcs_meet(c.ra - w, 2.0 * w, rlo, (rhi - rlo).rem_euclid(360.0)),
+    }
+}
+
 /// Runs `q` over the catalog in `dir`.
 pub fn run(dir: &Path, q: &Query) -> Result<Matches, QueryError> {
+    let full = arrow_file::schema();
+    let projection = projection(q, &full)?;
     let summaries = read_summary(dir)?;
     let nights: Vec<&NightSummary> = summaries
         .iter()
         .filter(|s| q.night.is_none_or(|n| s.night == n))
         .filter(|s| q.since.is_none_or(|t| s.t_max.is_some_and(|m| m >= t)))
         .filter(|s| q.until.is_none_or(|t| s.t_min.is_some_and(|m| m <= t)))
-        .filter(|s| {
-            q.cone.is_none_or(|c| match (s.dec_min, s.dec_max) {
-                (Some(lo), Some(hi)) => c.dec + c.radius >= lo && c.dec - c.radius <= hi,
-                _ => false,
-            })
-        })
+        .filter(|s| q.cone.is_none_or(|c| night_may_meet(s, &c)))
         .collect();
     let ranges = q.cone.map(|c| sky::cone_ranges(c.ra, c.dec, c.radius));
     let mut out = Matches {
-        schema: arrow_file::schema(),
+        schema: Arc::new(
+            full.project(&projection)
+                .map_err(|e| QueryError::Usage(e.to_string()))?,
+        ),
         batches: Vec::new(),
         batches_read: 0,
         files_opened: 0,
+        bytes_read: 0,
     };
     let mut found = 0usize;
     for s in nights {
@@ -150,9 +215,12 @@ pub fn run(dir: &Path, q: &Query) -> Result<Matches, QueryError> {
             path: path.clone(),
             reason,
         };
-        let file = File::open(&path).map_err(|e| read_err(e.to_string()))?;
-        let mut reader = FileReader::try_new(BufReader::with_capacity(256 * 1024, file), None)
-            .map_err(|e| read_err(e.to_string()))?;
+        let mut reader = ProjectedReader::open(&path, &projection).map_err(read_err)?;
+        if reader.schema().fields() != out.schema.fields() {
+            return Err(read_err(
+                "its columns are not the catalog's (written by another skyferry version?)".into(),
+            ));
+        }
         out.files_opened += 1;
         let wanted: Vec<usize> = match &ranges {
             None => (0..reader.num_batches()).collect(),
@@ -174,10 +242,9 @@ pub fn run(dir: &Path, q: &Query) -> Result<Matches, QueryError> {
                     .collect()
             }
         };
+        let mut stop = false;
         for i in wanted {
-            reader.set_index(i).map_err(|e| read_err(e.to_string()))?;
-            let Some(batch) = reader.next() else { break };
-            let batch = batch.map_err(|e| read_err(e.to_string()))?;
+            let batch = reader.batch(i).map_err(read_err)?;
             out.batches_read += 1;
             let rows = matching(&batch, q);
             if rows.is_empty() {
@@ -187,8 +254,13 @@ pub fn run(dir: &Path, q: &Query) -> Result<Matches, QueryError> {
             out.batches.push((batch, rows));
             if q.limit.is_some_and(|l| found >= l) {
                 truncate(&mut out.batches, q.limit.unwrap_or(usize::MAX));
-                return Ok(out);
+                stop = true;
+                break;
             }
+        }
+        out.bytes_read += reader.bytes_read;
+        if stop {
+            break;
         }
     }
     Ok(out)
@@ -625,6 +697,154 @@ mod tests {
         );
         let total = rows.len().div_ceil(2).div_ceil(arrow_file::BATCH_ROWS) * 2;
         assert!(read <= 2, "read {read} of {total} batches for a 0.1° cone");
+    }
+
+    /// Nights whose sky bounds cannot meet the cone are not opened, and a night whose
+    /// pointings straddle RA 0° is not skipped for a cone at RA 0.5° (nor one at 359.5°).
+    #[test]
+    fn nights_are_skipped_by_their_sky_bounds_across_ra_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |night: &str, i: usize, ra: f64| Row {
+            agent: "kiso".into(),
+            path: format!("{night}/f{i}.fits"),
+            blake3: [0; 32],
+            size_bytes: 1,
+            mtime_ns: 0,
+            received_at_us: 0,
+            version: 1,
+            superseded_at_us: None,
+            night: night.parse().unwrap(),
+            fields: Fields {
+                data_format: "fits".into(),
+                s_ra: Some(ra),
+                s_dec: Some(0.0),
+                healpix: Some(sky::index(ra, 0.0)),
+                ..Fields::default()
+            },
+        };
+        // Night 1 points from 358° through 0° to 2°; night 2 at 100°–110°.
+        let n1: Vec<Row> = (0..40)
+            .map(|i| mk("2024-05-01", i, (358.0 + i as f64 * 0.1).rem_euclid(360.0)))
+            .collect();
+        let n2: Vec<Row> = (0..40)
+            .map(|i| mk("2024-05-02", i, 100.0 + i as f64 * 0.25))
+            .collect();
+        let mut summaries = Vec::new();
+        for rows in [&n1, &n2] {
+            let night = rows[0].night;
+            let bytes = write_night(dir.path(), night, rows.clone(), "t").unwrap();
+            summaries.push(NightSummary::of(night, rows, bytes));
+        }
+        assert!(
+            summaries[0].ra_min > summaries[0].ra_max,
+            "{:?}",
+            summaries[0]
+        );
+        write_summary(dir.path(), &summaries).unwrap();
+        for (ra, want_night) in [
+            (0.5, "2024-05-01"),
+            (359.5, "2024-05-01"),
+            (105.0, "2024-05-02"),
+        ] {
+            let c = Cone {
+                ra,
+                dec: 0.0,
+                radius: 0.3,
+            };
+            let m = run(
+                dir.path(),
+                &Query {
+                    cone: Some(c),
+                    columns: Some(vec!["path".into()]),
+                    ..Query::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(m.files_opened, 1, "cone at {ra}: one night can hold it");
+            let all: Vec<Row> = n1.iter().chain(&n2).cloned().collect();
+            let want = brute_force(&all, c);
+            assert!(!want.is_empty() && want.iter().all(|p| p.starts_with(want_night)));
+            let mut got: Vec<String> = m
+                .batches
+                .iter()
+                .flat_map(|(b, r)| {
+                    let c = b.column_by_name("path").unwrap().as_string::<i32>().clone();
+                    r.iter()
+                        .map(move |&i| c.value(i).to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "cone at {ra}");
+        }
+        // A cone far from both nights opens neither.
+        let m = run(
+            dir.path(),
+            &Query {
+                cone: Some(Cone {
+                    ra: 200.0,
+                    dec: 0.0,
+                    radius: 1.0,
+                }),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(m.files_opened, 0);
+    }
+
+    /// Only the printed and tested columns are read: the same rows as a read of all
+    /// columns, from fewer bytes; a column that does not exist is a usage error.
+    #[test]
+    fn a_query_reads_only_the_columns_it_needs() {
+        let (dir, _) = CATALOG.get_or_init(catalog);
+        let c = Cone {
+            ra: 0.0,
+            dec: 0.0,
+            radius: 20.0,
+        };
+        let all = run(
+            dir.path(),
+            &Query {
+                cone: Some(c),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        let some = run(
+            dir.path(),
+            &Query {
+                cone: Some(c),
+                columns: Some(vec!["path".into(), "night".into()]),
+                ..Query::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(all.rows(), some.rows());
+        assert_eq!(
+            some.schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>(),
+            ["s_ra", "s_dec", "path", "night", "superseded_at"]
+        );
+        assert!(
+            some.bytes_read < all.bytes_read,
+            "{} vs {}",
+            some.bytes_read,
+            all.bytes_read
+        );
+        let e = run(
+            dir.path(),
+            &Query {
+                columns: Some(vec!["nope".into()]),
+                ..Query::default()
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, QueryError::Usage(m) if m.contains("no column \"nope\"")));
     }
 
     #[test]

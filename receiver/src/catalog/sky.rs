@@ -48,6 +48,49 @@ pub fn separation(ra1: f64, dec1: f64, ra2: f64, dec2: f64) -> f64 {
     2.0 * a.sqrt().min(1.0).asin().to_degrees()
 }
 
+/// Half the width in RA (degrees) of the cone of `radius` around (ra, dec): every point
+/// of the cone has an RA within this of `ra`. `None` when the cone holds a pole (then
+/// every RA is in it). A hair wider than exact, so rounding never excludes a match.
+pub fn cone_ra_half_width(_ra: f64, dec: f64, radius: f64) -> Option<f64> {
+    if dec.abs() + radius >= 89.999 {
+        return None;
+    }
+    let w = (radius.to_radians().sin() / dec.to_radians().cos())
+        .min(1.0)
+        .asin()
+        .to_degrees();
+    (w < 179.9).then_some(w + 1e-6)
+}
+
+/// Whether two arcs of RA meet; an arc starts at `start` (any real; taken modulo 360)
+/// and runs `len` degrees up (0 ≤ len; 360 or more is the whole circle).
+pub fn arcs_meet(start_a: f64, len_a: f64, start_b: f64, len_b: f64) -> bool {
+    let within = |x: f64, s: f64, len: f64| len >= 360.0 || (x - s).rem_euclid(360.0) <= len;
+    within(start_a, start_b, len_b) || within(start_b, start_a, len_a)
+}
+
+/// The shortest arc of RA that holds every one of `ras` (degrees in [0, 360)), as
+/// (lowest, highest): it runs up from the first to the second, through 0° when the first
+/// is the larger. Found as the complement of the widest gap between neighbours on the
+/// circle.
+pub fn ra_arc(ras: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    let mut v: Vec<f64> = ras
+        .filter(|r| r.is_finite())
+        .map(|r| r.rem_euclid(360.0))
+        .collect();
+    v.sort_by(f64::total_cmp);
+    let (&first, &last) = (v.first()?, v.last()?);
+    // The gap from the last up through 360/0 to the first, then the ones between.
+    let mut best = (first + 360.0 - last, first, last);
+    for w in v.windows(2) {
+        let gap = w[1] - w[0];
+        if gap > best.0 {
+            best = (gap, w[1], w[0]);
+        }
+    }
+    Some((best.1, best.2))
+}
+
 /// A right ascension: degrees (`83.82`), or sexagesimal hours (`05:35:17.3`,
 /// `5 35 17.3`, `5h35m17.3s`). `None` if unparsable or outside [0, 360).
 pub fn parse_ra(s: &str) -> Option<f64> {
@@ -130,5 +173,36 @@ mod tests {
         }
         assert!((separation(0.0, 0.0, 359.0, 0.0) - 1.0).abs() < 1e-9);
         assert!((separation(10.0, 90.0, 190.0, 89.0) - 1.0).abs() < 1e-9);
+    }
+    #[test]
+    fn ra_arcs_run_through_zero_when_that_is_shorter() {
+        assert_eq!(ra_arc([10.0, 20.0, 15.0].into_iter()), Some((10.0, 20.0)));
+        // Around 0°: 358 .. 2, not 2 .. 358.
+        assert_eq!(
+            ra_arc([359.0, 1.0, 358.0, 2.0].into_iter()),
+            Some((358.0, 2.0))
+        );
+        assert_eq!(ra_arc(std::iter::empty()), None);
+        assert_eq!(ra_arc([5.0].into_iter()), Some((5.0, 5.0)));
+        assert!(arcs_meet(
+            359.5,
+            1.0,
+            358.0,
+            (2.0f64 - 358.0).rem_euclid(360.0)
+        ));
+        assert!(
+            arcs_meet(-1.0, 2.0, 0.5, 0.0),
+            "a cone arc starting below 0°"
+        );
+        assert!(!arcs_meet(100.0, 2.0, 358.0, 4.0));
+        assert!(arcs_meet(100.0, 360.0, 358.0, 4.0));
+        // Half-widths grow with |dec| and give up at the poles.
+        let w0 = cone_ra_half_width(0.0, 0.0, 1.0).unwrap();
+        let w60 = cone_ra_half_width(0.0, 60.0, 1.0).unwrap();
+        assert!(
+            (w0 - 1.0).abs() < 1e-3 && (w60 - 2.0).abs() < 1e-2,
+            "{w0} {w60}"
+        );
+        assert!(cone_ra_half_width(0.0, 89.5, 1.0).is_none());
     }
 }
