@@ -237,7 +237,11 @@ impl ReceiverConfig {
         depth: Depth<'_>,
     ) -> Result<ReceiverConfig, Problems> {
         let p = &mut Problems::new();
-        unknown_tables(root, &["receiver", "limits", "catalog", "metrics", "health"], p);
+        unknown_tables(
+            root,
+            &["receiver", "limits", "catalog", "metrics", "health"],
+            p,
+        );
 
         let mut s = Section::of(root, "receiver", p);
         let id = s

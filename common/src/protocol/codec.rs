@@ -65,8 +65,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::message::{
     Ack, AgentHeartbeat, Attach, Chunk, ChunkAck, ChunkRange, Codec, Commit, ErrorCode, Hello,
-    Lane, Message, NodeLoadSummary, Offer, ReceiverHeartbeat, ReceiverNode, Refuse, Reject,
-    Resume, StorageState, Welcome,
+    Lane, Message, NodeLoadSummary, Offer, ReceiverHeartbeat, ReceiverNode, Refuse, Reject, Resume,
+    StorageState, Welcome,
 };
 use super::MAX_PATH_LEN;
 

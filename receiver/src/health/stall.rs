@@ -139,7 +139,10 @@ pub async fn watchdog(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let ops = shared.storage.ops();
-        match shared.stall.observe(ops.oldest_in_progress(), Instant::now()) {
+        match shared
+            .stall
+            .observe(ops.oldest_in_progress(), Instant::now())
+        {
             Some(Change::Began(s)) => {
                 tracing::warn!(
                     operation = s.kind.as_str(),
