@@ -32,7 +32,8 @@ impl RateSchedule {
             return Err("an empty rate (write \"off\" for no cap)".into());
         }
         let parts: Vec<&str> = text.split(',').map(str::trim).collect();
-        if parts.len() == 1 && !parts[0].contains(' ') {
+        // A lone time of day ("08:00") is a step without its rate, not a rate.
+        if parts.len() == 1 && !parts[0].contains(' ') && !parts[0].contains(':') {
             return Ok(RateSchedule {
                 steps: vec![(0, parse_rate(parts[0])?)],
             });
