@@ -19,19 +19,6 @@ const FREEZE: Duration = Duration::from_secs(30);
 /// the data that would pile up if either side kept buffering (files here are 16 MB each).
 const RSS_SLACK: u64 = 24 << 20;
 
-fn wait_for(pair: &mut Pair, timeout: Duration, what: &str, mut cond: impl FnMut(&Pair) -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond(pair) {
-        pair.ensure_alive().expect("daemons alive");
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\n{}",
-            pair.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Files the agent has started (in flight or done), from its journal.
 fn started(pair: &Pair) -> u64 {
     let s = pair.agent_status().expect("status");
@@ -81,15 +68,10 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
         .expect("listening");
     pair.start_agent().expect("agent");
     // A transfer is running: some files stored, others still to come.
-    wait_for(
-        &mut pair,
-        Duration::from_secs(60),
-        "a first file done",
-        |p| {
-            p.agent_status()
-                .is_ok_and(|s| s["done"].as_u64().unwrap_or(0) >= 1)
-        },
-    );
+    pair.wait_for(Duration::from_secs(60), "a first file done", |p| {
+        p.agent_status()
+            .is_ok_and(|s| s["done"].as_u64().unwrap_or(0) >= 1)
+    });
     fs.freeze(FREEZE + Duration::from_secs(60)).expect("freeze");
     let frozen_at = Instant::now();
     eprintln!("frozen with {} files started", started(&pair));
@@ -97,16 +79,11 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
     // Reported within stall_after + one heartbeat (+ the watchdog's period and a
     // scheduling margin).
     let bound = STALL_AFTER + HEARTBEAT + Duration::from_secs(2);
-    wait_for(
-        &mut pair,
-        bound,
-        "stall reported by receiver and seen by agent",
-        |p| {
-            let r = p.receiver_log().unwrap_or_default();
-            let a = p.agent_log().unwrap_or_default();
-            r.contains("storage stalled") && a.contains("storage=Stalled")
-        },
-    );
+    pair.wait_for(bound, "stall reported by receiver and seen by agent", |p| {
+        let r = p.receiver_log().unwrap_or_default();
+        let a = p.agent_log().unwrap_or_default();
+        r.contains("storage stalled") && a.contains("storage=Stalled")
+    });
     let detected = frozen_at.elapsed();
     eprintln!("stall reported after {detected:?}");
     let r = pair.receiver_log().expect("log");
@@ -212,17 +189,12 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
 
     // Thawed: it ends by itself and everything arrives intact, no restart.
     fs.thaw().expect("thaw");
-    wait_for(
-        &mut pair,
-        Duration::from_secs(20),
-        "stall end logged and seen",
-        |p| {
-            p.receiver_log()
-                .unwrap_or_default()
-                .contains("storage stall ended")
-                && p.agent_log().unwrap_or_default().contains("resuming sends")
-        },
-    );
+    pair.wait_for(Duration::from_secs(20), "stall end logged and seen", |p| {
+        p.receiver_log()
+            .unwrap_or_default()
+            .contains("storage stall ended")
+            && p.agent_log().unwrap_or_default().contains("resuming sends")
+    });
     let report = pair
         .wait_replicated(Duration::from_secs(120))
         .expect("all files arrive after the thaw");

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use skyferry_tests::faults::{seed, write_atomic, SeededRng, Tmpfs};
 use skyferry_tests::tree::compare_trees;
@@ -26,20 +26,6 @@ fn assert_published_are_complete(pair: &Pair) {
         report.differing.is_empty() && report.extra.is_empty(),
         "a published file is partial or foreign: {report}"
     );
-}
-
-/// Waits until `cond` holds, polling; fails with `what` and both logs after `timeout`.
-fn wait_for(pair: &mut Pair, timeout: Duration, what: &str, mut cond: impl FnMut(&Pair) -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond(pair) {
-        pair.ensure_alive().expect("daemons alive");
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\n{}",
-            pair.diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Chunks recorded in the (only) partial log of the pair.
@@ -85,16 +71,11 @@ fn a_full_filesystem_is_reported_nothing_partial_is_published_and_all_arrives_af
         .expect("listening");
     pair.start_agent().expect("agent");
 
-    wait_for(
-        &mut pair,
-        Duration::from_secs(60),
-        "storage full reported",
-        |p| {
-            let r = p.receiver_log().unwrap_or_default();
-            let a = p.agent_log().unwrap_or_default();
-            r.contains("storage full") && (a.contains("storage_full") || a.contains("storage=Full"))
-        },
-    );
+    pair.wait_for(Duration::from_secs(60), "storage full reported", |p| {
+        let r = p.receiver_log().unwrap_or_default();
+        let a = p.agent_log().unwrap_or_default();
+        r.contains("storage full") && (a.contains("storage_full") || a.contains("storage=Full"))
+    });
     let receiver_log = pair.receiver_log().expect("log");
     assert!(
         receiver_log.contains("No space left on device")
@@ -106,8 +87,7 @@ fn a_full_filesystem_is_reported_nothing_partial_is_published_and_all_arrives_af
     // mark) and the agent pauses; or (when the first files filled the disk before the
     // others were offered) every remaining file is refused on its own at its offer. The
     // agent stops sending either way.
-    wait_for(
-        &mut pair,
+    pair.wait_for(
         Duration::from_secs(30),
         "agent paused or every file refused",
         |p| {
@@ -242,7 +222,7 @@ fn partials_of_an_agent_that_never_comes_back_are_removed() {
     })
     .expect("kill the agent mid-file");
     assert!(!pair.partial_files().is_empty());
-    wait_for(&mut pair, Duration::from_secs(20), "partial removed", |p| {
+    pair.wait_for(Duration::from_secs(20), "partial removed", |p| {
         p.partial_files().is_empty()
     });
     let log = pair.receiver_log().expect("log");

@@ -414,6 +414,21 @@ impl Pair {
             .with_context(|| format!("agent status printed no JSON object: {stdout:?}"))
     }
 
+    /// Waits until `cond` holds, polling and checking both daemons are alive; panics with
+    /// `what` and both logs after `timeout` (for tests).
+    pub fn wait_for(&mut self, timeout: Duration, what: &str, mut cond: impl FnMut(&Pair) -> bool) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !cond(self) {
+            self.ensure_alive().expect("daemons alive");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within {timeout:?}\n{}",
+                self.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Polls `status` until the journal has `done` rows (a file is visible in the tree a
     /// moment before its `Ack` reaches the agent: the receiver acknowledges after the
     /// rename, the inventory and the catalog row); returns the last status.
