@@ -222,7 +222,8 @@ fn until_sent(
     }
 }
 
-fn wait(pair: &mut Pair, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+/// Polls `cond` until it holds (30 s at most), failing early when a daemon died.
+pub fn wait(pair: &mut Pair, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !cond().unwrap_or(false) {
         pair.ensure_alive()?;

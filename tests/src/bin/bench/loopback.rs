@@ -19,6 +19,9 @@ use crate::tools::{self, Measurement};
 
 /// The tools, in table order (skyferry first: the ratios are skyferry's).
 pub const TOOLS: [&str; 4] = ["skyferry", "rsync+ssh", "cp+sync", "flask+wget"];
+/// With `--catalog-cost`: skyferry again with the receiver's catalog off, so that the
+/// ratio shows what cataloguing costs replication.
+pub const NO_CATALOG: &str = "no catalog";
 
 /// What the other tools need, set up once.
 pub struct Others {
@@ -54,6 +57,7 @@ pub fn bench_dataset(
     runs: usize,
     clock: &CpuClock,
     others: &Others,
+    catalog_cost: bool,
 ) -> Result<Row> {
     let mut pair = Pair::new(PairOptions::default())?;
     let metrics = skyferry.apply(&pair, "")?;
@@ -74,12 +78,22 @@ pub fn bench_dataset(
         Err(reason) => Err(reason.clone()),
     };
 
-    let mut results: Vec<Vec<Result<Measurement>>> = TOOLS.iter().map(|_| Vec::new()).collect();
+    let mut names = TOOLS.to_vec();
+    if catalog_cost {
+        names.insert(1, NO_CATALOG);
+    }
+    let mut results: Vec<Vec<Result<Measurement>>> = names.iter().map(|_| Vec::new()).collect();
     for run in 1..=runs {
-        for (i, tool) in TOOLS.iter().enumerate() {
+        for (i, tool) in names.iter().enumerate() {
             let result = match *tool {
                 "skyferry" => {
                     tools::skyferry(&mut pair, clock, timeout, &metrics).map(|r| r.measurement)
+                }
+                NO_CATALOG => {
+                    set_catalog(&pair, false)?;
+                    let run = tools::skyferry(&mut pair, clock, timeout, &metrics);
+                    set_catalog(&pair, true)?;
+                    run.map(|r| r.measurement)
                 }
                 "rsync+ssh" => match &others.sshd {
                     Ok(sshd) => tools::rsync(clock, sshd, &src, &pair.dir().join("rsync-dst")),
@@ -100,7 +114,7 @@ pub fn bench_dataset(
         "flask+wget" => flask.as_ref().err().cloned(),
         _ => None,
     };
-    let tools = TOOLS
+    let tools = names
         .iter()
         .zip(results)
         .map(|(tool, results)| {
@@ -117,6 +131,17 @@ pub fn bench_dataset(
         bytes: tree.bytes,
         tools,
     })
+}
+
+/// Turns the receiver's catalog off (a `[catalog]` table appended to its config) or back
+/// on (the table removed); takes effect at the receiver's next start.
+fn set_catalog(pair: &Pair, enabled: bool) -> Result<()> {
+    const OFF: &str = "\n[catalog]\nenabled = false\n";
+    let path = pair.receiver_config_path();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path:?}"))?;
+    let text = text.replace(OFF, "");
+    let text = if enabled { text } else { text + OFF };
+    std::fs::write(&path, text).with_context(|| format!("cannot write {path:?}"))
 }
 
 /// One progress line per run.

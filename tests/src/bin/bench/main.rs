@@ -10,6 +10,8 @@
 //!   median of `--runs` runs each, with skyferry's ratios to each;
 //! - `--link` ([`link`]): skyferry through the harness's UDP relay with added RTT and loss;
 //! - `--latency` ([`latency`]): one file at a time, from close (or Redis publish) to done;
+//! - `--live-first` ([`live_first`]): live files' latency while a replay fills a capped
+//!   link, next to the same files with the link idle;
 //! - `--codecs` ([`codecs`]): compression ratio and speed of skyferry's codecs next to
 //!   `fpack`/`funpack` on the benchmark's FITS data.
 //!
@@ -23,6 +25,7 @@ mod datasets;
 mod flask;
 mod latency;
 mod link;
+mod live_first;
 mod loopback;
 mod memory;
 mod report;
@@ -46,8 +49,11 @@ modes (default: --loopback):
   --loopback           skyferry vs rsync+ssh, cp+sync, flask+wget on three data sets
   --link               through the UDP relay: RTT 0/5/15 ms, loss 0/0.1 %
   --latency            one 4.5 MB file at a time: close (or Redis publish) to done
+  --live-first         live files' latency while a >= 2 GB replay fills a capped relay
+                       (--rate, default 400 Mbit/s; --rtt, default 10 ms)
   --codecs             compression ratio and speed: zstd, shuffle16+zstd, fpack/funpack
 options:
+  --catalog-cost       loopback mode: also run skyferry with the receiver's catalog off
   --quick              smaller data (256 MiB movie, 2 movies of 18 frames; 20 latency files)
   --runs N             runs per tool and per link setting, median reported (default 3)
   --compression N      skyferry's compression_level instead of the example's
@@ -57,15 +63,18 @@ options:
   --rate MBIT          link mode: cap the relay at MBIT Mbit/s each way
   --rtt MS             link mode: only this added RTT (repeatable; default 0, 5, 15)
   --loss FRACTION      link mode: only this loss each way (repeatable; default 0, 0.001)
-  --latency-files N    latency mode: files per series (default 100)
+  --latency-files N    latency mode: files per series (default 100); live-first mode:
+                       live files per series (default 20)
   --quiet-period D     latency mode: [[watch]] quiet_period instead of the example's";
 
 struct Args {
     loopback: bool,
     link: bool,
     latency: bool,
+    live_first: bool,
     codecs: bool,
     quick: bool,
+    catalog_cost: bool,
     runs: usize,
     compression: Option<String>,
     connections: Option<u32>,
@@ -82,8 +91,10 @@ fn parse_args() -> Result<Option<Args>> {
         loopback: false,
         link: false,
         latency: false,
+        live_first: false,
         codecs: false,
         quick: false,
+        catalog_cost: false,
         runs: 3,
         compression: None,
         connections: None,
@@ -106,8 +117,10 @@ fn parse_args() -> Result<Option<Args>> {
             "--loopback" => args.loopback = true,
             "--link" => args.link = true,
             "--latency" => args.latency = true,
+            "--live-first" => args.live_first = true,
             "--codecs" => args.codecs = true,
             "--quick" => args.quick = true,
+            "--catalog-cost" => args.catalog_cost = true,
             "--runs" => args.runs = number::<usize>("--runs", it.next())?.max(1),
             "--compression" => {
                 args.compression = Some(number::<u32>("--compression", it.next())?.to_string())
@@ -133,7 +146,7 @@ fn parse_args() -> Result<Option<Args>> {
             other => bail!("unknown argument {other:?}"),
         }
     }
-    if !(args.link || args.latency || args.codecs) {
+    if !(args.link || args.latency || args.live_first || args.codecs) {
         args.loopback = true;
     }
     Ok(Some(args))
@@ -182,7 +195,7 @@ fn run(args: &Args) -> Result<bool> {
         };
         ok &= codecs::run(&opts, &clock)?;
     }
-    if !(args.loopback || args.link || args.latency) {
+    if !(args.loopback || args.link || args.latency || args.live_first) {
         return Ok(ok);
     }
     binary("skyferry-agent")?; // build the daemons now, not while measuring
@@ -226,6 +239,15 @@ fn run(args: &Args) -> Result<bool> {
         };
         ok &= latency::run(&opts, &skyferry)?;
     }
+    if args.live_first {
+        let opts = live_first::LiveFirstOptions {
+            quick: args.quick,
+            live_files: args.latency_files.unwrap_or(20),
+            rate_mbit: args.rate_mbit.unwrap_or(400.0),
+            rtt_ms: args.rtts_ms.first().copied().unwrap_or(10),
+        };
+        ok &= live_first::run(&opts, &skyferry)?;
+    }
     Ok(ok)
 }
 
@@ -255,7 +277,12 @@ fn loopback(args: &Args, skyferry: &config::Skyferry, clock: &CpuClock) -> Resul
     for dataset in Dataset::all(args.quick) {
         println!("data set: {} …", dataset.name());
         rows.push(loopback::bench_dataset(
-            &dataset, skyferry, args.runs, clock, &others,
+            &dataset,
+            skyferry,
+            args.runs,
+            clock,
+            &others,
+            args.catalog_cost,
         )?);
     }
     let background = (background_before, background_load(clock)?);
