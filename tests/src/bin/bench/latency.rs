@@ -97,12 +97,7 @@ pub fn run(opts: &LatencyOptions, skyferry: &Skyferry) -> Result<bool> {
         None => String::new(),
     };
     let metrics = skyferry.apply(&pair, &extra)?;
-    pair.start_receiver()?;
-    pair.wait_receiver_listening(Duration::from_secs(10))?;
-    pair.start_agent()?;
-    wait(&mut pair, "the agent to connect", || {
-        Ok(get(&scrape(&metrics)?, "skyferry_agent_connected") >= 1.0)
-    })?;
+    start_connected(&mut pair, &metrics)?;
     let mut publisher = match &redis {
         Some(r) => {
             wait(&mut pair, "the agent to subscribe", || {
@@ -220,6 +215,17 @@ fn until_sent(
             );
         }
     }
+}
+
+/// Starts the receiver, then the agent, and waits until the agent's metrics (at
+/// `metrics`) say it is connected.
+pub fn start_connected(pair: &mut Pair, metrics: &str) -> Result<()> {
+    pair.start_receiver()?;
+    pair.wait_receiver_listening(Duration::from_secs(10))?;
+    pair.start_agent()?;
+    wait(pair, "the agent to connect", || {
+        Ok(get(&scrape(metrics)?, "skyferry_agent_connected") >= 1.0)
+    })
 }
 
 /// Polls `cond` until it holds (30 s at most), failing early when a daemon died.

@@ -19,7 +19,7 @@ use skyferry_tests::fits::{self, FitsParams};
 use skyferry_tests::{Pair, PairOptions};
 
 use crate::config::{duration, Skyferry};
-use crate::latency::wait;
+use crate::latency::{start_connected, wait};
 use crate::report::{median, quantile};
 use crate::scrape::{get, scrape};
 
@@ -68,12 +68,7 @@ pub fn run(opts: &LiveFirstOptions, skyferry: &Skyferry) -> Result<bool> {
     write_archive(&archive, archive_files)?;
     let archive_bytes = archive_files * ARCHIVE_FILE;
 
-    pair.start_receiver()?;
-    pair.wait_receiver_listening(Duration::from_secs(10))?;
-    pair.start_agent()?;
-    wait(&mut pair, "the agent to connect", || {
-        Ok(get(&scrape(&metrics)?, "skyferry_agent_connected") >= 1.0)
-    })?;
+    start_connected(&mut pair, &metrics)?;
 
     println!("live-first: {} live files, no replay …", opts.live_files);
     let idle = live_series(&mut pair, "live, link idle", 1, opts.live_files)?;
