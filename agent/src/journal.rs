@@ -34,7 +34,9 @@ use skyferry_common::unix_time::now_ns;
 const WAIT: Duration = Duration::from_secs(5);
 
 /// Schema version in `PRAGMA user_version`. 2: replays (the `replays` table, `files.replay`).
-const SCHEMA_VERSION: i64 = 2;
+/// 3: `replay_counts` (files and bytes of each replay by state, kept by triggers) and
+/// the files of a replay the receiver acknowledged without data (`replays.present_*`).
+const SCHEMA_VERSION: i64 = 3;
 
 /// Exit code when the journal is corrupt (sysexits EX_DATAERR): the operator must rebuild
 /// it (docs/operations.md), a restart alone will not help.
@@ -152,6 +154,9 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub enum Finish {
     Done,
+    /// Done, and the receiver acknowledged it without data: it already held this
+    /// version (counted for the file's replay, if any).
+    Present,
     Vanished,
     Superseded,
     Failed(String),
@@ -225,15 +230,25 @@ pub enum Durability {
     Lazy,
 }
 
-/// Brings a version-1 journal to version 2 (replays), in one transaction; a no-op on a
-/// version-2 one. Whoever opens the journal first (agent or `replay` command) does it.
+/// Brings a version-1 or -2 journal to the current version, one transaction per step;
+/// a no-op on a current one. Whoever opens the journal first (agent or `replay`
+/// command) does it.
 fn migrate(db: &Connection, name: &str) -> Result<(), JournalError> {
     let version: i64 = db
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(sql(name))?;
-    if version >= SCHEMA_VERSION {
-        return Ok(());
+    if version < 2 {
+        migrate_to_2(db, name)?;
     }
+    if version < 3 {
+        db.execute_batch(crate::replay::SCHEMA_3)
+            .map_err(sql(name))?;
+    }
+    Ok(())
+}
+
+/// Version 2: replays.
+fn migrate_to_2(db: &Connection, name: &str) -> Result<(), JournalError> {
     db.execute_batch(
         "BEGIN IMMEDIATE;
          ALTER TABLE files ADD COLUMN replay INTEGER;
@@ -647,23 +662,29 @@ impl Journal {
 
     /// Returns interrupted transfers to pending (called at startup and after shutdown).
     /// Lazy: a lost update leaves them in flight, which the next start undoes.
+    /// Files of replays cancelled meanwhile are unqueued as the cancel would have done.
     pub fn requeue_inflight(&mut self) -> Result<usize, JournalError> {
         self.sync(Durability::Lazy)?;
-        self.db
+        let tx = self.db.transaction().map_err(sql(&self.path))?;
+        let n = tx
             .execute("UPDATE files SET state = 0 WHERE state = 1", [])
-            .map_err(sql(&self.path))
+            .and_then(|n| crate::replay::unqueue_cancelled(&tx, None).map(|_| n))
+            .map_err(sql(&self.path))?;
+        tx.commit().map_err(sql(&self.path))?;
+        Ok(n)
     }
 
     /// Returns one file to `pending` if it is still in flight (its upload was aborted
     /// before it recorded an end; an end recorded meanwhile stands).
     pub fn requeue_if_inflight(&mut self, id: i64) -> Result<(), JournalError> {
-        self.db
-            .execute(
-                "UPDATE files SET state = 0 WHERE id = ?1 AND state = 1",
-                params![id],
-            )
-            .map(drop)
-            .map_err(sql(&self.path))
+        let tx = self.db.transaction().map_err(sql(&self.path))?;
+        tx.execute(
+            "UPDATE files SET state = 0 WHERE id = ?1 AND state = 1",
+            params![id],
+        )
+        .and_then(|_| crate::replay::unqueue_cancelled(&tx, Some(id)))
+        .map_err(sql(&self.path))?;
+        tx.commit().map_err(sql(&self.path))
     }
 
     /// Claims up to `limit` pending files of any class; see [`Journal::claim_classes`].
@@ -779,27 +800,44 @@ impl Journal {
     }
 
     /// Records how an attempt ended: durably, except an interrupted attempt (`Requeue`,
-    /// pending again as after a restart).
+    /// pending again as after a restart). A file pending again whose replay was
+    /// cancelled while it was in flight is unqueued as the cancel would have done.
     pub fn finish(&mut self, id: i64, how: &Finish) -> Result<(), JournalError> {
         self.sync(match how {
             Finish::Requeue => Durability::Lazy,
             _ => Durability::Durable,
         })?;
         let now = now_ns();
+        let tx = self.db.transaction().map_err(sql(&self.path))?;
+        let db = &tx;
         let r = match how {
-            Finish::Done => self.db.execute(
+            Finish::Done => db.execute(
                 "UPDATE files SET state = 2, finished_ns = ?2, last_error = NULL WHERE id = ?1",
                 params![id, now],
             ),
-            Finish::Vanished => self.db.execute(
+            Finish::Present => db
+                .execute(
+                    "UPDATE replays SET present_files = present_files + 1,
+                     present_bytes = present_bytes + (SELECT size FROM files WHERE id = ?1)
+                     WHERE id = (SELECT replay FROM files WHERE id = ?1 AND state = 1)",
+                    params![id],
+                )
+                .and_then(|_| {
+                    db.execute(
+                        "UPDATE files SET state = 2, finished_ns = ?2, last_error = NULL
+                         WHERE id = ?1",
+                        params![id, now],
+                    )
+                }),
+            Finish::Vanished => db.execute(
                 "UPDATE files SET state = 3, finished_ns = ?2 WHERE id = ?1",
                 params![id, now],
             ),
-            Finish::Superseded => self.db.execute(
+            Finish::Superseded => db.execute(
                 "UPDATE files SET state = 5, finished_ns = ?2 WHERE id = ?1",
                 params![id, now],
             ),
-            Finish::Failed(reason) => self.db.execute(
+            Finish::Failed(reason) => db.execute(
                 "UPDATE files SET state = 4, finished_ns = ?2, last_error = ?3,
                  attempts = attempts + 1 WHERE id = ?1",
                 params![id, now, reason],
@@ -807,7 +845,7 @@ impl Journal {
             Finish::Retry {
                 reason,
                 forget_hash,
-            } => self.db.execute(
+            } => db.execute(
                 // Backoff 2^attempts seconds, capped at 5 minutes.
                 "UPDATE files SET state = 0, attempts = attempts + 1, last_error = ?2,
                  not_before = ?3 + (MIN(300, 1 << MIN(attempts, 9)) * 1000000000),
@@ -815,15 +853,24 @@ impl Journal {
                  WHERE id = ?1",
                 params![id, reason, now, forget_hash],
             ),
-            Finish::Wait { reason } => self.db.execute(
+            Finish::Wait { reason } => db.execute(
                 "UPDATE files SET state = 0, last_error = ?2, not_before = ?3 WHERE id = ?1",
                 params![id, reason, now + WAIT.as_nanos() as i64],
             ),
-            Finish::Requeue => self
-                .db
-                .execute("UPDATE files SET state = 0 WHERE id = ?1", params![id]),
+            Finish::Requeue => db.execute("UPDATE files SET state = 0 WHERE id = ?1", params![id]),
         };
-        r.map(drop).map_err(sql(&self.path))
+        let pending_again = matches!(
+            how,
+            Finish::Retry { .. } | Finish::Wait { .. } | Finish::Requeue
+        );
+        r.and_then(|_| {
+            if pending_again {
+                crate::replay::unqueue_cancelled(&tx, Some(id))?;
+            }
+            Ok(())
+        })
+        .map_err(sql(&self.path))?;
+        tx.commit().map_err(sql(&self.path))
     }
 
     /// The queue by class for the live cutoff `live_since_ns` (see [`Journal::claim`]).

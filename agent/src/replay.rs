@@ -12,6 +12,51 @@ use skyferry_common::unix_time::now_ns;
 
 use crate::journal::{Discovered, Journal, JournalError, State};
 
+/// Schema version 3 (see `journal.rs`): `replay_counts` holds each replay's files and
+/// bytes by state, kept by triggers on `files` in the transaction that changes a row,
+/// so that `replay show` and the metrics read six rows instead of counting millions
+/// (measured: 2.6 s for a replay of 10 M files before). Each replay has a row for
+/// every state from its creation on (the triggers only update). Existing replays are
+/// counted once here.
+pub(crate) const SCHEMA_3: &str = "BEGIN IMMEDIATE;
+    ALTER TABLE replays ADD COLUMN present_files INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE replays ADD COLUMN present_bytes INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE replay_counts (
+        replay INTEGER NOT NULL,
+        state  INTEGER NOT NULL,
+        files  INTEGER NOT NULL DEFAULT 0,
+        bytes  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (replay, state)
+    ) WITHOUT ROWID;
+    INSERT INTO replay_counts (replay, state)
+        SELECT r.id, s.value FROM replays r,
+        (SELECT 0 AS value UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3
+         UNION ALL SELECT 4 UNION ALL SELECT 5) s;
+    UPDATE replay_counts SET (files, bytes) =
+        (SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files f
+         WHERE f.replay = replay_counts.replay AND f.state = replay_counts.state);
+    CREATE TRIGGER replay_counts_insert AFTER INSERT ON files WHEN NEW.replay IS NOT NULL
+    BEGIN
+        UPDATE replay_counts SET files = files + 1, bytes = bytes + NEW.size
+        WHERE replay = NEW.replay AND state = NEW.state;
+    END;
+    CREATE TRIGGER replay_counts_delete AFTER DELETE ON files WHEN OLD.replay IS NOT NULL
+    BEGIN
+        UPDATE replay_counts SET files = files - 1, bytes = bytes - OLD.size
+        WHERE replay = OLD.replay AND state = OLD.state;
+    END;
+    CREATE TRIGGER replay_counts_update AFTER UPDATE OF state, replay ON files
+    WHEN (OLD.replay IS NOT NULL OR NEW.replay IS NOT NULL)
+     AND (OLD.state IS NOT NEW.state OR OLD.replay IS NOT NEW.replay)
+    BEGIN
+        UPDATE replay_counts SET files = files - 1, bytes = bytes - OLD.size
+        WHERE replay = OLD.replay AND state = OLD.state;
+        UPDATE replay_counts SET files = files + 1, bytes = bytes + NEW.size
+        WHERE replay = NEW.replay AND state = NEW.state;
+    END;
+    PRAGMA user_version = 3;
+    COMMIT;";
+
 /// A replay's state (`replays.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +93,8 @@ pub struct Replay {
     pub id: i64,
     pub name: String,
     pub created_ns: i64,
+    /// When it ended (done or cancelled).
+    pub finished_ns: Option<i64>,
     pub state: ReplayState,
     /// The command line's selection, as text.
     pub selection: String,
@@ -68,9 +115,15 @@ pub struct Progress {
     pub pending_files: u64,
     pub pending_bytes: u64,
     pub inflight_files: u64,
+    pub inflight_bytes: u64,
     pub done_files: u64,
     pub done_bytes: u64,
+    /// Of the done files, those the receiver acknowledged without data (it already
+    /// held them: a `--resend`, or a file stored before its acknowledgement was lost).
+    pub present_files: u64,
+    pub present_bytes: u64,
     pub failed_files: u64,
+    pub failed_bytes: u64,
     /// Vanished or superseded before they were sent.
     pub gone_files: u64,
     /// Up to ten reasons of failed files, with their paths.
@@ -108,7 +161,14 @@ impl Journal {
             params![name, now_ns(), selection, max_rate.map(|r| r as i64)],
         )
         .map_err(sql(path))?;
-        Ok(db.last_insert_rowid())
+        let id = db.last_insert_rowid();
+        db.execute(
+            "INSERT INTO replay_counts (replay, state)
+             VALUES (?1, 0), (?1, 1), (?1, 2), (?1, 3), (?1, 4), (?1, 5)",
+            [id],
+        )
+        .map_err(sql(path))?;
+        Ok(id)
     }
 
     /// Queues one batch of a replay's files in one durable transaction. A file never
@@ -265,6 +325,38 @@ impl Journal {
         tx.commit().map_err(fail)
     }
 
+    /// Files and bytes of all replays together by state (pending, in flight, done,
+    /// failed; vanished and superseded as `gone`), for the metrics.
+    pub fn replay_totals(&mut self) -> Result<Progress, JournalError> {
+        let (db, path) = self.db();
+        let mut p = Progress::default();
+        let mut stmt = db
+            .prepare_cached(
+                "SELECT state, SUM(files), SUM(bytes) FROM replay_counts GROUP BY state",
+            )
+            .map_err(sql(path))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?.max(0) as u64,
+                    r.get::<_, i64>(2)?.max(0) as u64,
+                ))
+            })
+            .map_err(sql(path))?;
+        for row in rows {
+            let (state, n, bytes) = row.map_err(sql(path))?;
+            match state {
+                0 => (p.pending_files, p.pending_bytes) = (n, bytes),
+                1 => (p.inflight_files, p.inflight_bytes) = (n, bytes),
+                2 => (p.done_files, p.done_bytes) = (n, bytes),
+                4 => (p.failed_files, p.failed_bytes) = (n, bytes),
+                _ => p.gone_files += n,
+            }
+        }
+        Ok(p)
+    }
+
     /// Every replay, oldest first.
     pub fn replays(&mut self) -> Result<Vec<Replay>, JournalError> {
         let ids: Vec<i64> = {
@@ -300,13 +392,15 @@ impl Journal {
         let row = db
             .query_row(
                 "SELECT name, created_ns, state, selection, max_rate, enqueued, queued_files,
-                        queued_bytes, skipped_files FROM replays WHERE id = ?1",
+                        queued_bytes, skipped_files, finished_ns, present_files, present_bytes
+                 FROM replays WHERE id = ?1",
                 [id],
                 |r| {
                     Ok(Replay {
                         id,
                         name: r.get(0)?,
                         created_ns: r.get(1)?,
+                        finished_ns: r.get(9)?,
                         state: ReplayState::from_code(r.get(2)?),
                         selection: r.get(3)?,
                         max_rate: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
@@ -314,7 +408,11 @@ impl Journal {
                         queued_files: r.get::<_, i64>(6)? as u64,
                         queued_bytes: r.get::<_, i64>(7)? as u64,
                         skipped_files: r.get::<_, i64>(8)? as u64,
-                        progress: Progress::default(),
+                        progress: Progress {
+                            present_files: r.get::<_, i64>(10)? as u64,
+                            present_bytes: r.get::<_, i64>(11)? as u64,
+                            ..Progress::default()
+                        },
                     })
                 },
             )
@@ -323,20 +421,17 @@ impl Journal {
         let Some(mut replay) = row else {
             return Ok(None);
         };
-        let mut p = Progress::default();
+        let mut p = std::mem::take(&mut replay.progress);
         {
             let mut stmt = db
-                .prepare_cached(
-                    "SELECT state, COUNT(*), SUM(size) FROM files WHERE replay = ?1
-                     AND replay IS NOT NULL GROUP BY state",
-                )
+                .prepare_cached("SELECT state, files, bytes FROM replay_counts WHERE replay = ?1")
                 .map_err(sql(path))?;
             let rows = stmt
                 .query_map([id], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)? as u64,
-                        r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
+                        r.get::<_, i64>(1)?.max(0) as u64,
+                        r.get::<_, i64>(2)?.max(0) as u64,
                     ))
                 })
                 .map_err(sql(path))?;
@@ -344,9 +439,9 @@ impl Journal {
                 let (state, n, bytes) = row.map_err(sql(path))?;
                 match state {
                     0 => (p.pending_files, p.pending_bytes) = (n, bytes),
-                    1 => p.inflight_files = n,
+                    1 => (p.inflight_files, p.inflight_bytes) = (n, bytes),
                     2 => (p.done_files, p.done_bytes) = (n, bytes),
-                    4 => p.failed_files = n,
+                    4 => (p.failed_files, p.failed_bytes) = (n, bytes),
                     _ => p.gone_files += n,
                 }
             }
@@ -366,6 +461,7 @@ impl Journal {
             && p.inflight_files == 0
         {
             replay.state = ReplayState::Done;
+            replay.finished_ns = Some(now_ns());
             // Best effort: a read-only journal (`status`) cannot record it.
             let _ = db.execute(
                 "UPDATE replays SET state = 3, finished_ns = ?2 WHERE id = ?1 AND state = 0",
@@ -375,6 +471,32 @@ impl Journal {
         replay.progress = p;
         Ok(Some(replay))
     }
+}
+
+/// Applies a cancel to rows of cancelled replays that are pending again: files that
+/// were in flight when their replay was cancelled finish, and one whose attempt then
+/// ends without an acknowledgement (a retry, a lost connection, an agent restart) is
+/// unqueued as cancel would have done (a resent row done again, a new row removed),
+/// instead of staying pending and unclaimed, where a later replay or rescan would
+/// skip it as already queued. `id`: one row, or every row (at startup). Runs inside
+/// the caller's transaction, if any.
+pub(crate) fn unqueue_cancelled(
+    db: &rusqlite::Connection,
+    id: Option<i64>,
+) -> rusqlite::Result<usize> {
+    let cancelled = "state = 0 AND replay IS NOT NULL
+         AND replay IN (SELECT id FROM replays WHERE state = 2)
+         AND (?1 IS NULL OR id = ?1)";
+    let done = db
+        .prepare_cached(&format!(
+            "UPDATE files SET state = 2, replay = NULL
+             WHERE {cancelled} AND finished_ns IS NOT NULL"
+        ))?
+        .execute([id])?;
+    let removed = db
+        .prepare_cached(&format!("DELETE FROM files WHERE {cancelled}"))?
+        .execute([id])?;
+    Ok(done + removed)
 }
 
 fn sql(path: &str) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
@@ -463,6 +585,60 @@ mod tests {
         j.set_replay_state(r, ReplayState::Cancelled).unwrap();
         let c = j.counts().unwrap();
         assert_eq!((c.get(State::Done), c.get(State::Inflight)), (1, 1));
+    }
+
+    #[test]
+    fn files_in_flight_at_cancel_that_come_back_are_unqueued_not_stranded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.sqlite");
+        let mut j = Journal::open(&path).unwrap();
+        // "old" was sent before; the replay resends it and queues three new files.
+        j.enqueue(&[file("old", 10)]).unwrap();
+        let job = j.claim(10, 0).unwrap().remove(0);
+        j.finish(job.id, &Finish::Done).unwrap();
+        let r = j.create_replay("x", "", None).unwrap();
+        let all = [file("old", 10), file("a", 1), file("b", 2), file("c", 3)];
+        assert_eq!(j.enqueue_replay(r, &all, true).unwrap().queued, 4);
+        j.replay_enqueued(r).unwrap();
+        let jobs = j.claim(10, 0).unwrap();
+        assert_eq!(jobs.len(), 4, "all in flight when the cancel comes");
+        j.set_replay_state(r, ReplayState::Cancelled).unwrap();
+        let id = |p: &str| jobs.iter().find(|j| j.path == p).unwrap().id;
+        // Each way an attempt ends without an acknowledgement; "old" by a restart.
+        j.finish(id("a"), &Finish::Requeue).unwrap();
+        j.finish(
+            id("b"),
+            &Finish::Retry {
+                reason: "timeout".into(),
+                forget_hash: false,
+            },
+        )
+        .unwrap();
+        j.finish(
+            id("c"),
+            &Finish::Wait {
+                reason: "busy".into(),
+            },
+        )
+        .unwrap();
+        drop(j);
+        let mut j = Journal::open(&path).unwrap();
+        j.requeue_inflight().unwrap();
+        let c = j.counts().unwrap();
+        assert_eq!(
+            (
+                c.get(State::Pending),
+                c.get(State::Inflight),
+                c.get(State::Done)
+            ),
+            (0, 0, 1),
+            "nothing of a cancelled replay stays queued; the resent file is done again"
+        );
+        assert_eq!(j.replay(r).unwrap().unwrap().progress.pending_files, 0);
+        // A later replay of the same files queues the ones never sent.
+        let again = j.create_replay("again", "", None).unwrap();
+        let b = j.enqueue_replay(again, &all, false).unwrap();
+        assert_eq!((b.queued, b.skipped), (3, 1));
     }
 
     #[test]

@@ -411,7 +411,10 @@ impl Sender {
                                 let how = upload(&conn, &ctx, &job).await;
                                 metrics.files_in_flight.dec();
                                 let journal = ctx.journal.clone();
-                                let done = matches!(how, crate::journal::Finish::Done);
+                                let done = matches!(
+                                    how,
+                                    crate::journal::Finish::Done | crate::journal::Finish::Present
+                                );
                                 let recorded = tokio::task::spawn_blocking(move || {
                                     record(&journal, &job, &how)
                                 })

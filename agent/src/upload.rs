@@ -258,7 +258,11 @@ pub async fn upload(conn: &quinn::Connection, ctx: &UploadContext, job: &Job) ->
         }) => {
             ctx.metrics.files_sent.inc();
             info!(path = %job.path, size = job.size, chunks_sent, already_stored, stored = %stored_path, "stored");
-            Finish::Done
+            if *already_stored {
+                Finish::Present
+            } else {
+                Finish::Done
+            }
         }
         Some(Outcome::Rejected(r))
             if matches!(

@@ -411,3 +411,245 @@ fn the_rate_cap_holds_and_follows_sighup() {
         .unwrap()
         .contains("reloaded transfer.max_rate"));
 }
+
+/// `replay show ID --json`, parsed.
+fn show(pair: &Pair, id: u32) -> serde_json::Value {
+    let config = pair.agent_config_path();
+    let text = agent(
+        pair,
+        &[
+            "show",
+            "-c",
+            config.to_str().unwrap(),
+            &id.to_string(),
+            "--json",
+        ],
+        None,
+    );
+    serde_json::from_str(text.trim()).unwrap()
+}
+
+/// Waits until the agent the harness runs now writes its state (it has opened the
+/// journal and returned interrupted transfers to pending).
+fn wait_for_restart(pair: &Pair) {
+    let pid = pair.agent_pid().unwrap();
+    wait_for("the agent up again", Duration::from_secs(20), || {
+        pair.agent_status()
+            .is_ok_and(|s| s["daemon"]["pid"].as_u64() == Some(u64::from(pid)))
+    });
+}
+
+/// Files in flight when their replay is cancelled and then interrupted (kill -9 of the
+/// agent; the restart returns them to pending) are unqueued like the rest: nothing of
+/// the cancelled replay stays pending, and a later replay of the same tree sends every
+/// file still missing. (Before the fix they stayed pending forever, never claimed, and
+/// the later replay skipped them as "already queued".)
+#[test]
+fn files_in_flight_at_cancel_are_not_stranded_by_a_restart() {
+    let mut pair = Pair::start(PairOptions::default()).expect("start pair");
+    let archive = pair.dir().join("archive");
+    let files: Vec<PathBuf> = (0..12)
+        .map(|i| {
+            let rel = PathBuf::from(format!("old/f{i:02}.fits"));
+            must_write(&archive.join(&rel), &content(2_000_000, 500 + i));
+            rel
+        })
+        .collect();
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap().to_owned();
+    let root = archive.to_str().unwrap().to_owned();
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+    // 200 kB/s: each 2 MB file is in flight for seconds.
+    agent(
+        &pair,
+        &["-c", &config, "--root", &root, "--max-rate", "200kB/s"],
+        None,
+    );
+    wait_for("a file in flight", Duration::from_secs(30), || {
+        show(&pair, 1)["progress"]["inflight_files"].as_u64() > Some(0)
+    });
+    agent(&pair, &["cancel", "-c", &config, "1"], None);
+    pair.kill_agent().unwrap();
+    pair.start_agent().unwrap();
+    wait_for_restart(&pair);
+    let shown = show(&pair, 1);
+    assert_eq!(shown["state"], "cancelled", "{shown}");
+    assert_eq!(shown["progress"]["pending_files"], 0, "{shown}");
+    let status = pair.agent_status().unwrap();
+    assert_eq!(status["pending"], 0, "nothing stays queued: {status}");
+
+    // A new replay of the tree queues what is not stored yet, and all of it arrives.
+    let out = agent(&pair, &["-c", &config, "--root", &root], None);
+    assert!(out.contains("replay 2"), "{out}");
+    wait_for("every file stored", Duration::from_secs(60), || {
+        files
+            .iter()
+            .all(|r| fs::read(pair.published().join(r)).ok() == fs::read(archive.join(r)).ok())
+    });
+    wait_for("replay 2 done", Duration::from_secs(30), || {
+        show(&pair, 2)["state"] == "done"
+    });
+}
+
+/// The receiver lost 10 of 84 stored files (files and inventory rows gone, as after a
+/// restore from an old backup): `replay --resend` over all 84 sends exactly those 10
+/// with data; the other 74 are acknowledged without data. The agent's bytes-sent
+/// counter grows by the 10 files' bytes, not the 84, and all 84 are byte-identical.
+#[test]
+fn resend_after_storage_loss_sends_only_what_the_receiver_lost() {
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let rels: Vec<PathBuf> = (0..84)
+        .map(|i| PathBuf::from(format!("2024-05-01/exp{:02}/det{:02}.fits", i / 12, i % 84)))
+        .collect();
+    for (i, rel) in rels.iter().enumerate() {
+        must_write(
+            &pair.source().join(rel),
+            &content(150_000 + i * 1_001, 9_000 + i as u64),
+        );
+    }
+    pair.wait_done(84, Duration::from_secs(120))
+        .expect("status");
+    let sent_before = pair.agent_status().unwrap()["sent_bytes"].as_u64().unwrap();
+    let all_bytes: u64 = rels
+        .iter()
+        .map(|r| fs::metadata(pair.source().join(r)).unwrap().len())
+        .sum();
+    assert!(sent_before >= all_bytes, "first pass sent everything");
+
+    // Storage loss: every 8th file, from the tree and from the inventory.
+    let lost: Vec<&PathBuf> = rels.iter().step_by(8).take(10).collect();
+    let inventory =
+        rusqlite::Connection::open(pair.storage().join(".skyferry/inventory.sqlite")).unwrap();
+    inventory.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut lost_bytes = 0;
+    for rel in &lost {
+        let stored = pair.published().join(rel);
+        lost_bytes += fs::metadata(&stored).unwrap().len();
+        fs::remove_file(&stored).unwrap();
+        let rows = inventory
+            .execute(
+                "DELETE FROM stored WHERE agent = ?1 AND path = ?2",
+                rusqlite::params![pair.options().agent_id, rel.to_str().unwrap()],
+            )
+            .unwrap();
+        assert_eq!(rows, 1, "{} had an inventory row", rel.display());
+    }
+    drop(inventory);
+
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap();
+    let out = agent(
+        &pair,
+        &[
+            "-c",
+            config,
+            "--root",
+            pair.source().to_str().unwrap(),
+            "--resend",
+        ],
+        None,
+    );
+    assert!(out.contains("queued 84 files"), "{out}");
+    wait_for("the resend done", Duration::from_secs(120), || {
+        show(&pair, 1)["state"] == "done"
+    });
+    let sent = pair.agent_status().unwrap()["sent_bytes"].as_u64().unwrap() - sent_before;
+    assert!(
+        sent >= lost_bytes && sent <= lost_bytes + lost_bytes / 10,
+        "sent {sent} bytes for the 10 lost files of {lost_bytes} bytes (all 84: {all_bytes})"
+    );
+    let shown = show(&pair, 1);
+    assert_eq!(shown["progress"]["done_files"], 84, "{shown}");
+    assert_eq!(shown["progress"]["present_files"], 74, "{shown}");
+    assert_eq!(tree(&pair.published()).len(), 84);
+    for rel in &rels {
+        assert_eq!(
+            fs::read(pair.source().join(rel)).unwrap(),
+            fs::read(pair.published().join(rel)).unwrap(),
+            "{} byte-identical",
+            rel.display()
+        );
+    }
+}
+
+/// kill -9 of the agent in the middle of a replay: the restarted agent resumes it by
+/// itself; every selected file arrives exactly once (one stored file and one inventory
+/// row per path, nothing else in the tree), byte-identical, and the replay ends done.
+#[test]
+fn a_replay_survives_kill_9_of_the_agent() {
+    let mut pair = Pair::start(PairOptions::default()).expect("start pair");
+    let archive = pair.dir().join("archive");
+    let nights = write_archive(&archive);
+    // Bigger files than write_archive's: 84 × ~600 kB at 4 MB/s is ~12 s of sending.
+    for (i, rel) in nights[0].iter().enumerate() {
+        must_write(
+            &archive.join(rel),
+            &content(600_000 + i * 997, 77 + i as u64),
+        );
+        set_mtime(&archive.join(rel), NIGHT0_START + 3600 + i as u64);
+    }
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap().to_owned();
+    let root = archive.to_str().unwrap().to_owned();
+    wait_for("the journal", Duration::from_secs(20), || {
+        pair.journal().is_file()
+    });
+    let out = agent(
+        &pair,
+        &[
+            "-c",
+            &config,
+            "--root",
+            &root,
+            "--night",
+            "2024-05-01",
+            "--max-rate",
+            "4MB/s",
+        ],
+        None,
+    );
+    assert!(out.contains("queued 84 files"), "{out}");
+    wait_for(
+        "a quarter of the replay stored",
+        Duration::from_secs(60),
+        || tree(&pair.published()).len() >= 21,
+    );
+    let shown = show(&pair, 1);
+    assert_eq!(shown["state"], "active", "killed mid-replay: {shown}");
+    assert!(
+        shown["progress"]["pending_files"].as_u64() > Some(0),
+        "{shown}"
+    );
+    pair.kill_agent().unwrap();
+    pair.start_agent().unwrap();
+    wait_for_restart(&pair);
+    wait_for("the replay done", Duration::from_secs(120), || {
+        show(&pair, 1)["state"] == "done"
+    });
+    let shown = show(&pair, 1);
+    assert_eq!(shown["progress"]["done_files"], 84, "{shown}");
+    assert_eq!(shown["progress"]["failed_files"], 0, "{shown}");
+    let mut want = nights[0].clone();
+    want.sort();
+    assert_eq!(tree(&pair.published()), want, "exactly night 1, once each");
+    for rel in &want {
+        assert_eq!(
+            fs::read(archive.join(rel)).unwrap(),
+            fs::read(pair.published().join(rel)).unwrap(),
+            "{} byte-identical",
+            rel.display()
+        );
+    }
+    let inventory =
+        rusqlite::Connection::open(pair.storage().join(".skyferry/inventory.sqlite")).unwrap();
+    let rows: i64 = inventory
+        .query_row("SELECT COUNT(*) FROM stored", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 84, "one inventory row per file");
+    assert!(pair
+        .agent_log()
+        .unwrap()
+        .contains("resuming transfers interrupted"));
+}
