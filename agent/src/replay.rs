@@ -325,38 +325,6 @@ impl Journal {
         tx.commit().map_err(fail)
     }
 
-    /// Files and bytes of all replays together by state (pending, in flight, done,
-    /// failed; vanished and superseded as `gone`), for the metrics.
-    pub fn replay_totals(&mut self) -> Result<Progress, JournalError> {
-        let (db, path) = self.db();
-        let mut p = Progress::default();
-        let mut stmt = db
-            .prepare_cached(
-                "SELECT state, SUM(files), SUM(bytes) FROM replay_counts GROUP BY state",
-            )
-            .map_err(sql(path))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?.max(0) as u64,
-                    r.get::<_, i64>(2)?.max(0) as u64,
-                ))
-            })
-            .map_err(sql(path))?;
-        for row in rows {
-            let (state, n, bytes) = row.map_err(sql(path))?;
-            match state {
-                0 => (p.pending_files, p.pending_bytes) = (n, bytes),
-                1 => (p.inflight_files, p.inflight_bytes) = (n, bytes),
-                2 => (p.done_files, p.done_bytes) = (n, bytes),
-                4 => (p.failed_files, p.failed_bytes) = (n, bytes),
-                _ => p.gone_files += n,
-            }
-        }
-        Ok(p)
-    }
-
     /// Every replay, oldest first.
     pub fn replays(&mut self) -> Result<Vec<Replay>, JournalError> {
         let ids: Vec<i64> = {
