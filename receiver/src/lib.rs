@@ -66,6 +66,14 @@ pub async fn run(
     };
     let addr = endpoint.local_addr()?;
     tracing::info!(%addr, storage = %config.storage_root.display(), "listening");
+    if let Some(dir) = config.state_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "creating the directory of receiver.state_file {}",
+                config.state_file.display()
+            )
+        })?;
+    }
     let mut shared = shared::Shared::new(config, storage);
     if shared.config.catalog.enabled {
         let (c, root, metrics, ops) = (

@@ -155,7 +155,7 @@ fn main() -> ExitCode {
                 eprintln!("{e}");
                 EXIT_USAGE
             }
-            Ok(c) => match skyferry_receiver::status::report(&c.storage_root, json) {
+            Ok(c) => match skyferry_receiver::status::report(&c.state_file, json) {
                 Ok(text) => return daemon::print_out(&text),
                 Err(e) => {
                     eprintln!("error: {e}");

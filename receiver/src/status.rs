@@ -1,14 +1,15 @@
 //! The running receiver's state for `skyferry-receiver status`: every second a JSON
-//! file at `<storage_root>/.skyferry/state.json` (see `skyferry_common::state_file`)
-//! with the agents connected and their last heartbeats, the storage state, the stall
-//! history and the node load.
+//! file at `receiver.state_file` (see `skyferry_common::state_file`) with the agents
+//! connected and their last heartbeats, the storage state, the stall history and the
+//! node load.
 //!
-//! The file is on the storage: while the storage is stalled its write waits (on its own
-//! blocking thread, one at a time), and `status` then says the receiver runs but its
-//! state is old.
+//! By default the file is on the storage (`<storage_root>/.skyferry/state.json`): while
+//! the storage is stalled its write waits (on its own blocking thread, one at a time),
+//! and `status` then says the receiver runs but its state is old. Off the storage (the
+//! shipped systemd setup puts it in the runtime directory) it stays current through a
+//! stall and shows it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -73,10 +74,6 @@ impl AgentsSeen {
     }
 }
 
-pub fn state_path(storage_root: &std::path::Path) -> PathBuf {
-    storage_root.join(".skyferry").join("state.json")
-}
-
 fn snapshot(shared: &Shared) -> Value {
     let state = if shared.stall.current().is_some() {
         StorageState::Stalled
@@ -106,7 +103,7 @@ fn snapshot(shared: &Shared) -> Value {
 /// Rewrites the state file every second until `shutdown`; a write that hangs on stalled
 /// storage delays the next one, nothing else.
 pub async fn publish(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let path = state_path(&shared.config.storage_root);
+    let path = shared.config.state_file.clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -136,10 +133,9 @@ pub async fn publish(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// `skyferry-receiver status`: the state file, as JSON (with `running` and
 /// `state_age_seconds`) or as text.
-pub fn report(storage_root: &std::path::Path, as_json: bool) -> Result<String, String> {
+pub fn report(state_file: &std::path::Path, as_json: bool) -> Result<String, String> {
     use std::fmt::Write as _;
-    let path = state_path(storage_root);
-    let r = skyferry_common::state_file::read(&path, "skyferry-receiver")
+    let r = skyferry_common::state_file::read(state_file, "skyferry-receiver")
         .map_err(|e| format!("{e} (has the receiver run with this config?)"))?;
     if as_json {
         let mut s = r.state.clone();

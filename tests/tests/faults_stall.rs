@@ -25,6 +25,16 @@ fn started(pair: &Pair) -> u64 {
     s["inflight"].as_u64().unwrap_or(0) + s["done"].as_u64().unwrap_or(0)
 }
 
+/// `skyferry-receiver status --json` (null when it prints no JSON).
+fn receiver_status(pair: &Pair) -> serde_json::Value {
+    let out = std::process::Command::new(pair.receiver_bin())
+        .args(["status", "--json", "--config"])
+        .arg(pair.receiver_config_path())
+        .output()
+        .expect("receiver status");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
 #[test]
 fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() {
     let mut pair = Pair::new(PairOptions {
@@ -44,7 +54,18 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
         t.push_str(&metrics);
     })
     .expect("agent config");
+    // The receiver's status file off the frozen storage, as the shipped systemd setup
+    // has it (its runtime directory): status stays current through the stall.
+    let state_file = pair.dir().join("run").join("state.json");
     pair.write_receiver_config(|t| {
+        *t = t.replacen(
+            "[receiver]\n",
+            &format!(
+                "[receiver]\nstate_file = {:?}\n",
+                state_file.display().to_string()
+            ),
+            1,
+        );
         // A small connection window (the `[limits]` table ends the file): the file data
         // the stalled receiver does not read fills it at once, and heartbeats must get
         // through all the same.
@@ -142,6 +163,20 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
         rss_max = (rss_max.0.max(now.0), rss_max.1.max(now.1));
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The receiver's own status answers now, current, and shows the ongoing stall.
+    let s = receiver_status(&pair);
+    assert_eq!(s["running"], true, "{s}");
+    assert!(
+        s["state_age_seconds"].as_f64().is_some_and(|a| a < 3.0),
+        "the receiver's status is current during the stall: {s}"
+    );
+    assert_eq!(s["storage"], "stalled", "{s}");
+    let ongoing = s["stalls"].as_array().and_then(|a| a.last()).cloned();
+    assert!(
+        ongoing
+            .is_some_and(|st| st["duration_seconds"].is_null() && st["since_unix_s"].is_number()),
+        "the ongoing stall is listed without an end: {s}"
+    );
     let status = pair.agent_status().expect("status");
     assert_eq!(
         started(&pair),
@@ -207,17 +242,10 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
         .expect("scrape"),
         1.0
     );
-    // The receiver's status keeps the stall with its length (once its state file, on
-    // the thawed storage, is written again).
+    // The receiver's status keeps the stall with its length.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = std::process::Command::new(pair.receiver_bin())
-            .args(["status", "--json", "--config"])
-            .arg(pair.receiver_config_path())
-            .output()
-            .expect("receiver status");
-        let s: serde_json::Value =
-            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        let s = receiver_status(&pair);
         let lasted = s["stalls"]
             .as_array()
             .and_then(|a| a.last())

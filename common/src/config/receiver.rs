@@ -13,6 +13,11 @@ pub struct ReceiverConfig {
     pub id: String,
     pub listen: SocketAddr,
     pub storage_root: PathBuf,
+    /// `receiver.state_file`: the JSON file the running receiver rewrites every second for
+    /// `skyferry-receiver status`. Default `<storage_root>/.skyferry/state.json`; put it
+    /// off the storage (e.g. `/run/skyferry-receiver/state.json`) so that `status` stays
+    /// current while the storage is stalled.
+    pub state_file: PathBuf,
     /// Write received data with `O_DIRECT` where the filesystem supports it (default):
     /// no copy into the page cache. Off for filesystems where direct I/O is slow.
     pub direct_io: bool,
@@ -266,6 +271,7 @@ impl ReceiverConfig {
             }
         }
         let direct_io = s.boolean("direct_io", true, p);
+        let state_file = s.string("state_file", p).map(|f| base.join(f));
         let ca = existing_file_in(&mut s, "ca", base, p);
         let cert = existing_file_in(&mut s, "cert", base, p);
         let key = existing_file_in(&mut s, "key", base, p);
@@ -303,6 +309,8 @@ impl ReceiverConfig {
                 Ok(ReceiverConfig {
                     id,
                     listen,
+                    state_file: state_file
+                        .unwrap_or_else(|| storage_root.join(".skyferry").join("state.json")),
                     storage_root,
                     direct_io,
                     ca,
@@ -348,6 +356,24 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("ca.pem does not exist"), "{all}");
+    }
+
+    #[test]
+    fn the_state_file_defaults_to_the_storage_and_can_move_off_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "r.pem", "r.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let base = "[receiver]\nlisten = \"127.0.0.1:7443\"\nstorage_root = \".\"\n\
+                    ca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n";
+        let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(
+            c.state_file,
+            dir.path().join(".").join(".skyferry/state.json")
+        );
+        let moved = format!("{base}state_file = \"/run/skyferry-receiver/state.json\"\n");
+        let c = ReceiverConfig::from_table(&moved.parse().unwrap(), dir.path()).unwrap();
+        assert_eq!(c.state_file, Path::new("/run/skyferry-receiver/state.json"));
     }
 
     #[test]
