@@ -256,12 +256,13 @@ pub fn show(
     Ok(())
 }
 
-/// The terminal bar of one replay: bytes through of bytes queued.
+/// The terminal bar of one replay: bytes through of bytes queued, then the rate, the
+/// ETA and the files.
 fn progress_bar(r: &Replay) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(r.queued_bytes);
     // The template is a constant known to parse; fall back to the default style anyway.
     let style = indicatif::ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        "{prefix} [{bar:30}] {decimal_bytes}/{decimal_total_bytes} {msg}",
     )
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
     .progress_chars("=> ");
@@ -278,8 +279,12 @@ fn draw(bar: &indicatif::ProgressBar, r: &Replay, rate: Option<f64>) {
             .max(line.done_bytes + line.remaining_bytes),
     );
     bar.set_position(line.done_bytes);
+    // The rate and ETA of the journal's progress (indicatif's own would count from
+    // the bar's start and call an unmoving bar's ETA 0s).
     bar.set_message(format!(
-        "{}/{} files, {} failed, {}",
+        "{}, ETA {}, {}/{} files, {} failed, {}",
+        progress::rate(rate),
+        progress::eta(line.eta_seconds),
         p.done_files,
         r.queued_files,
         p.failed_files,
