@@ -82,11 +82,19 @@ fn agent(pair: &Pair, args: &[&str], stdin: Option<&str>) -> String {
             .write_all(text.as_bytes())
             .unwrap();
     }
-    let out = child.wait_with_output().unwrap();
+    succeeded(
+        &format!("replay {args:?}"),
+        child.wait_with_output().unwrap(),
+    )
+}
+
+/// A command's stdout, once it is known to have exited 0 (else a panic with `what`, its
+/// status and both outputs).
+fn succeeded(what: &str, out: std::process::Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "replay {args:?}: {}\n{text}{}",
+        "{what}: {}\n{text}{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -682,15 +690,7 @@ fn follow(pair: &Pair, id: u32, timeout: Duration) -> String {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "show --follow: {}\n{text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    succeeded("show --follow", child.wait_with_output().unwrap())
 }
 
 /// A replay of 12 files followed to its end: `--follow` on a pipe prints plain progress
