@@ -17,8 +17,10 @@ pub mod journal;
 pub mod link;
 pub mod metrics;
 pub mod pace;
+pub mod progress;
 pub mod replay;
 pub mod replay_cli;
+pub mod replay_show;
 pub mod sender;
 pub mod service;
 pub mod sources;
@@ -156,9 +158,15 @@ pub async fn run(
     }
     {
         let path = status::state_path(&journal_path);
-        let (j, m, stop) = (journal.clone(), metrics.clone(), shutdown.clone());
+        let (j, jp, m, stop) = (
+            journal.clone(),
+            journal_path.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        let live_window = config.transfer.live_window;
         tasks.spawn(async move {
-            status::publish(j, m, path, stop).await;
+            status::publish(j, jp, m, live_window, path, stop).await;
             Ok(())
         });
     }
@@ -172,12 +180,6 @@ pub async fn run(
             Ok(())
         });
     }
-    tasks.spawn(sample_queue(
-        journal.clone(),
-        metrics.clone(),
-        config.transfer.live_window,
-        shutdown.clone(),
-    ));
     let pace = Arc::new(pace::Pacer::new(&config));
     let ctx = Arc::new(sources::Context::new(
         &config,
@@ -271,41 +273,6 @@ pub async fn run(
     shutdown.cancel();
     tasks.shutdown().await;
     Err(error)
-}
-
-/// How often the queue gauges are read from the journal.
-const QUEUE_SAMPLE_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Copies the journal's queue by class into the metrics every [`QUEUE_SAMPLE_PERIOD`],
-/// on the blocking pool (one query over the pending files). A failed reading is logged
-/// and the gauges keep their last value.
-async fn sample_queue(
-    journal: Arc<Mutex<journal::Journal>>,
-    metrics: Arc<metrics::Metrics>,
-    live_window: std::time::Duration,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(QUEUE_SAMPLE_PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-        }
-        let j = journal.clone();
-        let since = sender::live_since_ns(live_window);
-        let read = tokio::task::spawn_blocking(move || {
-            j.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .queue(since)
-        })
-        .await;
-        match read {
-            Ok(Ok(q)) => metrics.observe_queue(&q),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the queue for the metrics"),
-            Err(e) => tracing::warn!(error = %e, "queue sampling task failed"),
-        }
-    }
 }
 
 /// On SIGHUP: re-reads the config and swaps in its include/exclude globs, blocklist and

@@ -320,18 +320,30 @@ fn daemon_lines(out: &mut Vec<u8>, r: &skyferry_common::state_file::Read) -> std
         "throughput",
         s["throughput_bytes_per_second"].as_f64().unwrap_or(0.0) / 1e6
     )?;
-    if let Some(queues) = s["queues"].as_object() {
-        for (class, q) in queues {
-            writeln!(
-                out,
-                "queue {class:<5} {} files, {} in flight, {} MB, lag {} s, eta {} s",
-                num(&q["pending_files"]),
-                num(&q["inflight_files"]),
-                q["pending_bytes"].as_u64().unwrap_or(0) / 1_000_000,
-                num(&q["lag_seconds"]),
-                num(&q["eta_seconds"]),
-            )?;
+    let secs = |v: &serde_json::Value| {
+        v.as_f64()
+            .map_or("-".into(), |x| skyferry_agent::progress::duration(x as u64))
+    };
+    for class in ["all", "live", "backlog", "replay"] {
+        let q = &s["queues"][class];
+        if q.is_null() {
+            continue;
         }
+        writeln!(
+            out,
+            "queue {class:<7} {} files, {} in flight, {}, lag {}, {}, ETA {}",
+            num(&q["pending_files"]),
+            num(&q["inflight_files"]),
+            skyferry_agent::progress::bytes(q["pending_bytes"].as_u64().unwrap_or(0)),
+            secs(&q["lag_seconds"]),
+            skyferry_agent::progress::rate(q["throughput_bytes_per_second"].as_f64()),
+            skyferry_agent::progress::eta(q["eta_seconds"].as_u64()),
+        )?;
+    }
+    let replays: Vec<skyferry_agent::replay_show::Line> =
+        serde_json::from_value(s["replays"].clone()).unwrap_or_default();
+    for r in replays {
+        writeln!(out, "{}", r.text())?;
     }
     let rcv = &s["receiver"];
     if rcv.is_null() {
@@ -414,7 +426,7 @@ fn replay_command(action: Option<ReplayAction>, start: ReplayStart) -> Result<St
             }
             let mut out = String::new();
             for r in &replays {
-                out.push_str(&progress_line(r, None));
+                out.push_str(&skyferry_agent::replay_show::Line::of(r, None).text());
                 out.push('\n');
             }
             if replays.is_empty() {
@@ -438,31 +450,21 @@ fn replay_command(action: Option<ReplayAction>, start: ReplayStart) -> Result<St
                     ))
                 })
             };
-            let mut r = get(&mut j)?;
-            let started = std::time::Instant::now();
-            let first_done = r.progress.done_bytes;
-            let mut rate = None;
-            while follow && matches!(r.state, ReplayState::Active | ReplayState::Paused) {
-                let line = if json {
-                    show_json(&r, rate)
-                } else {
-                    progress_line(&r, rate)
-                };
-                let mut stdout = std::io::stdout().lock();
-                let _ = writeln!(stdout, "{line}");
-                let _ = stdout.flush();
-                drop(stdout);
-                std::thread::sleep(std::time::Duration::from_secs(1));
-                r = get(&mut j)?;
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                rate =
-                    Some(((r.progress.done_bytes.saturating_sub(first_done)) as f64 / secs) as u64);
-            }
-            Ok(if json {
-                format!("{}\n", show_json(&r, rate))
-            } else {
-                format!("{}\n{}", progress_line(&r, rate), summary(&r))
-            })
+            // Unknown id: a usage error, before anything is printed.
+            get(&mut j)?;
+            let mut out = std::io::stdout().lock();
+            skyferry_agent::replay_show::show(
+                || {
+                    get(&mut j).map_err(|e| match e {
+                        ReplayError::Usage(e) => anyhow::anyhow!(e),
+                        ReplayError::Failed(e) => e,
+                    })
+                },
+                follow,
+                json,
+                &mut out,
+            )?;
+            Ok(String::new())
         }
         Some(ReplayAction::Pause { config, id }) => set(config, id, ReplayState::Paused, "paused"),
         Some(ReplayAction::Resume { config, id }) => {
@@ -472,64 +474,6 @@ fn replay_command(action: Option<ReplayAction>, start: ReplayStart) -> Result<St
             set(config, id, ReplayState::Cancelled, "cancelled")
         }
     }
-}
-
-fn show_json(r: &skyferry_agent::replay::Replay, rate: Option<u64>) -> String {
-    let mut v = serde_json::to_value(r).unwrap_or_default();
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("rate_bytes_per_second".into(), rate.into());
-        obj.insert(
-            "eta_seconds".into(),
-            eta(r.progress.pending_bytes, rate).into(),
-        );
-    }
-    v.to_string()
-}
-
-fn eta(bytes: u64, rate: Option<u64>) -> Option<u64> {
-    rate.filter(|r| *r > 0).map(|r| bytes / r)
-}
-
-fn progress_line(r: &skyferry_agent::replay::Replay, rate: Option<u64>) -> String {
-    let p = &r.progress;
-    let total_bytes = p.done_bytes + p.pending_bytes;
-    format!(
-        "replay {} {:?} {}: files {}/{} done, {} in flight, {} failed; {} / {} MB{}{}",
-        r.id,
-        r.name,
-        r.state.name(),
-        p.done_files,
-        r.queued_files,
-        p.inflight_files,
-        p.failed_files,
-        p.done_bytes / 1_000_000,
-        total_bytes.max(r.queued_bytes) / 1_000_000,
-        rate.map(|b| format!("; {:.1} MB/s", b as f64 / 1e6))
-            .unwrap_or_default(),
-        eta(p.pending_bytes, rate)
-            .map(|s| format!(
-                "; ETA {}",
-                humantime::format_duration(std::time::Duration::from_secs(s))
-            ))
-            .unwrap_or_default(),
-    )
-}
-
-fn summary(r: &skyferry_agent::replay::Replay) -> String {
-    let p = &r.progress;
-    let mut out = format!(
-        "summary: {} files queued ({} MB), {} skipped (already queued or done), {} done, {} failed, {} vanished or superseded\n",
-        r.queued_files,
-        r.queued_bytes / 1_000_000,
-        r.skipped_files,
-        p.done_files,
-        p.failed_files,
-        p.gone_files
-    );
-    for (path, why) in &p.failures {
-        out.push_str(&format!("  failed {path}: {why}\n"));
-    }
-    out
 }
 
 /// A local time of `tz`: `2024-05-01` (midnight) or `2024-05-01T18:00[:00]`.
@@ -610,10 +554,10 @@ fn replay_start(a: ReplayStart) -> Result<String, ReplayError> {
             } else {
                 String::new()
             },
-            match eta(w.selected_bytes, rate) {
+            match skyferry_agent::progress::eta_seconds(w.selected_bytes, rate.map(|r| r as f64)) {
                 Some(s) => format!(
                     "{} at {:.1} MB/s",
-                    humantime::format_duration(std::time::Duration::from_secs(s)),
+                    skyferry_agent::progress::duration(s),
                     rate.unwrap_or(0) as f64 / 1e6
                 ),
                 None => "unknown (no cap and nothing being sent now)".into(),

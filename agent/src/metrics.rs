@@ -43,11 +43,22 @@ pub struct FsErrorLabels {
     pub kind: &'static str,
 }
 
-/// The queue's class (`live`: source mtime within `transfer.live_window`; `backlog`).
+/// The queue's class (`live`: source mtime within `transfer.live_window`; `backlog`:
+/// older; `replay`: queued by `skyferry-agent replay`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
     pub class: &'static str,
 }
+
+/// The state of replays (`replays`: active, paused) or of their files (`replay_files`,
+/// `replay_bytes`: queued, done, present, failed).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplayStateLabels {
+    pub state: &'static str,
+}
+
+/// The `state` values of `replay_files` and `replay_bytes`.
+pub const REPLAY_FILE_STATES: [&str; 4] = ["queued", "done", "present", "failed"];
 
 /// The `reason` values of `files_abandoned`.
 pub const ABANDON_REASONS: [&str; 4] = ["deleted", "moved", "replaced", "modified"];
@@ -84,6 +95,14 @@ pub struct Metrics {
     /// Files and bytes queued (pending or in flight), by class; sampled from the journal.
     pub queue_files: Family<ClassLabels, Gauge>,
     pub queue_bytes: Family<ClassLabels, Gauge>,
+    /// Raw chunk bytes sent, by class (their sum is `bytes_sent`).
+    pub class_sent_bytes: Family<ClassLabels, Counter>,
+    /// Replays not over, by state (active, paused); sampled from the journal.
+    pub replays: Family<ReplayStateLabels, Gauge>,
+    /// Of the replays not over: files and bytes they queued, and of those the ones done
+    /// (acknowledged), present (done without data: the receiver held them) and failed.
+    pub replay_files: Family<ReplayStateLabels, Gauge>,
+    pub replay_bytes: Family<ReplayStateLabels, Gauge>,
     /// Discovery time of the oldest queued file (seconds since the epoch), 0 when none.
     pub oldest_pending_discovered: Gauge<f64, AtomicU64>,
     /// When the receiver's last heartbeat arrived (seconds since the epoch).
@@ -377,13 +396,34 @@ impl Metrics {
         r.register(
             "queue_files",
             "Files queued (pending or in flight), by class: live (source mtime within \
-             transfer.live_window) or backlog",
+             transfer.live_window), backlog (older) or replay (queued by `replay`, paused ones too)",
             self.queue_files.clone(),
         );
         r.register(
             "queue_bytes",
-            "Bytes of the files queued (pending or in flight), by class: live or backlog",
+            "Bytes of the files queued (pending or in flight), by class: live, backlog or replay",
             self.queue_bytes.clone(),
+        );
+        r.register(
+            "class_sent_bytes",
+            "Raw chunk bytes sent, by class: live, backlog or replay (their sum is sent_bytes)",
+            self.class_sent_bytes.clone(),
+        );
+        r.register(
+            "replays",
+            "Replays not over (neither done nor cancelled), by state: active or paused",
+            self.replays.clone(),
+        );
+        r.register(
+            "replay_files",
+            "Files of the replays not over: queued by them, and of those done, present (done \
+             without data, the receiver held them) and failed",
+            self.replay_files.clone(),
+        );
+        r.register(
+            "replay_bytes",
+            "Bytes of the replays not over: queued, done, present and failed (as replay_files)",
+            self.replay_bytes.clone(),
         );
         r.register(
             "oldest_pending_discovered_timestamp_seconds",
@@ -416,9 +456,58 @@ impl Metrics {
         for reason in ABANDON_REASONS {
             drop(self.files_abandoned.get_or_create(&ReasonLabels { reason }));
         }
-        for class in ["live", "backlog"] {
+        for class in crate::journal::Class::ALL.map(crate::journal::Class::name) {
             drop(self.queue_files.get_or_create(&ClassLabels { class }));
             drop(self.queue_bytes.get_or_create(&ClassLabels { class }));
+            drop(self.class_sent_bytes.get_or_create(&ClassLabels { class }));
+        }
+        self.observe_replays(&[]);
+    }
+
+    /// Counts raw chunk bytes sent for a file of `class`.
+    pub fn sent(&self, class: crate::journal::Class, bytes: u64) {
+        self.bytes_sent.inc_by(bytes);
+        self.class_sent_bytes
+            .get_or_create(&ClassLabels {
+                class: class.name(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// Bytes sent so far in `class`.
+    pub fn class_sent(&self, class: crate::journal::Class) -> u64 {
+        self.class_sent_bytes
+            .get_or_create(&ClassLabels {
+                class: class.name(),
+            })
+            .get()
+    }
+
+    /// Copies the replays not over (active or paused) into the replay gauges.
+    pub fn observe_replays(&self, open: &[crate::replay::Replay]) {
+        use crate::replay::ReplayState;
+        let gauge = |f: &Family<ReplayStateLabels, Gauge>, state, v: u64| {
+            f.get_or_create(&ReplayStateLabels { state })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        for s in [ReplayState::Active, ReplayState::Paused] {
+            let n = open.iter().filter(|r| r.state == s).count() as u64;
+            gauge(&self.replays, s.name(), n);
+        }
+        let sum = |f: fn(&crate::replay::Replay) -> (u64, u64)| {
+            open.iter()
+                .map(f)
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        };
+        let totals = [
+            sum(|r| (r.queued_files, r.queued_bytes)),
+            sum(|r| (r.progress.done_files, r.progress.done_bytes)),
+            sum(|r| (r.progress.present_files, r.progress.present_bytes)),
+            sum(|r| (r.progress.failed_files, r.progress.failed_bytes)),
+        ];
+        for (state, (files, bytes)) in REPLAY_FILE_STATES.into_iter().zip(totals) {
+            gauge(&self.replay_files, state, files);
+            gauge(&self.replay_bytes, state, bytes);
         }
     }
 
@@ -428,12 +517,19 @@ impl Metrics {
             f.get_or_create(&ClassLabels { class })
                 .set(i64::try_from(v).unwrap_or(i64::MAX));
         };
-        set(&self.queue_files, "live", q.live_files);
-        set(&self.queue_files, "backlog", q.backlog_files);
-        set(&self.queue_bytes, "live", q.live_bytes);
-        set(&self.queue_bytes, "backlog", q.backlog_bytes);
+        for class in crate::journal::Class::ALL {
+            let c = q.class(class);
+            set(&self.queue_files, class.name(), c.files());
+            set(&self.queue_bytes, class.name(), c.bytes);
+        }
+        // Live and backlog: the discovery of the oldest file (a replay's files wait since
+        // the replay was created, which is not a transfer lag).
+        let oldest = [q.live.oldest_ns, q.backlog.oldest_ns]
+            .into_iter()
+            .flatten()
+            .min();
         self.oldest_pending_discovered
-            .set(q.oldest_discovered_ns.map_or(0.0, |ns| ns as f64 / 1e9));
+            .set(oldest.map_or(0.0, |ns| ns as f64 / 1e9));
     }
 
     /// Counts one filesystem source error of `kind`.

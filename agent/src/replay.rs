@@ -126,9 +126,23 @@ pub struct Progress {
     pub failed_bytes: u64,
     /// Vanished or superseded before they were sent.
     pub gone_files: u64,
-    /// Up to ten reasons of failed files, with their paths.
-    pub failures: Vec<(String, String)>,
+    /// The failed files grouped by their error text, most files first (up to ten
+    /// reasons).
+    pub failures: Vec<Failure>,
 }
+
+/// Failed files of a replay that share an error text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    /// The error, as the journal recorded it (`bad_path: ...`).
+    pub reason: String,
+    pub files: u64,
+    /// One of them (the first by path), relative to its root.
+    pub example: String,
+}
+
+/// How many distinct failure reasons a replay reports.
+const FAILURE_REASONS_SHOWN: i64 = 10;
 
 /// Counts of one batch queued.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -327,11 +341,26 @@ impl Journal {
 
     /// Every replay, oldest first.
     pub fn replays(&mut self) -> Result<Vec<Replay>, JournalError> {
+        self.replays_where("1")
+    }
+
+    /// The replays not over (active or paused), oldest first.
+    pub fn open_replays(&mut self) -> Result<Vec<Replay>, JournalError> {
+        let mut open = self.replays_where("state IN (0, 1)")?;
+        // `replay` records a replay whose files are all through as done.
+        open.retain(|r| r.state != ReplayState::Done);
+        Ok(open)
+    }
+
+    /// The replays whose row matches `filter` (SQL), oldest first.
+    fn replays_where(&mut self, filter: &str) -> Result<Vec<Replay>, JournalError> {
         let ids: Vec<i64> = {
             let (db, path) = self.db();
-            db.prepare("SELECT id FROM replays ORDER BY id")
-                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-                .map_err(sql(path))?
+            db.prepare_cached(&format!(
+                "SELECT id FROM replays WHERE {filter} ORDER BY id"
+            ))
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(sql(path))?
         };
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -417,10 +446,20 @@ impl Journal {
         if p.failed_files > 0 {
             p.failures = db
                 .prepare_cached(
-                    "SELECT path, COALESCE(last_error, '') FROM files
-                     WHERE replay = ?1 AND replay IS NOT NULL AND state = 4 LIMIT 10",
+                    "SELECT COALESCE(last_error, ''), COUNT(*), MIN(path) FROM files
+                     WHERE replay = ?1 AND replay IS NOT NULL AND state = 4
+                     GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?2",
                 )
-                .and_then(|mut s| s.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .and_then(|mut s| {
+                    s.query_map(params![id, FAILURE_REASONS_SHOWN], |r| {
+                        Ok(Failure {
+                            reason: r.get(0)?,
+                            files: r.get::<_, i64>(1)?.max(0) as u64,
+                            example: r.get(2)?,
+                        })
+                    })?
+                    .collect()
+                })
                 .map_err(sql(path))?;
         }
         if replay.state == ReplayState::Active

@@ -488,7 +488,7 @@ async fn send_chunks(
                             if job.attempts > 0 {
                                 ctx.metrics.chunks_resent.inc();
                             }
-                            ctx.metrics.bytes_sent.inc_by(u64::from(raw_len));
+                            ctx.metrics.sent(job.class, u64::from(raw_len));
                             let tally = ctx.tally.clone();
                             tokio::task::spawn_blocking(move || tally.add_chunk(u64::from(raw_len)));
                         }

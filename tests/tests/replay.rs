@@ -82,11 +82,19 @@ fn agent(pair: &Pair, args: &[&str], stdin: Option<&str>) -> String {
             .write_all(text.as_bytes())
             .unwrap();
     }
-    let out = child.wait_with_output().unwrap();
+    succeeded(
+        &format!("replay {args:?}"),
+        child.wait_with_output().unwrap(),
+    )
+}
+
+/// A command's stdout, once it is known to have exited 0 (else a panic with `what`, its
+/// status and both outputs).
+fn succeeded(what: &str, out: std::process::Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "replay {args:?}: {}\n{text}{}",
+        "{what}: {}\n{text}{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -125,6 +133,15 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the agent is past its start: its journal is created and migrated (the
+/// file alone appears a moment before its schema), and it writes its state.
+fn wait_for_agent(pair: &Pair) {
+    wait_for("the agent started", Duration::from_secs(30), || {
+        pair.agent_status()
+            .is_ok_and(|s| s["daemon"]["running"] == true)
+    });
+}
+
 #[test]
 fn replay_selects_by_night_and_list_and_exactly_those_files_arrive_once() {
     let mut pair = Pair::start(PairOptions::default()).expect("start pair");
@@ -134,9 +151,7 @@ fn replay_selects_by_night_and_list_and_exactly_those_files_arrive_once() {
     let config = config.to_str().unwrap();
     let root = archive.to_str().unwrap();
     // The journal exists once the agent has started.
-    wait_for("the journal", Duration::from_secs(20), || {
-        pair.journal().is_file()
-    });
+    wait_for_agent(&pair);
 
     let dry = agent(
         &pair,
@@ -261,7 +276,7 @@ fn replay_selects_by_night_and_list_and_exactly_those_files_arrive_once() {
     );
     assert_eq!(tree(&pair.published()).len(), 2 * PER_NIGHT);
     let show = agent(&pair, &["show", "-c", config, "2"], None);
-    assert!(show.contains("summary: 84 files queued"), "{show}");
+    assert!(show.contains("queued 84 files"), "{show}");
     assert!(pair.stop_agent().expect("stop agent").success());
 }
 
@@ -274,9 +289,7 @@ fn pause_holds_and_cancel_unqueues() {
     let config = pair.agent_config_path();
     let config = config.to_str().unwrap();
     let root = archive.to_str().unwrap();
-    wait_for("the journal", Duration::from_secs(20), || {
-        pair.journal().is_file()
-    });
+    wait_for_agent(&pair);
     // A slow replay (100 kB/s of its own): pause it at once.
     let out = agent(
         &pair,
@@ -364,9 +377,7 @@ fn the_rate_cap_holds_and_follows_sighup() {
             .unwrap()
             .success());
     };
-    wait_for("the journal", Duration::from_secs(20), || {
-        pair.journal().is_file()
-    });
+    wait_for_agent(&pair);
     pair.write_agent_config(cap("20MB/s")).unwrap();
     hup(&pair);
     let archive = pair.dir().join("archive");
@@ -379,9 +390,7 @@ fn the_rate_cap_holds_and_follows_sighup() {
     }
     let config = pair.agent_config_path();
     let config = config.to_str().unwrap();
-    wait_for("the journal", Duration::from_secs(20), || {
-        pair.journal().is_file()
-    });
+    wait_for_agent(&pair);
     agent(
         &pair,
         &["-c", config, "--root", archive.to_str().unwrap()],
@@ -410,6 +419,23 @@ fn the_rate_cap_holds_and_follows_sighup() {
         .agent_log()
         .unwrap()
         .contains("reloaded transfer.max_rate"));
+}
+
+/// `replay --root <watch root> --resend`: queues every file of the watch again.
+fn resend_source(pair: &Pair) -> String {
+    let config = pair.agent_config_path();
+    let source = pair.source();
+    agent(
+        pair,
+        &[
+            "-c",
+            config.to_str().unwrap(),
+            "--root",
+            source.to_str().unwrap(),
+            "--resend",
+        ],
+        None,
+    )
 }
 
 /// `replay show ID --json`, parsed.
@@ -458,9 +484,7 @@ fn files_in_flight_at_cancel_are_not_stranded_by_a_restart() {
     let config = pair.agent_config_path();
     let config = config.to_str().unwrap().to_owned();
     let root = archive.to_str().unwrap().to_owned();
-    wait_for("the journal", Duration::from_secs(20), || {
-        pair.journal().is_file()
-    });
+    wait_for_agent(&pair);
     // 200 kB/s: each 2 MB file is in flight for seconds.
     agent(
         &pair,
@@ -509,6 +533,7 @@ fn resend_after_storage_loss_sends_only_what_the_receiver_lost() {
             &content(150_000 + i * 1_001, 9_000 + i as u64),
         );
     }
+    wait_for_agent(&pair);
     pair.wait_done(84, Duration::from_secs(120))
         .expect("status");
     let sent_before = pair.agent_status().unwrap()["sent_bytes"].as_u64().unwrap();
@@ -538,19 +563,7 @@ fn resend_after_storage_loss_sends_only_what_the_receiver_lost() {
     }
     drop(inventory);
 
-    let config = pair.agent_config_path();
-    let config = config.to_str().unwrap();
-    let out = agent(
-        &pair,
-        &[
-            "-c",
-            config,
-            "--root",
-            pair.source().to_str().unwrap(),
-            "--resend",
-        ],
-        None,
-    );
+    let out = resend_source(&pair);
     assert!(out.contains("queued 84 files"), "{out}");
     wait_for("the resend done", Duration::from_secs(120), || {
         show(&pair, 1)["state"] == "done"
@@ -593,9 +606,7 @@ fn a_replay_survives_kill_9_of_the_agent() {
     let config = pair.agent_config_path();
     let config = config.to_str().unwrap().to_owned();
     let root = archive.to_str().unwrap().to_owned();
-    wait_for("the journal", Duration::from_secs(20), || {
-        pair.journal().is_file()
-    });
+    wait_for_agent(&pair);
     let out = agent(
         &pair,
         &[
@@ -652,4 +663,136 @@ fn a_replay_survives_kill_9_of_the_agent() {
         .agent_log()
         .unwrap()
         .contains("resuming transfers interrupted"));
+}
+
+/// `replay show ID --follow` with stdout a pipe: plain progress lines until the replay
+/// ends, then its summary; returns what it printed (panics after `timeout`).
+fn follow(pair: &Pair, id: u32, timeout: Duration) -> String {
+    let config = pair.agent_config_path();
+    let mut child = Command::new(pair.agent_bin())
+        .args(["replay", "show", "-c"])
+        .arg(&config)
+        .args([&id.to_string(), "--follow"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "show --follow did not end within {timeout:?}:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    succeeded("show --follow", child.wait_with_output().unwrap())
+}
+
+/// A replay of 12 files followed to its end: `--follow` on a pipe prints plain progress
+/// lines and then a summary line with the files sent and their bytes; `show --json`
+/// has the same numbers as fields, and `show` without `--follow` the same summary.
+#[test]
+fn a_followed_replay_ends_with_a_summary_of_what_it_sent() {
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let archive = pair.dir().join("archive");
+    let mut bytes = 0;
+    for i in 0..12usize {
+        let data = content(200_000 + i * 1_111, 300 + i as u64);
+        bytes += data.len() as u64;
+        must_write(
+            &archive.join(format!("2023-01-0{}/f{i:02}.fits", i % 3 + 1)),
+            &data,
+        );
+    }
+    let config = pair.agent_config_path();
+    let config = config.to_str().unwrap();
+    wait_for_agent(&pair);
+    // 500 kB/s: ~5 s of sending, long enough for progress lines.
+    let out = agent(
+        &pair,
+        &[
+            "-c",
+            config,
+            "--root",
+            archive.to_str().unwrap(),
+            "--max-rate",
+            "500kB/s",
+            "--name",
+            "jan",
+        ],
+        None,
+    );
+    assert!(out.contains("queued 12 files"), "{out}");
+    let followed = follow(&pair, 1, Duration::from_secs(120));
+    let progress = followed
+        .lines()
+        .filter(|l| l.starts_with("replay 1 \"jan\" "))
+        .count();
+    assert!(
+        progress >= 2,
+        "progress lines, then the last one:\n{followed}"
+    );
+    let summary = format!("12 files sent ({bytes} bytes, ");
+    let line = followed
+        .lines()
+        .find(|l| l.starts_with("summary: done after "))
+        .unwrap_or_else(|| panic!("no summary line:\n{followed}"));
+    assert!(line.contains(&summary), "{summary:?} in {line:?}");
+    assert!(
+        line.contains("0 already present at the receiver (0 bytes), 0 failed"),
+        "{line}"
+    );
+    let shown = show(&pair, 1);
+    let s = &shown["summary"];
+    assert_eq!(s["over"], true, "{shown}");
+    assert_eq!(s["files_sent"], 12, "{shown}");
+    assert_eq!(s["bytes_sent"], bytes, "{shown}");
+    assert_eq!(s["files_present"], 0, "{shown}");
+    assert_eq!(s["files_failed"], 0, "{shown}");
+    assert!(s["duration_seconds"].as_f64().unwrap() > 0.0, "{shown}");
+    let again = agent(&pair, &["show", "-c", config, "1"], None);
+    assert!(again.contains(&summary), "{again}");
+    assert_eq!(stored_bytes(&pair.published()), bytes);
+}
+
+/// `--resend` of files the receiver holds: the summary says all of them were already
+/// present at the receiver and none was sent.
+#[test]
+fn a_resend_of_stored_files_is_summarised_as_already_present() {
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let mut bytes = 0;
+    for i in 0..10usize {
+        let data = content(100_000 + i * 997, 700 + i as u64);
+        bytes += data.len() as u64;
+        must_write(&pair.source().join(format!("n/f{i:02}.fits")), &data);
+    }
+    wait_for_agent(&pair);
+    pair.wait_done(10, Duration::from_secs(120))
+        .expect("status");
+    let out = resend_source(&pair);
+    assert!(out.contains("queued 10 files"), "{out}");
+    let followed = follow(&pair, 1, Duration::from_secs(120));
+    let want = format!(
+        "0 files sent (0 bytes, 0 B), 10 already present at the receiver ({bytes} bytes), 0 failed"
+    );
+    assert!(
+        followed
+            .lines()
+            .any(|l| l.starts_with("summary: done after ") && l.contains(&want)),
+        "{want:?} in:\n{followed}"
+    );
+    let shown = show(&pair, 1);
+    let s = &shown["summary"];
+    assert_eq!(
+        (s["files_sent"].as_u64(), s["bytes_sent"].as_u64()),
+        (Some(0), Some(0)),
+        "{shown}"
+    );
+    assert_eq!(s["files_present"], 10, "{shown}");
+    assert_eq!(s["bytes_present"], bytes, "{shown}");
 }
