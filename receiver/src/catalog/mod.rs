@@ -27,10 +27,11 @@ pub mod row;
 pub mod sky;
 pub mod staging;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
 use skyferry_common::config::CatalogConfig;
@@ -72,6 +73,66 @@ impl CatalogError {
     }
 }
 
+/// Rows waiting to be committed, and the results of committed ones by ticket.
+#[derive(Default)]
+struct CommitQueue {
+    rows: Vec<(u64, Row)>,
+    next: u64,
+    running: bool,
+    results: HashMap<u64, rusqlite::Result<Inserted>>,
+}
+
+/// The end of one group commit: hands every row of the batch its result (an error for
+/// all when the transaction failed or panicked) and wakes the waiters.
+struct CommitEnded<'a> {
+    catalog: &'a Catalog,
+    tickets: Vec<u64>,
+    results: Option<rusqlite::Result<Vec<rusqlite::Result<Inserted>>>>,
+}
+
+impl Drop for CommitEnded<'_> {
+    fn drop(&mut self) {
+        let mut q = self.catalog.commit_queue();
+        q.running = false;
+        let tickets = std::mem::take(&mut self.tickets);
+        match self.results.take() {
+            Some(Ok(results)) => q.results.extend(tickets.into_iter().zip(results)),
+            Some(Err(e)) => {
+                for t in tickets {
+                    q.results.insert(t, Err(copy_error(&e)));
+                }
+            }
+            None => {
+                for t in tickets {
+                    q.results.insert(
+                        t,
+                        Err(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+                            Some("the catalog commit panicked".into()),
+                        )),
+                    );
+                }
+            }
+        }
+        drop(q);
+        self.catalog.committed.notify_all();
+    }
+}
+
+/// The same SQLite failure again, for every row of a batch whose commit failed (so that
+/// `is_full` still tells a full disk).
+fn copy_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
 /// A stored file version, as the catalog needs it.
 #[derive(Clone, Debug)]
 pub struct StoredFile<'a> {
@@ -88,6 +149,9 @@ pub struct Catalog {
     config: CatalogConfig,
     storage_root: PathBuf,
     staging: Mutex<Staging>,
+    /// Rows waiting for the next staging transaction (see [`Catalog::commit`]).
+    queue: Mutex<CommitQueue>,
+    committed: Condvar,
     metrics: CatalogMetrics,
     exporter: export::Exporter,
     /// Test hook for crash tests: `SKYFERRY_CATALOG_KILL_BEFORE_ROW=N` makes the process
@@ -121,6 +185,8 @@ impl Catalog {
             config: config.clone(),
             storage_root: storage_root.to_owned(),
             staging: Mutex::new(staging),
+            queue: Mutex::default(),
+            committed: Condvar::new(),
             metrics,
             ops,
             exporter,
@@ -166,10 +232,7 @@ impl Catalog {
                 kill_self();
             }
         }
-        let inserted = {
-            let _op = self.ops.begin(OpKind::CatalogCommit);
-            self.staging().insert(row, now_us())
-        };
+        let inserted = self.commit(row.clone());
         match inserted {
             Ok(Inserted::New { .. }) => {
                 self.metrics.rows.inc();
@@ -190,6 +253,50 @@ impl Catalog {
                 self.metrics.errors.inc();
                 Err(e.into())
             }
+        }
+    }
+
+    fn commit_queue(&self) -> std::sync::MutexGuard<'_, CommitQueue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Group commit: the rows of files published at the same time share one staging
+    /// transaction, so one fsync. The caller that finds no commit running commits every
+    /// row queued so far (its own included); the others wait for their row's result,
+    /// and whoever is left over when a commit ends starts the next one.
+    fn commit(&self, row: Row) -> rusqlite::Result<Inserted> {
+        let mut q = self.commit_queue();
+        let ticket = q.next;
+        q.next += 1;
+        q.rows.push((ticket, row));
+        loop {
+            if let Some(r) = q.results.remove(&ticket) {
+                return r;
+            }
+            if q.running {
+                q = self
+                    .committed
+                    .wait(q)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            q.running = true;
+            let (tickets, rows): (Vec<u64>, Vec<Row>) =
+                std::mem::take(&mut q.rows).into_iter().unzip();
+            drop(q);
+            // Also when the commit panics: the batch's callers get an error, the next
+            // caller may commit.
+            let mut ended = CommitEnded {
+                catalog: self,
+                tickets,
+                results: None,
+            };
+            ended.results = Some({
+                let _op = self.ops.begin(OpKind::CatalogCommit);
+                self.staging().insert_all(&rows, now_us())
+            });
+            drop(ended);
+            q = self.commit_queue();
         }
     }
 
@@ -305,4 +412,78 @@ fn unreadable_label(format: &str) -> Option<&'static str> {
 
 fn now_us() -> i64 {
     Utc::now().timestamp_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::StorageLatency;
+
+    #[test]
+    fn rows_published_together_share_one_commit_and_each_lands_once() {
+        let root = tempfile::tempdir().unwrap();
+        let latency = StorageLatency::default();
+        let catalog = Catalog::open(
+            &CatalogConfig::defaults(root.path()),
+            root.path(),
+            CatalogMetrics::default(),
+            Arc::new(Ops::new(latency.clone())),
+        )
+        .unwrap();
+        const FILES: usize = 8;
+        for i in 0..FILES {
+            let dir = root.path().join("kiso");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("f{i}.dat")), [i as u8; 100]).unwrap();
+        }
+        let paths: Vec<String> = (0..FILES).map(|i| format!("f{i}.dat")).collect();
+        std::thread::scope(|s| {
+            // Hold the database while the eight files are recorded: one caller commits
+            // (and waits here), the seven others queue behind it.
+            let held = catalog.staging();
+            let workers: Vec<_> = paths
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let catalog = &catalog;
+                    s.spawn(move || {
+                        catalog.record(&StoredFile {
+                            agent: "kiso",
+                            path: p,
+                            hash: [i as u8 + 1; 32],
+                            size: 100,
+                            mtime_ns: Some(1),
+                        })
+                    })
+                })
+                .collect();
+            while catalog.queue.lock().unwrap().rows.len() < FILES - 1 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            drop(held);
+            for w in workers {
+                w.join().unwrap().expect("recorded");
+            }
+        });
+        assert_eq!(
+            latency.count(OpKind::CatalogCommit),
+            2,
+            "the first row alone, then the seven that queued meanwhile in one transaction"
+        );
+        let rows = catalog.staging().all_rows().unwrap();
+        assert_eq!(rows.len(), FILES, "one row per file");
+        // Again: every version has its row already, nothing is added.
+        for (i, p) in paths.iter().enumerate() {
+            catalog
+                .ensure(&StoredFile {
+                    agent: "kiso",
+                    path: p,
+                    hash: [i as u8 + 1; 32],
+                    size: 100,
+                    mtime_ns: Some(1),
+                })
+                .unwrap();
+        }
+        assert_eq!(catalog.staging().all_rows().unwrap().len(), FILES);
+    }
 }

@@ -90,77 +90,32 @@ impl Staging {
     /// current again rather than adding a second row of the same bytes.
     pub fn insert(&mut self, row: &Row, now_us: i64) -> rusqlite::Result<Inserted> {
         let tx = self.db.transaction()?;
-        let existing: Option<Option<i64>> = tx
-            .prepare_cached(
-                "SELECT superseded_at FROM files WHERE agent = ?1 AND path = ?2 AND blake3 = ?3",
-            )?
-            .query_row(params![row.agent, row.path, &row.blake3[..]], |r| r.get(0))
-            .optional()?;
-        if existing == Some(None) {
-            return Ok(Inserted::Present);
-        }
-        let mut nights: Vec<String> = tx
-            .prepare_cached(
-                "SELECT night FROM files WHERE agent = ?1 AND path = ?2 AND blake3 != ?3
-                   AND superseded_at IS NULL",
-            )?
-            .query_map(params![row.agent, row.path, &row.blake3[..]], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        let superseded = tx
-            .prepare_cached(
-                "UPDATE files SET superseded_at = ?4 WHERE agent = ?1 AND path = ?2
-                   AND blake3 != ?3 AND superseded_at IS NULL",
-            )?
-            .execute(params![row.agent, row.path, &row.blake3[..], now_us])?;
-        let night = row.night.to_string();
-        let version = if existing.is_some() {
-            tx.prepare_cached(
-                "UPDATE files SET superseded_at = NULL WHERE agent = ?1 AND path = ?2 AND blake3 = ?3",
-            )?
-            .execute(params![row.agent, row.path, &row.blake3[..]])?;
-            tx.prepare_cached(
-                "SELECT version FROM files WHERE agent = ?1 AND path = ?2 AND blake3 = ?3",
-            )?
-            .query_row(params![row.agent, row.path, &row.blake3[..]], |r| r.get(0))?
-        } else {
-            let version: u32 = tx
-                .prepare_cached(
-                    "SELECT COALESCE(MAX(version), 0) + 1 FROM files WHERE agent = ?1 AND path = ?2",
-                )?
-                .query_row(params![row.agent, row.path], |r| r.get(0))?;
-            let fields = serde_json::to_string(&row.fields)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            tx.prepare_cached(
-                "INSERT INTO files (agent, path, blake3, version, size, mtime_ns, received_at,
-                                    superseded_at, night, fields)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9)",
-            )?
-            .execute(params![
-                row.agent,
-                row.path,
-                &row.blake3[..],
-                version,
-                row.size_bytes as i64,
-                row.mtime_ns,
-                row.received_at_us,
-                night,
-                fields
-            ])?;
-            version
-        };
-        nights.push(night);
-        for n in &nights {
-            tx.prepare_cached(
-                "INSERT INTO dirty_nights (night, generation) VALUES (?1, 1)
-                 ON CONFLICT (night) DO UPDATE SET generation = generation + 1",
-            )?
-            .execute(params![n])?;
+        let inserted = insert_in(&tx, row, now_us)?;
+        tx.commit()?;
+        Ok(inserted)
+    }
+
+    /// [`Staging::insert`] of several rows in one transaction (one fsync): each row in a
+    /// savepoint of its own, so that a row that fails is rolled back alone and the others
+    /// still commit. The outer error is the commit's, which fails them all.
+    pub fn insert_all(
+        &mut self,
+        rows: &[Row],
+        now_us: i64,
+    ) -> rusqlite::Result<Vec<rusqlite::Result<Inserted>>> {
+        let mut tx = self.db.transaction()?;
+        let mut results = Vec::with_capacity(rows.len());
+        for row in rows {
+            let sp = tx.savepoint()?;
+            let r = insert_in(&sp, row, now_us);
+            if r.is_ok() {
+                sp.commit()?;
+            }
+            // Dropping an uncommitted savepoint rolls it back.
+            results.push(r);
         }
         tx.commit()?;
-        Ok(Inserted::New {
-            version,
-            superseded,
-        })
+        Ok(results)
     }
 
     /// Every row of `night`, in no particular order.
@@ -243,6 +198,80 @@ impl Staging {
             .execute(params![night.to_string(), generation])?;
         Ok(())
     }
+}
+
+/// One row's part of [`Staging::insert`], inside the caller's transaction.
+fn insert_in(tx: &rusqlite::Connection, row: &Row, now_us: i64) -> rusqlite::Result<Inserted> {
+    let existing: Option<Option<i64>> = tx
+        .prepare_cached(
+            "SELECT superseded_at FROM files WHERE agent = ?1 AND path = ?2 AND blake3 = ?3",
+        )?
+        .query_row(params![row.agent, row.path, &row.blake3[..]], |r| r.get(0))
+        .optional()?;
+    if existing == Some(None) {
+        return Ok(Inserted::Present);
+    }
+    let mut nights: Vec<String> = tx
+        .prepare_cached(
+            "SELECT night FROM files WHERE agent = ?1 AND path = ?2 AND blake3 != ?3
+               AND superseded_at IS NULL",
+        )?
+        .query_map(params![row.agent, row.path, &row.blake3[..]], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let superseded = tx
+        .prepare_cached(
+            "UPDATE files SET superseded_at = ?4 WHERE agent = ?1 AND path = ?2
+               AND blake3 != ?3 AND superseded_at IS NULL",
+        )?
+        .execute(params![row.agent, row.path, &row.blake3[..], now_us])?;
+    let night = row.night.to_string();
+    let version = if existing.is_some() {
+        tx.prepare_cached(
+            "UPDATE files SET superseded_at = NULL WHERE agent = ?1 AND path = ?2 AND blake3 = ?3",
+        )?
+        .execute(params![row.agent, row.path, &row.blake3[..]])?;
+        tx.prepare_cached(
+            "SELECT version FROM files WHERE agent = ?1 AND path = ?2 AND blake3 = ?3",
+        )?
+        .query_row(params![row.agent, row.path, &row.blake3[..]], |r| r.get(0))?
+    } else {
+        let version: u32 = tx
+            .prepare_cached(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM files WHERE agent = ?1 AND path = ?2",
+            )?
+            .query_row(params![row.agent, row.path], |r| r.get(0))?;
+        let fields = serde_json::to_string(&row.fields)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        tx.prepare_cached(
+            "INSERT INTO files (agent, path, blake3, version, size, mtime_ns, received_at,
+                                superseded_at, night, fields)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9)",
+        )?
+        .execute(params![
+            row.agent,
+            row.path,
+            &row.blake3[..],
+            version,
+            row.size_bytes as i64,
+            row.mtime_ns,
+            row.received_at_us,
+            night,
+            fields
+        ])?;
+        version
+    };
+    nights.push(night);
+    for n in &nights {
+        tx.prepare_cached(
+            "INSERT INTO dirty_nights (night, generation) VALUES (?1, 1)
+             ON CONFLICT (night) DO UPDATE SET generation = generation + 1",
+        )?
+        .execute(params![n])?;
+    }
+    Ok(Inserted::New {
+        version,
+        superseded,
+    })
 }
 
 fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {

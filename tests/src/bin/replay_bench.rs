@@ -154,8 +154,7 @@ fn make_tree(tree: &Path, files: usize) -> Result<()> {
                 night % 28 + 1,
                 night * EXPOSURES_PER_NIGHT + exp
             ));
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for det in 0..PER_EXPOSURE {
                 if made == files {
                     break 'all;
