@@ -39,6 +39,12 @@ fn main() -> Result<()> {
     let bin = sibling("skyferry-agent")?;
     make_tree(&tree, files)?;
     let config = agent_config(work.path(), &bin)?;
+    // The journal, as the agent's first start leaves it (replay needs one).
+    let journal = work.path().join("journal.sqlite");
+    drop(
+        skyferry_agent::journal::Journal::open(&journal)
+            .map_err(|e| anyhow::anyhow!("creating the journal: {e}"))?,
+    );
 
     let started = Instant::now();
     let mut child = Command::new(&bin)
@@ -78,7 +84,6 @@ fn main() -> Result<()> {
     );
     let id = replay_id(&String::from_utf8_lossy(&out.stdout))?;
 
-    let journal = work.path().join("journal.sqlite");
     println!(
         "journal: {:.0} MiB",
         std::fs::metadata(&journal)?.len() as f64 / (1 << 20) as f64
@@ -174,8 +179,9 @@ fn make_tree(tree: &Path, files: usize) -> Result<()> {
     Ok(())
 }
 
-/// A stopped agent: TLS identity from `skyferry-receiver certs`, a journal in `dir`, no
-/// watch root (the replay's tree is an archive volume, named relative to `--root`).
+/// A stopped agent: TLS identity from `skyferry-receiver certs`, a journal in `dir`, an
+/// empty watch root beside it (the replay's tree is an archive volume outside every
+/// watch root, so its files are named relative to `--root`).
 fn agent_config(dir: &Path, agent: &Path) -> Result<PathBuf> {
     let receiver = agent.with_file_name("skyferry-receiver");
     let tls = dir.join("tls");
@@ -205,17 +211,20 @@ fn agent_config(dir: &Path, agent: &Path) -> Result<PathBuf> {
             );
         }
     }
+    let watch = dir.join("watch");
+    std::fs::create_dir_all(&watch)?;
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
             "[agent]\nid = \"bench-agent\"\njournal = {:?}\n\n[receiver]\n\
              address = \"127.0.0.1:9\"\nserver_name = \"receiver.bench\"\n\
-             ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+             ca = {:?}\ncert = {:?}\nkey = {:?}\n\n[[watch]]\nroot = {:?}\n",
             dir.join("journal.sqlite").display().to_string(),
             tls.join("ca.pem").display().to_string(),
             tls.join("bench-agent.pem").display().to_string(),
             tls.join("bench-agent.key").display().to_string(),
+            watch.display().to_string(),
         ),
     )?;
     Ok(config)
