@@ -358,14 +358,20 @@ mod tests {
         assert!(all.contains("ca.pem does not exist"), "{all}");
     }
 
-    #[test]
-    fn the_state_file_defaults_to_the_storage_and_can_move_off_it() {
+    /// A directory with placeholder TLS files and the smallest config that names them.
+    fn minimal() -> (tempfile::TempDir, &'static str) {
         let dir = tempfile::tempdir().unwrap();
         for f in ["ca.pem", "r.pem", "r.key"] {
             std::fs::write(dir.path().join(f), "x").unwrap();
         }
         let base = "[receiver]\nlisten = \"127.0.0.1:7443\"\nstorage_root = \".\"\n\
                     ca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n";
+        (dir, base)
+    }
+
+    #[test]
+    fn the_state_file_defaults_to_the_storage_and_can_move_off_it() {
+        let (dir, base) = minimal();
         let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
         assert_eq!(
             c.state_file,
@@ -378,12 +384,7 @@ mod tests {
 
     #[test]
     fn health_defaults_and_bounds() {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["ca.pem", "r.pem", "r.key"] {
-            std::fs::write(dir.path().join(f), "x").unwrap();
-        }
-        let base = "[receiver]\nlisten = \"127.0.0.1:7443\"\nstorage_root = \".\"\n\
-                    ca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n";
+        let (dir, base) = minimal();
         let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
         assert_eq!(c.health, HealthConfig::default());
         assert_eq!(c.health.stall_after, Duration::from_secs(10));
@@ -456,12 +457,7 @@ mod tests {
 
     #[test]
     fn peer_limits_have_documented_defaults_and_bad_values_are_all_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["ca.pem", "r.pem", "r.key"] {
-            std::fs::write(dir.path().join(f), "x").unwrap();
-        }
-        let base = "[receiver]\nlisten = \"127.0.0.1:7443\"\nstorage_root = \".\"\n\
-                    ca = \"ca.pem\"\ncert = \"r.pem\"\nkey = \"r.key\"\n";
+        let (dir, base) = minimal();
         let c = ReceiverConfig::from_table(&base.parse().unwrap(), dir.path()).unwrap();
         assert_eq!(c.peer_limits, PeerLimits::default());
         assert_eq!(c.peer_limits.max_files_per_agent, 32);
