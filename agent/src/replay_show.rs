@@ -63,10 +63,14 @@ impl Line {
 
     /// `replay 3 "2023" active: 1200/84000 files, 2 in flight, 0 failed; 2.40 GB / 168 GB,
     /// 95.0 MB/s, ETA 29m 10s`.
+    /// Bytes of the whole replay: what it queued, or more when files grew since.
+    pub fn total_bytes(&self) -> u64 {
+        self.queued_bytes
+            .max(self.done_bytes + self.remaining_bytes)
+    }
+
     pub fn text(&self) -> String {
-        let total = self
-            .queued_bytes
-            .max(self.done_bytes + self.remaining_bytes);
+        let total = self.total_bytes();
         let mut out = format!(
             "replay {} {:?} {}: {}/{} files, {} in flight, {} failed; {} / {}",
             self.id,
@@ -274,10 +278,7 @@ fn progress_bar(r: &Replay) -> indicatif::ProgressBar {
 fn draw(bar: &indicatif::ProgressBar, r: &Replay, rate: Option<f64>) {
     let p = &r.progress;
     let line = Line::of(r, rate);
-    bar.set_length(
-        line.queued_bytes
-            .max(line.done_bytes + line.remaining_bytes),
-    );
+    bar.set_length(line.total_bytes());
     bar.set_position(line.done_bytes);
     // The rate and ETA of the journal's progress (indicatif's own would count from
     // the bar's start and call an unmoving bar's ETA 0s).

@@ -25,16 +25,6 @@ fn started(pair: &Pair) -> u64 {
     s["inflight"].as_u64().unwrap_or(0) + s["done"].as_u64().unwrap_or(0)
 }
 
-/// `skyferry-receiver status --json` (null when it prints no JSON).
-fn receiver_status(pair: &Pair) -> serde_json::Value {
-    let out = std::process::Command::new(pair.receiver_bin())
-        .args(["status", "--json", "--config"])
-        .arg(pair.receiver_config_path())
-        .output()
-        .expect("receiver status");
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 #[test]
 fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() {
     let mut pair = Pair::new(PairOptions {
@@ -164,7 +154,7 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
         std::thread::sleep(Duration::from_millis(500));
     }
     // The receiver's own status answers now, current, and shows the ongoing stall.
-    let s = receiver_status(&pair);
+    let s = pair.receiver_status().expect("receiver status");
     assert_eq!(s["running"], true, "{s}");
     assert!(
         s["state_age_seconds"].as_f64().is_some_and(|a| a < 3.0),
@@ -245,7 +235,7 @@ fn a_frozen_storage_is_reported_stalled_the_agent_waits_and_all_arrives_after() 
     // The receiver's status keeps the stall with its length.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = receiver_status(&pair);
+        let s = pair.receiver_status().unwrap_or_default();
         let lasted = s["stalls"]
             .as_array()
             .and_then(|a| a.last())

@@ -2,8 +2,7 @@
 //! (release build) and read the figures:
 //!
 //! ```text
-//! cargo build --release --workspace
-//! target/release/skyferry-replay-bench [FILES] [TREE_DIR]
+//! cargo run --release --bin skyferry-replay-bench -- [FILES] [TREE_DIR]
 //! ```
 //!
 //! 1. A tree of FILES empty files (default 10,000,000) under TREE_DIR (default a
@@ -21,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use skyferry_tests::binaries::binary;
 
 const PER_EXPOSURE: usize = 84;
 const EXPOSURES_PER_NIGHT: usize = 1000;
@@ -36,9 +36,9 @@ fn main() -> Result<()> {
         Some(d) => PathBuf::from(d),
         None => std::env::temp_dir().join(format!("skyferry-replay-bench-{files}")),
     };
-    let bin = sibling("skyferry-agent")?;
+    let bin = binary("skyferry-agent")?;
     make_tree(&tree, files)?;
-    let config = agent_config(work.path(), &bin)?;
+    let config = agent_config(work.path())?;
     // The journal, as the agent's first start leaves it (replay needs one).
     let journal = work.path().join("journal.sqlite");
     drop(
@@ -128,19 +128,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A program built beside this one (`target/release/`).
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name(name);
-    if !path.is_file() {
-        bail!(
-            "{} is missing: build the workspace first (cargo build --release --workspace)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 /// `FILES` empty files in night/exposure directories, unless the tree already has them
 /// (its marker file says how many).
 fn make_tree(tree: &Path, files: usize) -> Result<()> {
@@ -182,8 +169,8 @@ fn make_tree(tree: &Path, files: usize) -> Result<()> {
 /// A stopped agent: TLS identity from `skyferry-receiver certs`, a journal in `dir`, an
 /// empty watch root beside it (the replay's tree is an archive volume outside every
 /// watch root, so its files are named relative to `--root`).
-fn agent_config(dir: &Path, agent: &Path) -> Result<PathBuf> {
-    let receiver = agent.with_file_name("skyferry-receiver");
+fn agent_config(dir: &Path) -> Result<PathBuf> {
+    let receiver = binary("skyferry-receiver")?;
     let tls = dir.join("tls");
     for args in [
         vec!["certs", "init", "--out", "tls", "--name", "receiver.bench"],

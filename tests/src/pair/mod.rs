@@ -414,6 +414,17 @@ impl Pair {
             .with_context(|| format!("agent status printed no JSON object: {stdout:?}"))
     }
 
+    /// `skyferry-receiver status --json`: the receiver's state file, e.g.
+    /// `{"storage": "ok", "running": true, ...}`.
+    pub fn receiver_status(&self) -> Result<serde_json::Value> {
+        let output = run(Command::new(self.receiver_bin())
+            .args(["status", "--json", "--config"])
+            .arg(self.receiver_config_path()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.trim())
+            .with_context(|| format!("receiver status printed no JSON object: {stdout:?}"))
+    }
+
     /// Waits until `cond` holds, polling and checking both daemons are alive; panics with
     /// `what` and both logs after `timeout` (for tests).
     pub fn wait_for(&mut self, timeout: Duration, what: &str, mut cond: impl FnMut(&Pair) -> bool) {
