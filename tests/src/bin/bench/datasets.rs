@@ -46,6 +46,18 @@ impl Dataset {
         ]
     }
 
+    /// The `--dataset` names, in the order of [`Dataset::all`].
+    pub const NAMES: [&str; 3] = ["movie", "exposure", "movies"];
+
+    /// This data set's `--dataset` name.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Dataset::Movie { .. } => Dataset::NAMES[0],
+            Dataset::Exposures { .. } => Dataset::NAMES[1],
+            Dataset::Movies { .. } => Dataset::NAMES[2],
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Dataset::Movie { frames } => format!("1 movie, {frames} frames"),

@@ -58,6 +58,7 @@ pub fn bench_dataset(
     clock: &CpuClock,
     others: &Others,
     catalog_cost: bool,
+    only: &[String],
 ) -> Result<Row> {
     let mut pair = Pair::new(PairOptions::default())?;
     let metrics = skyferry.apply(&pair, "")?;
@@ -79,6 +80,8 @@ pub fn bench_dataset(
     };
 
     let mut names = TOOLS.to_vec();
+    // `--tool`: skyferry and the chosen others.
+    names.retain(|&t| t == TOOLS[0] || only.is_empty() || only.iter().any(|o| o == t));
     if catalog_cost {
         names.insert(1, NO_CATALOG);
     }

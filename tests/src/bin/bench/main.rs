@@ -54,6 +54,10 @@ modes (default: --loopback):
   --codecs             compression ratio and speed: zstd, shuffle16+zstd, fpack/funpack
 options:
   --catalog-cost       loopback mode: also run skyferry with the receiver's catalog off
+  --dataset NAME       loopback mode: only this data set (movie, exposure, movies;
+                       repeatable; default all three)
+  --tool NAME          loopback mode: skyferry and only this other tool (rsync+ssh,
+                       cp+sync, flask+wget; repeatable; default all)
   --quick              smaller data (256 MiB movie, 2 movies of 18 frames; 20 latency files)
   --runs N             runs per tool and per link setting, median reported (default 3)
   --compression N      skyferry's compression_level instead of the example's
@@ -75,6 +79,8 @@ struct Args {
     codecs: bool,
     quick: bool,
     catalog_cost: bool,
+    datasets: Vec<String>,
+    tools: Vec<String>,
     runs: usize,
     compression: Option<String>,
     connections: Option<u32>,
@@ -95,6 +101,8 @@ fn parse_args() -> Result<Option<Args>> {
         codecs: false,
         quick: false,
         catalog_cost: false,
+        datasets: Vec::new(),
+        tools: Vec::new(),
         runs: 3,
         compression: None,
         connections: None,
@@ -121,6 +129,20 @@ fn parse_args() -> Result<Option<Args>> {
             "--codecs" => args.codecs = true,
             "--quick" => args.quick = true,
             "--catalog-cost" => args.catalog_cost = true,
+            "--dataset" => {
+                let name = it.next().context("--dataset needs a name")?;
+                if !Dataset::NAMES.contains(&name.as_str()) {
+                    bail!("--dataset: {name:?} is not one of {:?}", Dataset::NAMES);
+                }
+                args.datasets.push(name);
+            }
+            "--tool" => {
+                let name = it.next().context("--tool needs a name")?;
+                if !loopback::TOOLS[1..].contains(&name.as_str()) {
+                    bail!("--tool: {name:?} is not one of {:?}", &loopback::TOOLS[1..]);
+                }
+                args.tools.push(name);
+            }
             "--runs" => args.runs = number::<usize>("--runs", it.next())?.max(1),
             "--compression" => {
                 args.compression = Some(number::<u32>("--compression", it.next())?.to_string())
@@ -274,7 +296,8 @@ fn loopback(args: &Args, skyferry: &config::Skyferry, clock: &CpuClock) -> Resul
     let others = loopback::Others::set_up()?;
     let background_before = background_load(clock)?;
     let mut rows = Vec::new();
-    for dataset in Dataset::all(args.quick) {
+    let chosen = |d: &Dataset| args.datasets.is_empty() || args.datasets.contains(&d.key().into());
+    for dataset in Dataset::all(args.quick).into_iter().filter(chosen) {
         println!("data set: {} …", dataset.name());
         rows.push(loopback::bench_dataset(
             &dataset,
@@ -283,6 +306,7 @@ fn loopback(args: &Args, skyferry: &config::Skyferry, clock: &CpuClock) -> Resul
             clock,
             &others,
             args.catalog_cost,
+            &args.tools,
         )?);
     }
     let background = (background_before, background_load(clock)?);
