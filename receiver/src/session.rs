@@ -140,8 +140,7 @@ fn refused(shared: &Shared, agent: &str, label: &'static str, reason: &str) {
     }
 }
 
-/// The state a file session carries to the blocking pool and back for each frame, so
-/// that no locks are needed.
+/// The state a file session carries to its worker and back.
 struct Work {
     session: ReceiveSession,
     partial: Partial,
@@ -199,26 +198,10 @@ async fn receive_chunks(
         tokio::sync::mpsc::Receiver<Frame>,
     ),
 ) -> (Work, Result<ChunksEnd, WireError>) {
-    let (frames_tx, mut frames_rx) = inbox;
+    let (frames_tx, frames_rx) = inbox;
     let (steps_tx, mut steps_rx) = tokio::sync::mpsc::unbounded_channel::<Step>();
     let own_reply = steps_tx.clone();
-    let worker = tokio::task::spawn_blocking(move || {
-        let mut work = work;
-        while let Some(Frame::Data { msg, reply }) = frames_rx.blocking_recv() {
-            let step = work.step(msg);
-            match step {
-                // A stripe that is gone loses only its acknowledgement.
-                Step::Chunk { .. } => {
-                    let _ = reply.send(step);
-                }
-                _ => {
-                    let _ = steps_tx.send(step);
-                    break;
-                }
-            }
-        }
-        work
-    });
+    let worker = tokio::task::spawn_blocking(move || work.run(frames_rx, steps_tx));
     let closer = frames_tx.clone();
     let end = {
         let forward = async move {
@@ -282,37 +265,140 @@ async fn receive_chunks(
 }
 
 impl Work {
-    /// Verifies and writes one frame.
-    fn step(&mut self, msg: Message) -> Step {
-        match self.session.handle(msg, &mut self.buf) {
-            Ok(Event::Chunk(v)) => match self
-                .partial
-                .write_chunk(v.index, v.offset, &self.buf, &v.value)
-            {
-                Ok(()) => {
-                    self.session.handle_chunk_stored(v.index);
-                    Step::Chunk {
-                        bytes: self.buf.len() as u64,
-                        ack: self.session.poll_transmit(),
-                    }
+    /// The worker: verifies each chunk (decompression and hash) while a second thread
+    /// writes the one before it (write-behind), so that the device's write time overlaps
+    /// the hashing instead of adding to it. The writer takes a chunk only once it has
+    /// written the last (a rendezvous): at most one chunk is verified ahead of the write,
+    /// so a session holds two decoded chunks. Anything but a chunk first waits for the
+    /// writes queued before it: a `Commit` sees every chunk recorded.
+    fn run(
+        self,
+        mut frames: tokio::sync::mpsc::Receiver<Frame>,
+        steps: tokio::sync::mpsc::UnboundedSender<Step>,
+    ) -> Work {
+        let Work {
+            session,
+            partial,
+            buf,
+        } = self;
+        let session = std::sync::Mutex::new(session);
+        let (partial, buf) = std::thread::scope(|scope| {
+            // Decode buffers go round: verifier → writer → back.
+            let (spare_tx, spare) = std::sync::mpsc::channel::<AlignedBuf>();
+            let _ = spare_tx.send(buf);
+            let _ = spare_tx.send(AlignedBuf::new());
+            let (queue, writes) = std::sync::mpsc::sync_channel::<Write>(0);
+            let (session_w, steps_w) = (&session, steps.clone());
+            let writer = std::thread::Builder::new()
+                .name("chunk-writer".into())
+                .spawn_scoped(scope, move || {
+                    write_chunks(session_w, partial, writes, spare_tx, steps_w)
+                })
+                .expect("spawning a chunk writer thread");
+            // A message that is not a chunk ends the chunk phase.
+            let mut last = None;
+            while let Some(Frame::Data { msg, reply }) = frames.blocking_recv() {
+                if !matches!(msg, Message::Chunk(_)) {
+                    last = Some(msg);
+                    break;
                 }
-                Err(e) => {
-                    // Discard and let the agent send the file again from the source: the
-                    // bytes of a failed write cannot be trusted, and writes are never
-                    // retried in place.
-                    let needed = self.partial.missing_bytes();
-                    self.partial.discard();
-                    self.session.fail(e.to_reject());
-                    Step::Failed {
-                        full: e.is_full(),
-                        needed,
-                    }
+                let Ok(mut buf) = spare.recv() else { break };
+                let verified = lock(&session).handle(msg, &mut buf);
+                let Ok(Event::Chunk(v)) = verified else {
+                    let _ = steps.send(Step::Stop); // the session queued its rejection
+                    break;
+                };
+                let write = Write {
+                    index: v.index,
+                    offset: v.offset,
+                    value: v.value,
+                    buf,
+                    reply,
+                };
+                // The writer stopped after a failed write (it reported the failure).
+                if queue.send(write).is_err() {
+                    break;
                 }
-            },
-            Ok(Event::Commit) => Step::Commit,
-            Ok(Event::Offered | Event::Decided(_)) | Err(_) => Step::Stop,
+            }
+            drop(queue);
+            // A panic in the writer is a bug: re-raised.
+            let partial = writer
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            let mut buf = spare.try_recv().unwrap_or_default();
+            if let Some(msg) = last {
+                let step = match lock(&session).handle(msg, &mut buf) {
+                    Ok(Event::Commit) => Step::Commit,
+                    _ => Step::Stop,
+                };
+                let _ = steps.send(step);
+            }
+            (partial, buf)
+        });
+        Work {
+            session: session
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            partial,
+            buf,
         }
     }
+}
+
+/// A verified chunk on its way to the writer.
+struct Write {
+    index: u32,
+    offset: u64,
+    value: skyferry_common::protocol::Hash,
+    buf: AlignedBuf,
+    reply: tokio::sync::mpsc::UnboundedSender<Step>,
+}
+
+/// The writer thread of [`Work::run`]: writes each chunk, records it in the session and
+/// sends its acknowledgement. A failed write discards the partial (the bytes of a failed
+/// write cannot be trusted, and writes are never retried in place: the agent sends the
+/// file again from the source), fails the session and stops.
+fn write_chunks(
+    session: &std::sync::Mutex<ReceiveSession>,
+    mut partial: Partial,
+    writes: std::sync::mpsc::Receiver<Write>,
+    spare: std::sync::mpsc::Sender<AlignedBuf>,
+    steps: tokio::sync::mpsc::UnboundedSender<Step>,
+) -> Partial {
+    for w in writes {
+        let written = partial.write_chunk(w.index, w.offset, &w.buf, &w.value);
+        let bytes = w.buf.len() as u64;
+        let _ = spare.send(w.buf);
+        match written {
+            Ok(()) => {
+                let ack = {
+                    let mut s = lock(session);
+                    s.handle_chunk_stored(w.index);
+                    s.poll_transmit()
+                };
+                // A stripe that is gone loses only its acknowledgement.
+                let _ = w.reply.send(Step::Chunk { bytes, ack });
+            }
+            Err(e) => {
+                let needed = partial.missing_bytes();
+                partial.discard();
+                lock(session).fail(e.to_reject());
+                let _ = steps.send(Step::Failed {
+                    full: e.is_full(),
+                    needed,
+                });
+                break;
+            }
+        }
+    }
+    partial
+}
+
+fn lock(session: &std::sync::Mutex<ReceiveSession>) -> std::sync::MutexGuard<'_, ReceiveSession> {
+    // A panic while holding it is re-raised by the join; the state stays usable.
+    session
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn drive(

@@ -136,7 +136,7 @@ impl Default for PeerLimits {
 
 /// Smallest `limits.max_bytes_in_flight_per_agent`: one session with the largest chunk
 /// size must fit (a 16 MiB chunk frame plus its 16 MiB decompressed chunk).
-pub const MIN_BYTES_IN_FLIGHT_PER_AGENT: u64 = 49 << 20;
+pub const MIN_BYTES_IN_FLIGHT_PER_AGENT: u64 = 65 << 20;
 
 impl PeerLimits {
     /// Reads the keys of `[limits]` that belong to peer limits.
@@ -179,7 +179,7 @@ impl PeerLimits {
         }
         if limits.max_bytes_in_flight_per_agent < MIN_BYTES_IN_FLIGHT_PER_AGENT {
             p.push(format!(
-                "limits.max_bytes_in_flight_per_agent: {} bytes is too small (at least \"49 MiB\", one session with 16 MiB chunks; the default is \"256 MiB\")",
+                "limits.max_bytes_in_flight_per_agent: {} bytes is too small (at least \"65 MiB\", one session with 16 MiB chunks; the default is \"256 MiB\")",
                 limits.max_bytes_in_flight_per_agent
             ));
         }
