@@ -278,23 +278,34 @@ impl Work {
     ) -> Work {
         let Work {
             session,
-            partial,
+            mut partial,
             buf,
         } = self;
         let session = std::sync::Mutex::new(session);
-        let (partial, buf) = std::thread::scope(|scope| {
+        let buf = std::thread::scope(|scope| {
             // Decode buffers go round: verifier → writer → back.
             let (spare_tx, spare) = std::sync::mpsc::channel::<AlignedBuf>();
             let _ = spare_tx.send(buf);
             let _ = spare_tx.send(AlignedBuf::new());
             let (queue, writes) = std::sync::mpsc::sync_channel::<Write>(0);
-            let (session_w, steps_w) = (&session, steps.clone());
-            let writer = std::thread::Builder::new()
+            let (session_w, steps_w, partial_w) = (&session, steps.clone(), &mut partial);
+            let spawned = std::thread::Builder::new()
                 .name("chunk-writer".into())
                 .spawn_scoped(scope, move || {
-                    write_chunks(session_w, partial, writes, spare_tx, steps_w)
-                })
-                .expect("spawning a chunk writer thread");
+                    write_chunks(session_w, partial_w, writes, spare_tx, steps_w)
+                });
+            let writer = match spawned {
+                Ok(writer) => writer,
+                // Out of threads: this file waits (the partial is kept), the others go on.
+                Err(e) => {
+                    lock(&session).fail(reject(
+                        ErrorCode::Busy,
+                        format!("the receiver cannot start a writer thread ({e}); offer it again"),
+                    ));
+                    let _ = steps.send(Step::Stop);
+                    return AlignedBuf::new();
+                }
+            };
             // A message that is not a chunk ends the chunk phase.
             let mut last = None;
             while let Some(Frame::Data { msg, reply }) = frames.blocking_recv() {
@@ -322,7 +333,7 @@ impl Work {
             }
             drop(queue);
             // A panic in the writer is a bug: re-raised.
-            let partial = writer
+            writer
                 .join()
                 .unwrap_or_else(|e| std::panic::resume_unwind(e));
             let mut buf = spare.try_recv().unwrap_or_default();
@@ -333,7 +344,7 @@ impl Work {
                 };
                 let _ = steps.send(step);
             }
-            (partial, buf)
+            buf
         });
         Work {
             session: session
@@ -360,11 +371,11 @@ struct Write {
 /// file again from the source), fails the session and stops.
 fn write_chunks(
     session: &std::sync::Mutex<ReceiveSession>,
-    mut partial: Partial,
+    partial: &mut Partial,
     writes: std::sync::mpsc::Receiver<Write>,
     spare: std::sync::mpsc::Sender<AlignedBuf>,
     steps: tokio::sync::mpsc::UnboundedSender<Step>,
-) -> Partial {
+) {
     for w in writes {
         let written = partial.write_chunk(w.index, w.offset, &w.buf, &w.value);
         let bytes = w.buf.len() as u64;
@@ -391,7 +402,6 @@ fn write_chunks(
             }
         }
     }
-    partial
 }
 
 fn lock(session: &std::sync::Mutex<ReceiveSession>) -> std::sync::MutexGuard<'_, ReceiveSession> {
