@@ -153,6 +153,9 @@ pub(crate) enum Frame {
     Data {
         msg: Message,
         reply: tokio::sync::mpsc::UnboundedSender<Step>,
+        /// Its place among the frames its stream holds; the worker lets go of it once
+        /// the frame is decoded.
+        held: tokio::sync::OwnedSemaphorePermit,
     },
     /// The session's own stream is done (it ended or failed): the worker stops.
     End,
@@ -173,6 +176,28 @@ pub(crate) enum Step {
     },
 }
 
+/// The frames one stream of a session holds ([`crate::shared::FRAMES_PER_STREAM`]): a
+/// stream reads its next frame only once it holds fewer, and each stream counts only its
+/// own. A shared bound would let a stream that waits for its next frame hold the room
+/// that another stream's frame needs. The session's own stream, with nothing more to
+/// send until a stripe's last chunk is acknowledged, would then keep that chunk from
+/// the worker.
+pub(crate) struct StreamFrames(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl StreamFrames {
+    pub(crate) fn new() -> StreamFrames {
+        StreamFrames(std::sync::Arc::new(tokio::sync::Semaphore::new(
+            crate::shared::FRAMES_PER_STREAM,
+        )))
+    }
+
+    /// Waits until the stream may read another frame (`None` only if the semaphore were
+    /// closed, which it never is).
+    pub(crate) async fn room(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().acquire_owned().await.ok()
+    }
+}
+
 /// How the chunk phase of a session ended (the verdict, if any, is queued in the session).
 enum ChunksEnd {
     Commit,
@@ -184,18 +209,19 @@ enum ChunksEnd {
 /// writes the chunks while the async side reads the next frame and sends the
 /// acknowledgements, so that reading, hashing and the (direct, synchronous) write overlap
 /// and QUIC's receive buffers drain while a chunk is written (data left in them gets
-/// copied again when quinn compacts its buffers). The reader stays at most one frame
-/// ahead of the worker: a session holds two frames and one decoded chunk
-/// ([`crate::shared::session_bytes`]). Stripe streams feed the same worker through
-/// `inbox` (their acknowledgements go back to them; anything else ends the session here).
+/// copied again when quinn compacts its buffers). Each stream stays at most one frame
+/// ahead of the worker ([`StreamFrames`]): a session holds two frames of its own stream
+/// and two decoded chunks ([`crate::shared::session_bytes`]). Stripe streams feed the
+/// same worker through `inbox` (their acknowledgements go back to them; anything else
+/// ends the session here).
 async fn receive_chunks(
     shared: &Arc<Shared>,
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     work: Work,
     inbox: (
-        tokio::sync::mpsc::Sender<Frame>,
-        tokio::sync::mpsc::Receiver<Frame>,
+        tokio::sync::mpsc::UnboundedSender<Frame>,
+        tokio::sync::mpsc::UnboundedReceiver<Frame>,
     ),
 ) -> (Work, Result<ChunksEnd, WireError>) {
     let (frames_tx, frames_rx) = inbox;
@@ -205,21 +231,24 @@ async fn receive_chunks(
     let closer = frames_tx.clone();
     let end = {
         let forward = async move {
+            let frames = StreamFrames::new();
             loop {
-                // A free slot first: the frame is read only once the worker took the last.
-                let Ok(slot) = frames_tx.reserve().await else {
-                    return Ok(()); // the worker stopped
+                // Room first: the next frame is read once the worker decoded the one
+                // before the last.
+                let Some(held) = frames.room().await else {
+                    return Ok(());
                 };
                 let Some(msg) = reader.read().await? else {
                     return Err(WireError::Truncated);
                 };
                 let commit = matches!(msg, Message::Commit(_));
-                slot.send(Frame::Data {
+                let frame = Frame::Data {
                     msg,
                     reply: own_reply.clone(),
-                });
-                if commit {
-                    return Ok(());
+                    held,
+                };
+                if frames_tx.send(frame).is_err() || commit {
+                    return Ok(()); // the worker stopped, or the chunks are done
                 }
             }
         };
@@ -255,7 +284,7 @@ async fn receive_chunks(
     };
     // Stripes may still hold the inbox open: `End` tells the worker that this side is
     // done (unless it ended already).
-    let _ = closer.send(Frame::End).await;
+    let _ = closer.send(Frame::End);
     drop(closer);
     match worker.await {
         Ok(work) => (work, end),
@@ -273,7 +302,7 @@ impl Work {
     /// writes queued before it: a `Commit` sees every chunk recorded.
     fn run(
         self,
-        mut frames: tokio::sync::mpsc::Receiver<Frame>,
+        mut frames: tokio::sync::mpsc::UnboundedReceiver<Frame>,
         steps: tokio::sync::mpsc::UnboundedSender<Step>,
     ) -> Work {
         let Work {
@@ -308,13 +337,15 @@ impl Work {
             };
             // A message that is not a chunk ends the chunk phase.
             let mut last = None;
-            while let Some(Frame::Data { msg, reply }) = frames.blocking_recv() {
+            while let Some(Frame::Data { msg, reply, held }) = frames.blocking_recv() {
                 if !matches!(msg, Message::Chunk(_)) {
                     last = Some(msg);
                     break;
                 }
                 let Ok(mut buf) = spare.recv() else { break };
                 let verified = lock(&session).handle(msg, &mut buf);
+                drop(held); // decoded: its stream may read the next frame
+
                 let Ok(Event::Chunk(v)) = verified else {
                     let _ = steps.send(Step::Stop); // the session queued its rejection
                     break;
@@ -521,7 +552,7 @@ async fn drive(
     let resumed_from = session.have().present();
     // Open to stripes before the agent learns what is missing (it attaches stripes only
     // after the resume).
-    let inbox = tokio::sync::mpsc::channel::<Frame>(1);
+    let inbox = tokio::sync::mpsc::unbounded_channel::<Frame>();
     let stripes = shared
         .stripes
         .open(agent, path.as_str(), offer.chunk_size, &inbox.0);

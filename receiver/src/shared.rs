@@ -83,19 +83,25 @@ pub struct LiveConnection {
 /// Bytes in flight are counted in KiB (semaphore permits are `u32`).
 const BYTES_UNIT: u64 = 1024;
 
-/// Frame memory one file session may hold: two of its largest frames (one being
-/// verified, the next one read) plus two decoded chunks (one verified, the one before
-/// it being written: see `Work::run` in session.rs).
+/// Frames one stream of a file session (its own, or a stripe) holds at most: the one
+/// the session's worker verifies and the next one, read or queued for the worker. Each
+/// stream counts its own (session.rs, `StreamFrames`), so that no stream waits for room
+/// that another holds.
+pub const FRAMES_PER_STREAM: usize = 2;
+
+/// Frame memory one file session may hold: its own stream's frames plus two decoded
+/// chunks (one verified, the one before it being written: see `Work::run` in
+/// session.rs).
 pub fn session_bytes(chunk_size: u32) -> u64 {
     let cs = chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
-    2 * max_data_frame(cs) as u64 + 2 * u64::from(cs)
+    FRAMES_PER_STREAM as u64 * max_data_frame(cs) as u64 + 2 * u64::from(cs)
 }
 
-/// Frame memory one stripe stream may hold: two of its largest frames (the session's
-/// worker decodes into its own buffer).
+/// Frame memory one stripe stream may hold: its frames (the session's worker decodes
+/// into its own buffers).
 pub fn stripe_bytes(chunk_size: u32) -> u64 {
     let cs = chunk_size.clamp(MIN_CHUNK_SIZE, MAX_CHUNK_SIZE);
-    2 * max_data_frame(cs) as u64
+    FRAMES_PER_STREAM as u64 * max_data_frame(cs) as u64
 }
 
 /// Why a file stream did not get a slot.

@@ -20,7 +20,7 @@ use skyferry_common::wire::{FrameReader, FrameWriter, WireError};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::session::{Frame, Step};
+use crate::session::{Frame, Step, StreamFrames};
 use crate::shared::Shared;
 
 /// The sessions open to stripes, by (agent, path).
@@ -32,7 +32,7 @@ pub struct Stripes {
 #[derive(Clone)]
 struct Entry {
     /// The session's worker inbox, held weakly: a stripe never keeps a session alive.
-    inbox: mpsc::WeakSender<Frame>,
+    inbox: mpsc::WeakUnboundedSender<Frame>,
     chunk_size: u32,
 }
 
@@ -60,7 +60,7 @@ impl Stripes {
         agent: &Arc<str>,
         path: &str,
         chunk_size: u32,
-        inbox: &mpsc::Sender<Frame>,
+        inbox: &mpsc::UnboundedSender<Frame>,
     ) -> OpenGuard<'_> {
         let key = (agent.clone(), path.to_owned());
         let entry = Entry {
@@ -164,32 +164,37 @@ async fn refuse(
 /// acknowledgements, until the agent finishes the stream or the session ends.
 async fn carry(
     shared: &Arc<Shared>,
-    inbox: &mpsc::WeakSender<Frame>,
+    inbox: &mpsc::WeakUnboundedSender<Frame>,
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
     chunks: &mut u64,
 ) -> Result<(), Ended> {
     let (steps_tx, mut steps_rx) = mpsc::unbounded_channel::<Step>();
     let forward = async move {
+        let frames = StreamFrames::new();
         loop {
-            // The frame first, then a slot in the worker's inbox: a stripe whose next frame
-            // is slow to arrive (a lossy lane) holds up nobody, and its two frames (one
-            // waiting here, one in the worker's hand) are what it reserved.
+            // Room among this stripe's own frames first (what it reserved), then the
+            // frame: a stripe whose next frame is slow to arrive (a lossy lane) holds up
+            // nobody.
+            let Some(held) = frames.room().await else {
+                return Ok(());
+            };
             let msg = match reader.read().await? {
                 None => return Ok(()), // the agent has no more chunks for this stripe
                 Some(msg @ Message::Chunk(_)) => msg,
                 Some(other) => return Err(Ended::NotAChunk(other.kind())),
             };
-            let Some(inbox) = inbox.upgrade() else {
-                return Ok(()); // the session ended
-            };
-            let Ok(slot) = inbox.reserve_owned().await else {
-                return Ok(());
-            };
-            slot.send(Frame::Data {
+            let frame = Frame::Data {
                 msg,
                 reply: steps_tx.clone(),
-            });
+                held,
+            };
+            let sent = inbox
+                .upgrade()
+                .is_some_and(|inbox| inbox.send(frame).is_ok());
+            if !sent {
+                return Ok(()); // the session ended
+            }
         }
     };
     let acks = async {

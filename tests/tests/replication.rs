@@ -308,3 +308,126 @@ fn one_large_file_is_striped_over_every_connection() {
         "every stripe carried chunks: {striped:?}"
     );
 }
+
+/// The last chunk of a file may come on a stripe while the session's own stream has
+/// nothing more to send until that chunk is acknowledged (its commit waits for it). The
+/// stripe's chunk must still reach the session's worker: a session's own stream never
+/// holds the worker's inbox while it waits for its next frame (it did, and such a file
+/// stalled until `limits.stream_idle_timeout`). Driven frame by frame, so that the order
+/// is certain.
+#[test]
+fn a_last_chunk_on_a_stripe_is_acknowledged_while_the_own_stream_waits() {
+    use skyferry_common::chunk::{chunk_value, ChunkLayout};
+    use skyferry_common::protocol::{
+        Attach, Chunk, Codec, Commit, Lane, Message, Offer, MAX_CONTROL_FRAME,
+    };
+    use skyferry_common::wire::FrameReader;
+    use skyferry_tests::hostile::{send_frame, Hostile};
+
+    let pair = Pair::start(PairOptions::default()).expect("start pair");
+    let identity = pair.issue_agent_identity("kiso-02").expect("identity");
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], pair.port()));
+    let ca = pair.certs_dir().join("ca.pem");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let chunk_size = CHUNK as u32;
+    let data = content(10 * CHUNK + 1000, 91);
+    let layout = ChunkLayout::new(data.len() as u64, chunk_size);
+    let last = layout.count() - 1;
+    let chunk = |index: u32| {
+        let at = layout.offset(index) as usize;
+        let raw = &data[at..at + layout.len(index).expect("in the file") as usize];
+        Message::Chunk(Chunk {
+            index,
+            codec: Codec::Raw,
+            raw_len: raw.len() as u32,
+            chunk_hash: chunk_value(&layout, index, raw),
+            payload: bytes::Bytes::copy_from_slice(raw),
+        })
+    };
+    let path = "striped/last-on-a-stripe.fits";
+    let stored_path = runtime.block_on(async {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let agent = Hostile::new(server, &ca, &identity, "kiso-02").expect("client");
+        let lane = |index| Lane {
+            instance: 7,
+            index,
+            count: 2,
+        };
+        let own = agent
+            .connect_lane(&stop, Some(lane(0)))
+            .await
+            .expect("lane 0");
+        let other = agent
+            .connect_lane(&stop, Some(lane(1)))
+            .await
+            .expect("lane 1");
+        let (mut send, recv) = own.open_bi().await.expect("file stream");
+        let mut replies = FrameReader::new(recv, MAX_CONTROL_FRAME);
+        let offer = Message::Offer(Offer {
+            path: path.into(),
+            size: data.len() as u64,
+            mtime_ns: 1_700_000_000_000_000_000,
+            file_hash: Some(*blake3::hash(&data).as_bytes()),
+            chunk_size,
+        });
+        send_frame(&mut send, &offer).await.expect("offer");
+        let resume = next_frame(&mut replies, "the offer").await;
+        assert_eq!(resume.kind(), "resume", "{resume:?}");
+        for index in 0..last {
+            send_frame(&mut send, &chunk(index)).await.expect("chunk");
+        }
+        for index in 0..last {
+            match next_frame(&mut replies, "a chunk on the own stream").await {
+                Message::ChunkAck(a) => assert_eq!(a.index, index),
+                other => panic!("chunk {index}: {other:?}"),
+            }
+        }
+        // The session's own stream has taken every frame it was sent and waits for more.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let (mut stripe, recv) = other.open_bi().await.expect("stripe stream");
+        let mut stripe_replies = FrameReader::new(recv, MAX_CONTROL_FRAME);
+        let attach = Message::Attach(Attach { path: path.into() });
+        send_frame(&mut stripe, &attach).await.expect("attach");
+        let attached = next_frame(&mut stripe_replies, "the attach").await;
+        assert_eq!(attached.kind(), "attached", "{attached:?}");
+        send_frame(&mut stripe, &chunk(last))
+            .await
+            .expect("last chunk");
+        match next_frame(&mut stripe_replies, "the last chunk, on the stripe").await {
+            Message::ChunkAck(a) => assert_eq!(a.index, last, "the stripe's chunk"),
+            other => panic!("the stripe's chunk: {other:?}"),
+        }
+
+        let commit = Message::Commit(Commit {
+            chunks_sent: layout.count(),
+            file_hash: *blake3::hash(&data).as_bytes(),
+        });
+        send_frame(&mut send, &commit).await.expect("commit");
+        let verdict = next_frame(&mut replies, "the commit").await;
+        stop.cancel();
+        match verdict {
+            Message::Ack(a) => a.stored_path,
+            other => panic!("the commit: {other:?}"),
+        }
+    });
+    assert_eq!(stored_path, path);
+    let stored = fs::read(pair.storage().join("kiso-02").join(path)).expect("stored file");
+    assert!(stored == data, "{path}: the stored bytes equal the file's");
+}
+
+/// The next frame of a reply stream, within 10 s.
+async fn next_frame(
+    reader: &mut skyferry_common::wire::FrameReader,
+    what: &str,
+) -> skyferry_common::protocol::Message {
+    tokio::time::timeout(Duration::from_secs(10), reader.read())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .unwrap_or_else(|| panic!("{what}: the stream ended"))
+}
