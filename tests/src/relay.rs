@@ -37,7 +37,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// Largest datagram relayed (above any QUIC payload).
 const MAX_DATAGRAM: usize = 65_535;
 /// Socket buffers asked of the kernel, so that bursts are not lost in the relay itself.
-const SOCKET_BUFFER: usize = 8 << 20;
+const SOCKET_BUFFER: usize = 32 << 20;
 
 /// The faults applied to every datagram from now on.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -331,13 +331,21 @@ impl Drop for Relay {
     }
 }
 
-/// A UDP socket with large buffers (best effort: the kernel caps them at rmem_max).
+/// A UDP socket with large buffers (best effort: the kernel caps them at rmem_max, and
+/// root may go above it, as the daemons do). A relay buffer that overflows in a burst
+/// would drop datagrams the link never saw, counted by quinn as lost.
 fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
         .context("cannot create a UDP socket for the relay")?;
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    if socket.recv_buffer_size().unwrap_or(0) < SOCKET_BUFFER {
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER);
+    }
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    if socket.send_buffer_size().unwrap_or(0) < SOCKET_BUFFER {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER);
+    }
     socket
         .bind(&addr.into())
         .with_context(|| format!("cannot bind the relay to {addr}"))?;

@@ -68,6 +68,9 @@ struct LinkFigures {
     congestion_events: f64,
     mtu: f64,
     rtt_s: f64,
+    /// UDP datagrams the kernel dropped for a full socket receive buffer during the run
+    /// (any socket of the machine: the relay's, the daemons'), `None` if unreadable.
+    overflows: Option<u64>,
     /// Busiest relay thread: its name and CPU share of one core.
     relay_busiest: (String, f64),
     peak_rss: [u64; 2],
@@ -152,10 +155,14 @@ fn measure(
     for run in 1..=opts.runs {
         let before = pair.relay().map(|r| r.stats()).unwrap_or_default();
         let threads_before = clock.threads("relay-")?;
+        let overflows_before = udp_rcvbuf_errors();
         let started = Instant::now();
         let result = tools::skyferry(pair, clock, timeout, &metrics)?;
         let wall = started.elapsed().as_secs_f64();
         let after = pair.relay().map(|r| r.stats()).unwrap_or_default();
+        let overflows = udp_rcvbuf_errors()
+            .zip(overflows_before)
+            .map(|(a, b)| a.saturating_sub(b));
         let busiest = busiest(&threads_before, &clock.threads("relay-")?, wall);
         let m = &result.metrics;
         let figures = LinkFigures {
@@ -166,17 +173,19 @@ fn measure(
             congestion_events: get(m, "skyferry_agent_quic_congestion_events_total"),
             mtu: get(m, "skyferry_agent_quic_mtu_bytes"),
             rtt_s: get(m, "skyferry_agent_quic_rtt_seconds"),
+            overflows,
             relay_busiest: busiest,
             peak_rss: result.measurement.peak_rss.unwrap_or_default(),
         };
         println!(
-            "  RTT {rtt_ms:>2} ms, loss {:.1}%: run {run}/{}: {:.2} s, {:.1} MB/s; relay dropped {} up, {} never reached it, quinn lost {}",
+            "  RTT {rtt_ms:>2} ms, loss {:.1}%: run {run}/{}: {:.2} s, {:.1} MB/s; relay dropped {} up, {} never reached it, {} in full receive buffers, quinn lost {}",
             loss * 100.0,
             opts.runs,
             figures.seconds,
             bytes as f64 / 1e6 / figures.seconds,
             figures.relay.dropped[Direction::Up as usize],
             figures.unseen(),
+            figures.overflows.map_or("?".into(), |n| n.to_string()),
             figures.lost
         );
         runs.push(figures);
@@ -190,6 +199,16 @@ impl LinkFigures {
     fn unseen(&self) -> f64 {
         (self.datagrams - self.relay.received[Direction::Up as usize] as f64).max(0.0)
     }
+}
+
+/// The kernel's count of UDP datagrams dropped for a full receive buffer
+/// (`RcvbufErrors` in /proc/net/snmp).
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// The queue behind a rate cap: about one round trip, at least 10 ms.
@@ -331,8 +350,9 @@ fn print(rows: &[LinkRow], opts: &LinkOptions, skyferry: &Skyferry) {
     println!("the agent's quinn statistics (skyferry_agent_quic_*): lost packets (q lost) vs what");
     println!("the relay dropped of the agent's datagrams (up drop) plus the datagrams quinn");
     println!("counted as sent that never reached the relay (unseen: lost in the agent's own");
-    println!("sends or a full socket buffer, before the link); congestion events, path MTU,");
-    println!("smoothed RTT.");
+    println!("sends or a full socket buffer, before the link), the datagrams the kernel dropped");
+    println!("for a full socket receive buffer (rcvbuf full: any socket, relay's or receiver's;");
+    println!("RcvbufErrors in /proc/net/snmp); congestion events, path MTU, smoothed RTT.");
     println!(
         "relay CPU: its busiest thread's share of one core (≥ {:.0}%: the relay was the limit).",
         RELAY_SATURATED * 100.0
@@ -340,9 +360,9 @@ fn print(rows: &[LinkRow], opts: &LinkOptions, skyferry: &Skyferry) {
     println!();
     let header = [
         [
-            "data set", "RTT", "loss", "conns", "up fwd", "up drop", "unseen", "q lost",
+            "data set", "RTT", "loss", "conns", "up fwd", "up drop", "unseen", "rcvbuf", "q lost",
         ],
-        ["", "ms", "%", "", "", "", "", ""],
+        ["", "ms", "%", "", "", "", "", "full", ""],
     ];
     let header2 = [
         ["dn drop", "cong", "mtu", "rtt", "relay CPU", "RSS MiB"],
@@ -350,7 +370,7 @@ fn print(rows: &[LinkRow], opts: &LinkOptions, skyferry: &Skyferry) {
     ];
     for (h, h2) in header.iter().zip(&header2) {
         println!(
-            "{:<10} {:>4} {:>5} {:>5} {:>8} {:>7} {:>7} {:>7} {:>7} {:>6} {:>5} {:>6} {:>17} {:>8}",
+            "{:<10} {:>4} {:>5} {:>5} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>5} {:>6} {:>17} {:>8}",
             h[0],
             h[1],
             h[2],
@@ -359,6 +379,7 @@ fn print(rows: &[LinkRow], opts: &LinkOptions, skyferry: &Skyferry) {
             h[5],
             h[6],
             h[7],
+            h[8],
             h2[0],
             h2[1],
             h2[2],
@@ -380,7 +401,7 @@ fn print(rows: &[LinkRow], opts: &LinkOptions, skyferry: &Skyferry) {
             ""
         };
         println!(
-            "{:<10} {:>4} {:>5.1} {:>5} {:>8} {:>7} {:>7.0} {:>7.0} {:>7} {:>6.0} {:>5.0} {:>6.1} {:>17} {:>8}",
+            "{:<10} {:>4} {:>5.1} {:>5} {:>8} {:>7} {:>7.0} {:>7} {:>7.0} {:>7} {:>6.0} {:>5.0} {:>6.1} {:>17} {:>8}",
             r.dataset,
             r.rtt_ms,
             r.loss * 100.0,
@@ -388,6 +409,7 @@ fn print(rows: &[LinkRow], opts: &LinkOptions, skyferry: &Skyferry) {
             f.relay.forwarded[up],
             drop_up,
             f.unseen(),
+            f.overflows.map_or("-".into(), |n| n.to_string()),
             f.lost,
             f.relay.dropped[down] + f.relay.overflowed[down] + f.relay.send_failed[down],
             f.congestion_events,
