@@ -70,7 +70,8 @@ pub struct Pacer {
     bulk_capacity: u32,
 }
 
-/// The QUIC stream priority of a file's stream: live above backlog and replays.
+/// The QUIC stream priority of a file's stream: live above backlog and replays, both
+/// below the control stream ([`skyferry_common::wire::CONTROL_PRIORITY`]).
 pub fn priority(c: Class) -> i32 {
     match c {
         Class::Live => 1,

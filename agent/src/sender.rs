@@ -259,6 +259,7 @@ impl Sender {
             .await
             .map_err(|e| ended("opening the control stream", &e))?;
         let mut writer = FrameWriter::new(send);
+        writer.set_priority(skyferry_common::wire::CONTROL_PRIORITY);
         let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
         writer
             .send(&Message::Hello(Hello {

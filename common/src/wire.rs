@@ -149,6 +149,13 @@ impl FrameReader {
     }
 }
 
+/// The send priority of a connection's control stream, above every file stream (the
+/// agent gives live files 1, backlog and replays 0): heartbeats leave even while file
+/// data fills the congestion window. Below it, on a lossy or rate-capped path, a live
+/// file's queued data kept the agent's heartbeats from leaving for 20 s, and the
+/// receiver dropped the connection as silent.
+pub const CONTROL_PRIORITY: i32 = 1 << 16;
+
 /// Writes frames to a QUIC send stream, reusing one encode buffer.
 pub struct FrameWriter {
     stream: quinn::SendStream,
@@ -216,6 +223,8 @@ impl FrameWriter {
         let _ = self.stream.reset(code.into());
     }
 
+    /// QUIC sends the data of higher-priority streams first (locally; nothing goes on the
+    /// wire). See [`CONTROL_PRIORITY`].
     pub fn set_priority(&self, priority: i32) {
         let _ = self.stream.set_priority(priority);
     }

@@ -302,6 +302,7 @@ async fn hello(
         .map_err(|e| Refusal::without_frame(format!("connection lost before hello: {e}")))?;
     let mut reader = FrameReader::new(recv, MAX_CONTROL_FRAME);
     let writer = FrameWriter::new(send);
+    writer.set_priority(skyferry_common::wire::CONTROL_PRIORITY);
     let msg = tokio::time::timeout(Duration::from_secs(10), reader.read())
         .await
         .map_err(|_| Refusal::without_frame("no hello within 10s"))?

@@ -298,3 +298,40 @@ fn a_lane_whose_path_dies_requeues_only_its_files_and_the_others_ship_them_once(
     assert_eq!(report.files, 60);
     assert_stored_once(&pair, 60);
 }
+
+/// A file that keeps the link full (a bottleneck, one large live file queued for the
+/// whole transfer) does not silence the connection: the agent's heartbeats leave before
+/// file data, so neither side drops the connection as dead. They once waited behind the
+/// live file's data (its stream had the higher priority), and the receiver closed the
+/// connection after three intervals of silence, again and again.
+#[test]
+fn heartbeats_leave_while_a_large_file_fills_the_link() {
+    let mut pair = Pair::start(PairOptions {
+        via_relay: true,
+        heartbeat_interval: "1s".into(),
+        ..PairOptions::default()
+    })
+    .expect("start pair");
+    let relay = pair.relay().expect("relay");
+    relay.set_delay(Duration::from_millis(5));
+    // 80 Mbit/s: 64 MiB take about 7 s, more than twice the 3 s that count as silence.
+    relay.set_rate(80_000_000, Duration::from_millis(50));
+    let len = 64 << 20;
+    write_atomic(&pair.source().join("big/exposure.fits"), &content(len, 5))
+        .expect("write the file");
+    let report = pair
+        .wait_replicated(Duration::from_secs(120))
+        .expect("replication through the bottleneck");
+    report.ensure_identical().expect("identical trees");
+    assert_eq!((report.files, report.bytes), (1, len as u64));
+    let receiver = pair.receiver_log().expect("receiver log");
+    assert!(
+        !receiver.contains("no heartbeat from agent"),
+        "the receiver heard the agent all along:\n{receiver}"
+    );
+    let agent = pair.agent_log().expect("agent log");
+    assert!(
+        !agent.contains("disconnected from the receiver"),
+        "the agent kept its connection:\n{agent}"
+    );
+}
